@@ -1,1 +1,42 @@
+//! A tower [`Layer`](tower::Layer) that gives any axum or hyper service `Idempotency-Key`
+//! semantics, following draft-ietf-httpapi-idempotency-key-header.
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use idem_core::{Engine, EngineConfig, MemoryStore, SystemClock};
+//! use idem_http::{IdempotencyConfig, IdempotencyLayer};
+//!
+//! let engine = Engine::new(MemoryStore::new(), SystemClock, EngineConfig::default());
+//! let app: Router = Router::new()
+//!     .route("/orders", post(|| async { "order created" }))
+//!     .layer(IdempotencyLayer::new(engine, IdempotencyConfig::default().require_key(true)));
+//! # let _ = app;
+//! ```
+//!
+//! What a request gets (POST and PATCH by default):
+//! - no key: passed through (or `400` with `require_key`); an invalid key, an empty header or
+//!   two `Idempotency-Key` headers: `400`;
+//! - a body over `max_request_body`: `413`, nothing runs;
+//! - first use of a key: the request runs on a task of its own (a client that disconnects
+//!   does not cancel it) and its response is stored if its status is below 500 and not 408,
+//!   409, 425 or 429; otherwise the key is released so a retry runs again;
+//! - same key, same request, completed: the stored response with `Idempotent-Replayed: true`;
+//! - same key, different request: `422`; same key while the first still runs: `409` with
+//!   `Retry-After`;
+//! - store unreachable: `503` (or forwarded without idempotency with `fail_open`).
+//!
+//! Refusals are RFC 9457 `application/problem+json` responses.
 
+mod body;
+mod headers;
+mod layer;
+mod problem;
+mod service;
+mod stored;
+
+pub use body::Body;
+pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
+pub use layer::{IdempotencyConfig, IdempotencyLayer};
+pub use problem::{ProblemKind, problem};
+pub use service::{IdempotencyService, is_stored};
+pub use stored::StoredResponse;

@@ -1,1 +1,8 @@
+//! The `idem` gateway as a library: the binary in `main.rs` only parses flags and calls
+//! [`serve::run`].
 
+pub mod admin;
+pub mod config;
+pub mod proxy;
+pub mod serve;
+pub mod store;

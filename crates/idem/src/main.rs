@@ -1,1 +1,51 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use idem::config::ServeArgs;
+use tracing_subscriber::EnvFilter;
+
+/// Retries without duplicates: an Idempotency-Key gateway in front of any HTTP service.
+#[derive(Debug, Parser)]
+#[command(name = "idem", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway: a reverse proxy that stores and replays responses per Idempotency-Key
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = match args.resolve() {
+                Ok(config) => config,
+                Err(error) => return fail(&error),
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => return fail(&error),
+            };
+            runtime.block_on(async {
+                let metrics = idem::serve::install_metrics()?;
+                idem::serve::run(config, metrics, idem::serve::shutdown_signal()).await
+            })
+            .map_or_else(|error| fail(&error), |()| ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn fail(error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("idem: error: {error}");
+    ExitCode::FAILURE
+}

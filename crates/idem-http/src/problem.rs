@@ -1,0 +1,97 @@
+//! RFC 9457 problem responses: every refusal says what went wrong and what to do.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::Body;
+
+/// Each refusal the layer (and the gateway) can make. The `type` URI of each is
+/// `urn:idem:problem:<slug>`, documented in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    InvalidKey,
+    MultipleKeys,
+    MissingKey,
+    BodyTooLarge,
+    UnreadableBody,
+    KeyMismatch,
+    InFlight,
+    StoreUnavailable,
+    CorruptRecord,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    Internal,
+}
+
+impl ProblemKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::InvalidKey | Self::MultipleKeys | Self::MissingKey | Self::UnreadableBody => {
+                StatusCode::BAD_REQUEST
+            }
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::KeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InFlight => StatusCode::CONFLICT,
+            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::CorruptRecord | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    pub fn slug(self) -> &'static str {
+        match self {
+            Self::InvalidKey => "invalid-key",
+            Self::MultipleKeys => "multiple-keys",
+            Self::MissingKey => "missing-key",
+            Self::BodyTooLarge => "body-too-large",
+            Self::UnreadableBody => "unreadable-body",
+            Self::KeyMismatch => "key-mismatch",
+            Self::InFlight => "request-in-flight",
+            Self::StoreUnavailable => "store-unavailable",
+            Self::CorruptRecord => "corrupt-record",
+            Self::UpstreamUnreachable => "upstream-unreachable",
+            Self::UpstreamTimeout => "upstream-timeout",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::InvalidKey => "Invalid Idempotency-Key",
+            Self::MultipleKeys => "More than one Idempotency-Key",
+            Self::MissingKey => "Idempotency-Key required",
+            Self::BodyTooLarge => "Request body too large",
+            Self::UnreadableBody => "Request body could not be read",
+            Self::KeyMismatch => "Idempotency-Key reused with a different request",
+            Self::InFlight => "A request with this Idempotency-Key is in progress",
+            Self::StoreUnavailable => "Idempotency store unavailable",
+            Self::CorruptRecord => "Stored response could not be read",
+            Self::UpstreamUnreachable => "Upstream unreachable",
+            Self::UpstreamTimeout => "Upstream timed out",
+            Self::Internal => "Internal error",
+        }
+    }
+}
+
+/// An `application/problem+json` response.
+pub fn problem(kind: ProblemKind, detail: impl Into<String>) -> Response<Body> {
+    let status = kind.status();
+    let body = serde_json::json!({
+        "type": format!("urn:idem:problem:{}", kind.slug()),
+        "title": kind.title(),
+        "status": status.as_u16(),
+        "detail": detail.into(),
+    });
+    let mut response = Response::new(full(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    response
+}
+
+pub(crate) fn full(bytes: Bytes) -> Body {
+    Body::from(bytes)
+}

@@ -1,0 +1,436 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::{BodyExt, Limited};
+use idem_core::{
+    Begin, BoxError, Claim, Engine, Error, Fingerprint, IdempotencyKey, RecordKey, Scope,
+};
+use tokio_util::task::TaskTracker;
+use tower::{Service, ServiceExt};
+
+use crate::headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
+use crate::problem::{ProblemKind, full, problem};
+use crate::{Body, IdempotencyConfig, StoredResponse};
+
+/// The service [`crate::IdempotencyLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct IdempotencyService<S> {
+    pub(crate) inner: S,
+    pub(crate) engine: Engine,
+    pub(crate) config: Arc<IdempotencyConfig>,
+    pub(crate) tasks: TaskTracker,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Response<Body>, S::Error>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Each call drives its own clone of the inner service to readiness (`oneshot`), so
+        // this service is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.handle(request).await })
+    }
+}
+
+enum Collected {
+    /// The whole body, within the limit.
+    Complete(Bytes),
+    /// Over the limit: what was read so far and the rest of the body, unread.
+    Overflow(Bytes, Body),
+    Failed(BoxError),
+}
+
+impl<S, ResBody> IdempotencyService<S>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    async fn handle<ReqBody>(self, request: Request<ReqBody>) -> Result<Response<Body>, S::Error>
+    where
+        ReqBody: HttpBody<Data = Bytes> + Send + 'static,
+        ReqBody::Error: Into<BoxError>,
+    {
+        let Self { inner, engine, config, tasks } = self;
+        if !config.methods.contains(request.method()) {
+            return pass_through(inner, request.map(box_body)).await;
+        }
+        let key = match parse_key(request.headers()) {
+            Ok(Some(key)) => key,
+            Ok(None) if config.require_key => {
+                return Ok(rejected(ProblemKind::MissingKey, format!(
+                    "{} requests to this service need an Idempotency-Key header",
+                    request.method()
+                )));
+            }
+            Ok(None) => return pass_through(inner, request.map(box_body)).await,
+            Err(response) => return Ok(response),
+        };
+
+        let (parts, body) = request.into_parts();
+        let body = match read_request_body(&parts, body, config.max_request_body).await {
+            Ok(body) => body,
+            Err(response) => return Ok(response),
+        };
+        let record_key = RecordKey::new(scope_of(&parts.headers, &config), key);
+        let fingerprint = fingerprint_of(&parts, &body, &config);
+        let request = Request::from_parts(parts, full(body));
+
+        match engine.begin(record_key.clone(), fingerprint).await {
+            Ok(Begin::Run(claim)) => {
+                tracing::debug!(key = %record_key.key, scope = %record_key.scope, "claimed; running");
+                run_claimed(&tasks, claim, inner, request, config.max_stored_body).await
+            }
+            Ok(Begin::Replay(payload)) => Ok(replay(payload)),
+            Ok(Begin::Mismatch) => Ok(problem(
+                ProblemKind::KeyMismatch,
+                format!(
+                    "the Idempotency-Key {:?} was first used with a different request (method, path, query or body); use a new key for a new request",
+                    record_key.key.as_str()
+                ),
+            )),
+            Ok(Begin::InFlight { retry_after }) => {
+                let seconds = retry_after.as_secs();
+                let mut response = problem(
+                    ProblemKind::InFlight,
+                    format!("the first request with this key is still running; retry in {seconds} s"),
+                );
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                Ok(response)
+            }
+            Err(error) if config.fail_open => {
+                tracing::warn!(%error, "store unavailable; forwarding without idempotency (fail open)");
+                metrics::counter!("idem_fail_open_total").increment(1);
+                pass_through(inner, request).await
+            }
+            Err(error) => {
+                tracing::error!(%error, "store unavailable; refusing (fail closed)");
+                let mut response = problem(
+                    ProblemKind::StoreUnavailable,
+                    "the idempotency store cannot be reached, so the request was not forwarded; retry later",
+                );
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+                Ok(response)
+            }
+        }
+    }
+
+}
+
+async fn pass_through<S, ResBody>(inner: S, request: Request<Body>) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>>,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    metrics::counter!("idem_passthrough_total").increment(1);
+    let response = inner.oneshot(request).await?;
+    Ok(response.map(box_body))
+}
+
+/// Runs the claimed request on a task of its own, so a client that disconnects does not
+/// cancel it: the outcome is stored either way and the client's retry replays it.
+async fn run_claimed<S, ResBody>(
+    tasks: &TaskTracker,
+    claim: Claim,
+    inner: S,
+    request: Request<Body>,
+    max_stored_body: usize,
+) -> Result<Response<Body>, S::Error>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    tasks.spawn(async move {
+        let response = finish_claimed(claim, inner, request, max_stored_body).await;
+        // The client may have gone; the outcome is stored regardless.
+        let _ = sender.send(response);
+    });
+    match receiver.await {
+        Ok(response) => response,
+        Err(_) => Ok(problem(ProblemKind::Internal, "the task running this request stopped")),
+    }
+}
+
+fn finish_claimed<S, ResBody>(
+    mut claim: Claim,
+    inner: S,
+    request: Request<Body>,
+    max_stored_body: usize,
+) -> BoxFuture<Result<Response<Body>, S::Error>>
+where
+    S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: HttpBody<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    // Boxed here, with its bounds spelled out, rather than an `async fn`: rustc cannot yet
+    // prove an `async fn` future over `S::Error` is `Send` for every lifetime in `BoxError`.
+    Box::pin(async move {
+        let response = match claim.keep_alive(inner.oneshot(request)).await {
+            Ok(response) => response,
+            Err(error) => {
+                release(claim).await;
+                return Err(error);
+            }
+        };
+        if !is_stored(response.status()) {
+            release(claim).await;
+            return Ok(response.map(box_body));
+        }
+        let (mut parts, body) = response.into_parts();
+        let body = box_body(body);
+        remove_hop_by_hop(&mut parts.headers);
+        let declared_len = body.size_hint().exact();
+        let collected = if declared_len.is_some_and(|len| len > max_stored_body as u64) {
+            Collected::Overflow(Bytes::new(), body)
+        } else {
+            claim.keep_alive(collect_up_to(body, max_stored_body)).await
+        };
+        let mut stored = StoredResponse {
+            status: parts.status,
+            headers: parts.headers.clone(),
+            body: Bytes::new(),
+            body_omitted: false,
+        };
+        // The stored length is recomputed on replay; a stale Content-Length would lie.
+        stored.headers.remove(header::CONTENT_LENGTH);
+        match collected {
+            Collected::Complete(body) => {
+                stored.body = body.clone();
+                complete(claim, &stored).await;
+                Ok(Response::from_parts(parts, full(body)))
+            }
+            Collected::Overflow(prefix, rest) => {
+                // Stored (without its body) before the body streams on: the operation ran, and a
+                // retry must replay, not run again, whatever happens to the rest of the stream.
+                stored.body_omitted = true;
+                complete(claim, &stored).await;
+                Ok(Response::from_parts(parts, prefixed(prefix, rest)))
+            }
+            Collected::Failed(error) => {
+                tracing::warn!(%error, "upstream response body failed; releasing the key");
+                release(claim).await;
+                Ok(problem(
+                    ProblemKind::UpstreamUnreachable,
+                    "the upstream response broke off before its end; the key was released, so a retry runs again",
+                ))
+            }
+        }
+    })
+}
+
+/// Which outcomes are stored: completed responses below 500, except those that say "try
+/// again" (408, 409, 425, 429).
+pub fn is_stored(status: StatusCode) -> bool {
+    status.as_u16() < 500 && !matches!(status.as_u16(), 408 | 409 | 425 | 429)
+}
+
+async fn complete(claim: Claim, stored: &StoredResponse) {
+    let key = claim.key().key.clone();
+    match claim.complete(stored.encode()).await {
+        Ok(()) => {}
+        Err(Error::Fenced) => tracing::warn!(
+            %key,
+            "another owner took this key over after our lease ran out; its record stands"
+        ),
+        Err(error) => tracing::error!(
+            %key, %error,
+            "could not store the outcome; a retry after the lease expires will run again"
+        ),
+    }
+}
+
+async fn release(claim: Claim) {
+    let key = claim.key().key.clone();
+    if let Err(error) = claim.release().await {
+        tracing::warn!(%key, %error, "could not release the key; it frees itself when its lease expires");
+    }
+}
+
+fn replay(payload: Bytes) -> Response<Body> {
+    let stored = match StoredResponse::decode(payload) {
+        Ok(stored) => stored,
+        Err(error) => {
+            tracing::error!(%error, "stored response is unreadable");
+            return problem(
+                ProblemKind::CorruptRecord,
+                "the stored response for this key could not be read; the request was not run again",
+            );
+        }
+    };
+    let mut response = Response::new(full(stored.body));
+    *response.status_mut() = stored.status;
+    *response.headers_mut() = stored.headers;
+    let headers = response.headers_mut();
+    headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
+    if stored.body_omitted {
+        headers.insert(IDEMPOTENT_REPLAY.clone(), HeaderValue::from_static("body-omitted"));
+    }
+    response
+}
+
+fn rejected(kind: ProblemKind, detail: String) -> Response<Body> {
+    metrics::counter!("idem_rejected_total", "reason" => kind.slug()).increment(1);
+    problem(kind, detail)
+}
+
+/// The one key the request carries: `Ok(None)` without one, a 400 for anything malformed.
+#[allow(clippy::result_large_err)]
+fn parse_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Response<Body>> {
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(rejected(
+            ProblemKind::MultipleKeys,
+            "the request carries more than one Idempotency-Key header; send exactly one".into(),
+        ));
+    }
+    IdempotencyKey::parse_header(value.as_bytes())
+        .map(Some)
+        .map_err(|error| rejected(ProblemKind::InvalidKey, error.to_string()))
+}
+
+#[allow(clippy::result_large_err)]
+async fn read_request_body<B>(parts: &Parts, body: B, limit: usize) -> Result<Bytes, Response<Body>>
+where
+    B: HttpBody<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let too_large = || {
+        rejected(
+            ProblemKind::BodyTooLarge,
+            format!("request bodies are limited to {limit} bytes; nothing was run"),
+        )
+    };
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(error) => Err(rejected(
+            ProblemKind::UnreadableBody,
+            format!("the request body could not be read: {error}"),
+        )),
+    }
+}
+
+fn scope_of(headers: &HeaderMap, config: &IdempotencyConfig) -> Scope {
+    let Some(name) = &config.scope_header else {
+        return Scope::anonymous();
+    };
+    let mut values = headers.get_all(name).iter().peekable();
+    if values.peek().is_none() {
+        return Scope::anonymous();
+    }
+    let mut credential = Vec::new();
+    for value in values {
+        credential.extend_from_slice(value.as_bytes());
+        credential.push(0);
+    }
+    Scope::from_credential(&credential)
+}
+
+fn fingerprint_of(parts: &Parts, body: &Bytes, config: &IdempotencyConfig) -> Fingerprint {
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut builder =
+        Fingerprint::builder().part(parts.method.as_str().as_bytes()).part(path_and_query.as_bytes());
+    for name in &config.fingerprint_headers {
+        builder = builder.part(name.as_str().as_bytes());
+        for value in parts.headers.get_all(name) {
+            builder = builder.part(value.as_bytes());
+        }
+    }
+    builder.part(body).finish()
+}
+
+/// Reads `body` while it stays within `limit` bytes.
+async fn collect_up_to(mut body: Body, limit: usize) -> Collected {
+    let mut buffer = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Collected::Complete(buffer.freeze()),
+            Some(Err(error)) => return Collected::Failed(error),
+            Some(Ok(frame)) => {
+                // Trailers are not stored; only data frames are part of the replayed body.
+                if let Ok(data) = frame.into_data() {
+                    buffer.extend_from_slice(&data);
+                    if buffer.len() > limit {
+                        return Collected::Overflow(buffer.freeze(), body);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `prefix` followed by the rest of `body`.
+fn prefixed(prefix: Bytes, rest: Body) -> Body {
+    Body::new(Prefixed { prefix: Some(prefix).filter(|prefix| !prefix.is_empty()), rest })
+}
+
+struct Prefixed {
+    prefix: Option<Bytes>,
+    rest: Body,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.prefix.take() {
+            Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+}
+
+fn box_body<B>(body: B) -> Body
+where
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    Body::new(body)
+}

@@ -1,0 +1,380 @@
+//! `idem serve` settings: each from a flag, else an `IDEM_*` environment variable, else the
+//! TOML file given by `--config`, else the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use http::{HeaderName, Method, Uri};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+fn invalid(message: impl Into<String>) -> ConfigError {
+    ConfigError(message.into())
+}
+
+/// The flags of `idem serve`. None has a clap default, so that a value missing on the command
+/// line and in the environment can still come from the config file.
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Base URL of the service to protect, e.g. http://127.0.0.1:3000
+    #[arg(long, env = "IDEM_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+    /// Address to accept client traffic on [default: 127.0.0.1:8080]
+    #[arg(long, env = "IDEM_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Address for /healthz and /metrics [default: 127.0.0.1:9080]
+    #[arg(long, env = "IDEM_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Where records live: memory://, sqlite://PATH [default: sqlite://idem.db]
+    #[arg(long, env = "IDEM_STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// How long a completed response is replayed, e.g. 24h, 90m [default: 24h]
+    #[arg(long, env = "IDEM_TTL", value_name = "DURATION")]
+    pub ttl: Option<String>,
+    /// How long an in-flight claim holds without renewal [default: 30s]
+    #[arg(long, env = "IDEM_LEASE", value_name = "DURATION")]
+    pub lease: Option<String>,
+    /// Refuse requests of the idempotent methods that carry no Idempotency-Key (400)
+    #[arg(long, env = "IDEM_REQUIRE_KEY")]
+    pub require_key: bool,
+    /// Methods that get idempotency handling, comma-separated [default: POST,PATCH]
+    #[arg(long, env = "IDEM_METHODS", value_name = "LIST")]
+    pub methods: Option<String>,
+    /// Header that identifies the caller; its value is hashed, never stored
+    /// [default: authorization]
+    #[arg(long, env = "IDEM_SCOPE_HEADER", value_name = "NAME")]
+    pub scope_header: Option<String>,
+    /// Extra request headers that are part of the fingerprint, comma-separated
+    #[arg(long, env = "IDEM_FINGERPRINT_HEADERS", value_name = "LIST")]
+    pub fingerprint_headers: Option<String>,
+    /// Largest request body accepted, e.g. 10MiB [default: 10MiB]
+    #[arg(long, env = "IDEM_MAX_REQUEST_BODY", value_name = "SIZE")]
+    pub max_request_body: Option<String>,
+    /// Largest response body stored for replay, e.g. 1MiB [default: 1MiB]
+    #[arg(long, env = "IDEM_MAX_STORED_BODY", value_name = "SIZE")]
+    pub max_stored_body: Option<String>,
+    /// How long to wait for the upstream's response headers [default: 60s]
+    #[arg(long, env = "IDEM_UPSTREAM_TIMEOUT", value_name = "DURATION")]
+    pub upstream_timeout: Option<String>,
+    /// Forward requests without idempotency when the store is unreachable (default: refuse
+    /// with 503)
+    #[arg(long, env = "IDEM_FAIL_OPEN")]
+    pub fail_open: bool,
+    /// Most client connections served at once [default: 10000]
+    #[arg(long, env = "IDEM_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// How often expired records are swept [default: 60s]
+    #[arg(long, env = "IDEM_SWEEP_INTERVAL", value_name = "DURATION")]
+    pub sweep_interval: Option<String>,
+    /// How long SIGTERM waits for in-flight requests to finish [default: 30s]
+    #[arg(long, env = "IDEM_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    pub shutdown_timeout: Option<String>,
+    /// TOML file with any of these settings (keys as the flags, without the dashes prefix)
+    #[arg(long, env = "IDEM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The config file: the same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    upstream: Option<String>,
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    store: Option<String>,
+    ttl: Option<String>,
+    lease: Option<String>,
+    require_key: Option<bool>,
+    methods: Option<Vec<String>>,
+    scope_header: Option<String>,
+    fingerprint_headers: Option<Vec<String>>,
+    max_request_body: Option<Size>,
+    max_stored_body: Option<Size>,
+    upstream_timeout: Option<String>,
+    fail_open: Option<bool>,
+    max_connections: Option<usize>,
+    sweep_interval: Option<String>,
+    shutdown_timeout: Option<String>,
+}
+
+/// A size written as a number of bytes or a string with a unit ("10MiB").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+/// Everything `idem serve` runs with, validated.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub upstream: Uri,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub store: String,
+    pub ttl: Duration,
+    pub lease: Duration,
+    pub require_key: bool,
+    pub methods: Vec<Method>,
+    pub scope_header: Option<HeaderName>,
+    pub fingerprint_headers: Vec<HeaderName>,
+    pub max_request_body: usize,
+    pub max_stored_body: usize,
+    pub upstream_timeout: Duration,
+    pub fail_open: bool,
+    pub max_connections: usize,
+    pub sweep_interval: Duration,
+    pub shutdown_timeout: Duration,
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> Result<ServeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let upstream = self.upstream.or(file.upstream).ok_or_else(|| {
+            invalid("no upstream: pass --upstream URL (or IDEM_UPSTREAM, or upstream in --config)")
+        })?;
+        let upstream = parse_upstream(&upstream)?;
+        let text = |cli: Option<String>, file: Option<String>, default: &str| {
+            cli.or(file).unwrap_or_else(|| default.to_owned())
+        };
+        let duration = |name: &str, cli: Option<String>, file: Option<String>, default: &str| {
+            parse_duration(name, &text(cli, file, default))
+        };
+        let size = |name: &str, cli: Option<String>, file: Option<Size>, default: u64| {
+            let bytes = match (cli, file) {
+                (Some(cli), _) => parse_size(name, &cli)?,
+                (None, Some(Size::Bytes(bytes))) => bytes,
+                (None, Some(Size::Text(text))) => parse_size(name, &text)?,
+                (None, None) => default,
+            };
+            usize::try_from(bytes).map_err(|_| invalid(format!("--{name} is too large")))
+        };
+        let list = |cli: Option<String>, file: Option<Vec<String>>| -> Option<Vec<String>> {
+            cli.map(|cli| cli.split(',').map(|item| item.trim().to_owned()).filter(|item| !item.is_empty()).collect())
+                .or(file)
+        };
+
+        let methods = list(self.methods, file.methods)
+            .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()])
+            .iter()
+            .map(|name| {
+                Method::from_bytes(name.to_ascii_uppercase().as_bytes())
+                    .map_err(|_| invalid(format!("--methods: {name:?} is not an HTTP method")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let scope_header = match text(self.scope_header, file.scope_header, "authorization").as_str() {
+            "" | "none" => None,
+            name => Some(parse_header_name("scope-header", name)?),
+        };
+        let fingerprint_headers = list(self.fingerprint_headers, file.fingerprint_headers)
+            .unwrap_or_default()
+            .iter()
+            .map(|name| parse_header_name("fingerprint-headers", name))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let config = ServeConfig {
+            upstream,
+            listen: parse_addr("listen", &text(self.listen, file.listen, "127.0.0.1:8080"))?,
+            admin_listen: parse_addr(
+                "admin-listen",
+                &text(self.admin_listen, file.admin_listen, "127.0.0.1:9080"),
+            )?,
+            store: text(self.store, file.store, "sqlite://idem.db"),
+            ttl: duration("ttl", self.ttl, file.ttl, "24h")?,
+            lease: duration("lease", self.lease, file.lease, "30s")?,
+            require_key: self.require_key || file.require_key.unwrap_or(false),
+            methods,
+            scope_header,
+            fingerprint_headers,
+            max_request_body: size("max-request-body", self.max_request_body, file.max_request_body, 10 << 20)?,
+            max_stored_body: size("max-stored-body", self.max_stored_body, file.max_stored_body, 1 << 20)?,
+            upstream_timeout: duration("upstream-timeout", self.upstream_timeout, file.upstream_timeout, "60s")?,
+            fail_open: self.fail_open || file.fail_open.unwrap_or(false),
+            max_connections: self.max_connections.or(file.max_connections).unwrap_or(10_000),
+            sweep_interval: duration("sweep-interval", self.sweep_interval, file.sweep_interval, "60s")?,
+            shutdown_timeout: duration("shutdown-timeout", self.shutdown_timeout, file.shutdown_timeout, "30s")?,
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+impl ServeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.lease < Duration::from_secs(1) {
+            return Err(invalid("--lease must be at least 1s: a shorter lease would expire under ordinary load"));
+        }
+        if self.ttl < Duration::from_secs(1) {
+            return Err(invalid("--ttl must be at least 1s"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("--max-connections must be at least 1"));
+        }
+        if self.sweep_interval.is_zero() {
+            return Err(invalid("--sweep-interval must be longer than zero"));
+        }
+        if self.max_stored_body > u32::MAX as usize / 2 {
+            return Err(invalid("--max-stored-body must be under 2 GiB"));
+        }
+        if self.methods.is_empty() {
+            return Err(invalid("--methods must name at least one method"));
+        }
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| invalid(format!("cannot read config file {}: {error}", path.display())))?;
+    toml::from_str(&text).map_err(|error| invalid(format!("config file {}: {error}", path.display())))
+}
+
+fn parse_upstream(text: &str) -> Result<Uri, ConfigError> {
+    let uri: Uri = text.parse().map_err(|error| invalid(format!("--upstream {text:?}: {error}")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some(other) => {
+            return Err(invalid(format!(
+                "--upstream {text:?}: scheme {other:?} is not supported; use http:// (put TLS in front of idem, not behind it)"
+            )));
+        }
+        None => return Err(invalid(format!("--upstream {text:?}: needs http:// and a host, as in http://127.0.0.1:3000"))),
+    }
+    if uri.authority().is_none() {
+        return Err(invalid(format!("--upstream {text:?}: needs a host, as in http://127.0.0.1:3000")));
+    }
+    if uri.query().is_some() {
+        return Err(invalid(format!("--upstream {text:?}: must not have a query")));
+    }
+    Ok(uri)
+}
+
+fn parse_addr(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+    text.parse()
+        .map_err(|_| invalid(format!("--{name} {text:?}: expected an IP address and port, as in 127.0.0.1:8080")))
+}
+
+fn parse_header_name(name: &str, text: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(text.trim().as_bytes())
+        .map_err(|_| invalid(format!("--{name}: {text:?} is not a valid header name")))
+}
+
+pub fn parse_duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(text)
+        .map_err(|error| invalid(format!("--{name} {text:?}: {error} (write it as 30s, 5m, 24h)")))
+}
+
+/// Bytes, with an optional unit: B, KB/MB/GB (powers of 1000) or KiB/MiB/GiB (powers of 1024).
+pub fn parse_size(name: &str, text: &str) -> Result<u64, ConfigError> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| invalid(format!("--{name} {text:?}: expected a size such as 1048576, 512KiB or 10MiB")))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        other => {
+            return Err(invalid(format!("--{name} {text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)")));
+        }
+    };
+    number
+        .checked_mul(multiplier)
+        .ok_or_else(|| invalid(format!("--{name} {text:?}: too large")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(upstream: &str) -> ServeArgs {
+        ServeArgs { upstream: Some(upstream.into()), ..ServeArgs::default() }
+    }
+
+    #[test]
+    fn defaults_follow_the_cli_contract() {
+        let config = args("http://127.0.0.1:3000").resolve().unwrap();
+        assert_eq!(config.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.admin_listen, "127.0.0.1:9080".parse().unwrap());
+        assert_eq!(config.store, "sqlite://idem.db");
+        assert_eq!(config.ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(config.lease, Duration::from_secs(30));
+        assert_eq!(config.methods, vec![Method::POST, Method::PATCH]);
+        assert_eq!(config.scope_header, Some(http::header::AUTHORIZATION));
+        assert_eq!(config.max_request_body, 10 * 1024 * 1024);
+        assert_eq!(config.max_stored_body, 1024 * 1024);
+        assert!(!config.require_key && !config.fail_open);
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let dir = std::env::temp_dir().join(format!("idem-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("idem.toml");
+        std::fs::write(
+            &path,
+            r#"
+            upstream = "http://127.0.0.1:4000"
+            ttl = "2h"
+            lease = "10s"
+            require-key = true
+            methods = ["post", "put"]
+            max-request-body = "1MiB"
+            max-stored-body = 4096
+            fingerprint-headers = ["content-type"]
+            "#,
+        )
+        .unwrap();
+        let config = ServeArgs { config: Some(path.clone()), lease: Some("5s".into()), ..ServeArgs::default() }
+            .resolve()
+            .unwrap();
+        assert_eq!(config.upstream, "http://127.0.0.1:4000");
+        assert_eq!(config.ttl, Duration::from_secs(7200));
+        assert_eq!(config.lease, Duration::from_secs(5), "the flag wins over the file");
+        assert!(config.require_key);
+        assert_eq!(config.methods, vec![Method::POST, Method::PUT]);
+        assert_eq!(config.max_request_body, 1 << 20);
+        assert_eq!(config.max_stored_body, 4096);
+        assert_eq!(config.fingerprint_headers, vec![http::header::CONTENT_TYPE]);
+
+        std::fs::write(&path, "upstream = \"http://x\"\nttll = \"1h\"\n").unwrap();
+        let error = ServeArgs { config: Some(path), ..ServeArgs::default() }.resolve().unwrap_err();
+        assert!(error.to_string().contains("ttll"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_get_readable_errors() {
+        for (mut args, expected) in [
+            (ServeArgs::default(), "no upstream"),
+            (args("https://example.test"), "not supported"),
+            (args("127.0.0.1:3000"), "needs http://"),
+            (ServeArgs { ttl: Some("forever".into()), ..args("http://a") }, "--ttl \"forever\""),
+            (ServeArgs { lease: Some("100ms".into()), ..args("http://a") }, "at least 1s"),
+            (ServeArgs { listen: Some("localhost".into()), ..args("http://a") }, "--listen"),
+            (ServeArgs { max_request_body: Some("10 parsecs".into()), ..args("http://a") }, "unknown unit"),
+            (ServeArgs { methods: Some("PO ST".into()), ..args("http://a") }, "not an HTTP method"),
+            (ServeArgs { scope_header: Some("bad header".into()), ..args("http://a") }, "not a valid header"),
+        ] {
+            args.config = None;
+            let error = args.resolve().unwrap_err().to_string();
+            assert!(error.contains(expected), "expected {expected:?} in {error:?}");
+        }
+        assert_eq!(parse_size("x", "10MiB").unwrap(), 10 << 20);
+        assert_eq!(parse_size("x", "2KB").unwrap(), 2000);
+        assert_eq!(parse_size("x", "512").unwrap(), 512);
+    }
+}

@@ -1,0 +1,121 @@
+//! The upstream half of the gateway: forwards a request to the protected service.
+//!
+//! Hop-by-hop headers are dropped both ways; every other header, the `Idempotency-Key`
+//! included, goes through, so an upstream that honours the key deduplicates too. Failures to
+//! reach the upstream become `502`/`504` problem responses, which the idempotency layer treats
+//! like any 5xx: the key is released and a retry runs again.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, header};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use idem_http::{Body, ProblemKind, problem, remove_hop_by_hop};
+use tower::Service;
+
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    client: Client<HttpConnector, Body>,
+    scheme: Scheme,
+    authority: Authority,
+    /// The upstream URL's path without its trailing slash, prefixed to every request path.
+    base_path: String,
+    timeout: Duration,
+}
+
+impl Proxy {
+    pub fn new(upstream: &Uri, timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(10))));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Self {
+            client,
+            scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: upstream.authority().cloned().expect("validated upstream has a host"),
+            base_path: upstream.path().trim_end_matches('/').to_owned(),
+            timeout,
+        }
+    }
+
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, http::Error> {
+        let path_and_query = uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.base_path, path_and_query))
+            .build()
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl Service<Request<Body>> for Proxy {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<Body>, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // The client pools connections itself and is always ready to take a request.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let (mut parts, body) = request.into_parts();
+        let uri = match self.upstream_uri(&parts.uri) {
+            Ok(uri) => uri,
+            Err(error) => {
+                let response = problem(ProblemKind::Internal, format!("cannot build the upstream URL: {error}"));
+                return Box::pin(async move { Ok(response) });
+            }
+        };
+        parts.uri = uri;
+        remove_hop_by_hop(&mut parts.headers);
+        // The client sets Host from the upstream URL, as a reverse proxy should.
+        parts.headers.remove(header::HOST);
+        let forwarded = self.client.request(Request::from_parts(parts, body));
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let response = match tokio::time::timeout(timeout, forwarded).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    tracing::warn!(error = %error_chain(&error), "upstream request failed");
+                    return Ok(problem(
+                        ProblemKind::UpstreamUnreachable,
+                        "the upstream could not be reached or broke the connection; a retry runs again",
+                    ));
+                }
+                Err(_) => {
+                    tracing::warn!(?timeout, "upstream timed out");
+                    return Ok(problem(
+                        ProblemKind::UpstreamTimeout,
+                        format!("the upstream did not answer within {timeout:?}; a retry runs again"),
+                    ));
+                }
+            };
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, Body::new(body)))
+        })
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,195 @@
+//! `idem serve`: the reverse proxy that gives any HTTP service Idempotency-Key semantics.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use idem_core::{Engine, EngineConfig, SystemClock};
+use idem_http::{IdempotencyConfig, IdempotencyLayer};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::Layer;
+
+use crate::config::ServeConfig;
+use crate::proxy::Proxy;
+
+/// Records deleted per sweep batch, and batches per sweep: bounds on how long one sweep holds
+/// the store.
+const SWEEP_BATCH: usize = 1_000;
+const SWEEP_MAX_BATCHES: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Store(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// Installs the Prometheus recorder once per process.
+pub fn install_metrics() -> Result<PrometheusHandle, ServeError> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("idem_store_duration_seconds".into()),
+            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+        )
+        .map_err(|error| ServeError::Metrics(error.to_string()))?
+        .install_recorder()
+        .map_err(|error| ServeError::Metrics(error.to_string()))?;
+    Ok(handle)
+}
+
+/// Runs the gateway until `shutdown` resolves, then drains: stops accepting, lets open
+/// requests finish and waits for claimed requests to store their outcome (each bounded by
+/// `shutdown_timeout`).
+pub async fn run(
+    config: ServeConfig,
+    metrics: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let store = crate::store::open(&config.store).map_err(ServeError::Store)?;
+    let engine = Engine::from_shared(
+        Arc::clone(&store),
+        Arc::new(SystemClock),
+        EngineConfig { lease: config.lease, ttl: config.ttl },
+    );
+    let layer = IdempotencyLayer::new(
+        engine.clone(),
+        IdempotencyConfig::default()
+            .methods(config.methods.clone())
+            .require_key(config.require_key)
+            .scope_header(config.scope_header.clone())
+            .fingerprint_headers(config.fingerprint_headers.clone())
+            .max_request_body(config.max_request_body)
+            .max_stored_body(config.max_stored_body)
+            .fail_open(config.fail_open),
+    );
+    let service = layer.layer(Proxy::new(&config.upstream, config.upstream_timeout));
+
+    let listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    let listen = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.listen, source })?;
+    let admin = admin_listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { addr: config.admin_listen, source })?;
+
+    let admin_task = tokio::spawn(async move {
+        let router = crate::admin::router(store, metrics.clone());
+        let upkeep = async {
+            // The recorder has no thread of its own here; without upkeep, histograms grow.
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                metrics.run_upkeep();
+            }
+        };
+        tokio::select! {
+            result = axum::serve(admin_listener, router) => if let Err(error) = result {
+                tracing::error!(%error, "admin listener stopped");
+            },
+            () = upkeep => {}
+        }
+    });
+    let sweeper = tokio::spawn(sweep_forever(engine, config.sweep_interval));
+
+    tracing::info!(%listen, %admin, upstream = %config.upstream, store = %config.store, "idem gateway ready");
+    // One line on stdout, for people and for scripts that wait for readiness.
+    println!("idem listening on http://{listen} (admin http://{admin}) -> {}", config.upstream);
+
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            tracing::warn!(%peer, limit = config.max_connections, "connection limit reached; closing new connection");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30))
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+
+    tracing::info!("shutting down: no new connections; finishing open requests");
+    drop(listener);
+    if tokio::time::timeout(config.shutdown_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(timeout = ?config.shutdown_timeout, "open connections did not finish in time");
+    }
+    let tasks = layer.tasks();
+    tasks.close();
+    if tokio::time::timeout(config.shutdown_timeout, tasks.wait()).await.is_err() {
+        tracing::warn!(
+            still_running = tasks.len(),
+            "claimed requests did not finish in time; their keys free themselves when their leases expire"
+        );
+    }
+    sweeper.abort();
+    admin_task.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source })
+}
+
+async fn sweep_forever(engine: Engine, interval: Duration) {
+    let mut every = tokio::time::interval(interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        match engine.sweep_expired(SWEEP_BATCH, SWEEP_MAX_BATCHES).await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::debug!(deleted, "swept expired records"),
+            Err(error) => tracing::warn!(%error, "sweeping expired records failed; will try again"),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
