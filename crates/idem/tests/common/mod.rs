@@ -1,0 +1,308 @@
+//! Test harness: a counting upstream on loopback, the real `idem` binary as a child process,
+//! and a small HTTP client.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::{Body as AxumBody, to_bytes};
+use axum::extract::{Request, State};
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+/// What the upstream saw of one call.
+#[derive(Debug, Clone)]
+pub struct SeenCall {
+    pub method: String,
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub body: Bytes,
+}
+
+#[derive(Default)]
+struct UpstreamState {
+    calls: AtomicU64,
+    seen: Mutex<Vec<SeenCall>>,
+}
+
+/// An HTTP service that counts its calls. Each request steers the response with headers:
+/// `x-test-delay-ms` (wait first), `x-test-status` (status code), `x-test-body-bytes` (send a
+/// body of that many bytes instead of the JSON echo).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<UpstreamState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let state = Arc::new(UpstreamState::default());
+        let app = axum::Router::new().fallback(handle).with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Self { addr, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many requests reached the upstream: the effect count.
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn seen(&self) -> Vec<SeenCall> {
+        self.state.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(State(state): State<Arc<UpstreamState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = to_bytes(body, usize::MAX).await.unwrap();
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let call = state.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    state.seen.lock().unwrap().push(SeenCall {
+        method: parts.method.to_string(),
+        path: parts.uri.path_and_query().map(|pq| pq.to_string()).unwrap_or_default(),
+        idempotency_key: header("idempotency-key"),
+        body: body.clone(),
+    });
+    if let Some(delay) = header("x-test-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(delay.parse().unwrap())).await;
+    }
+    let status = header("x-test-status").map_or(201, |s| s.parse().unwrap());
+    let response_body = match header("x-test-body-bytes") {
+        Some(len) => Bytes::from(pattern(len.parse().unwrap())),
+        None => Bytes::from(
+            serde_json::json!({
+                "call": call,
+                "path": parts.uri.path_and_query().map(|pq| pq.to_string()),
+                "body": String::from_utf8_lossy(&body),
+            })
+            .to_string(),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .header("x-upstream-call", call.to_string())
+        .header("set-cookie", "a=1")
+        .header("set-cookie", "b=2")
+        .body(AxumBody::from(response_body))
+        .unwrap()
+}
+
+/// A body that is not one repeated byte, so truncation would show.
+pub fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8).collect()
+}
+
+/// The `idem` binary, running as a child process.
+pub struct Gateway {
+    child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts `idem serve` on free loopback ports and waits for its readiness line.
+    pub fn start(upstream: &str, store: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(upstream, store, extra, &[])
+    }
+
+    pub fn start_with_env(upstream: &str, store: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idem"));
+        command
+            .args(["serve", "--upstream", upstream, "--store", store])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("IDEM_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("start the idem binary");
+        let stdout = child.stdout.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = sender.send(line);
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match receiver.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("idem did not report readiness within 30s (exit: {:?})", child.try_wait());
+            }
+        };
+        // "idem listening on http://A (admin http://B) -> upstream"
+        let addr = between(&line, "listening on http://", " ").parse().unwrap();
+        let admin = between(&line, "(admin http://", ")").parse().unwrap();
+        Self { child, addr, admin }
+    }
+
+    pub fn client(&self) -> TestClient {
+        TestClient::new(self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no cleanup of any kind runs.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        for _ in 0..600 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("idem did not exit within 30s of SIGTERM");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
+    let from = text.find(start).unwrap_or_else(|| panic!("{start:?} not in {text:?}")) + start.len();
+    let rest = &text[from..];
+    &rest[..rest.find(end).unwrap_or(rest.len())]
+}
+
+/// A fresh directory for a test's database files.
+pub fn temp_dir() -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "idem-it-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A SQLite store URL in a fresh directory.
+pub fn sqlite_store() -> String {
+    format!("sqlite://{}", temp_dir().join("idem.db").display())
+}
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|value| value.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!("not JSON ({}): {:?}", self.status, String::from_utf8_lossy(&self.body))
+        })
+    }
+
+    pub fn is_replay(&self) -> bool {
+        self.header("idempotent-replayed") == Some("true")
+    }
+
+    /// Asserts an RFC 9457 problem response of `status` whose type ends in `slug`.
+    pub fn assert_problem(&self, status: u16, slug: &str) {
+        assert_eq!(self.status.as_u16(), status, "body: {:?}", String::from_utf8_lossy(&self.body));
+        assert_eq!(self.header("content-type"), Some("application/problem+json"));
+        let problem = self.json();
+        assert_eq!(problem["type"], format!("urn:idem:problem:{slug}"), "{problem}");
+        assert_eq!(problem["status"], status);
+        assert!(problem["title"].as_str().is_some_and(|t| !t.is_empty()), "{problem}");
+        assert!(problem["detail"].as_str().is_some_and(|d| !d.is_empty()), "{problem}");
+    }
+}
+
+#[derive(Clone)]
+pub struct TestClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    base: String,
+}
+
+impl TestClient {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { client: Client::builder(TokioExecutor::new()).build_http(), base: format!("http://{addr}") }
+    }
+
+    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+        let mut request = http::Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).unwrap())
+            .uri(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = self.client.request(request.body(Full::new(body.into())).unwrap()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply { status: parts.status, headers: parts.headers, body }
+    }
+
+    /// POST with an Idempotency-Key and any extra headers.
+    pub async fn post(&self, key: &str, body: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut all = vec![("idempotency-key", key)];
+        all.extend_from_slice(headers);
+        self.send("POST", "/orders", &all, body.to_owned()).await
+    }
+
+    pub async fn get_text(&self, path: &str) -> (StatusCode, String) {
+        let reply = self.send("GET", path, &[], Bytes::new()).await;
+        (reply.status, String::from_utf8_lossy(&reply.body).into_owned())
+    }
+}
+
+/// Parses a Prometheus text page into `name{labels}` -> value.
+pub fn metrics(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
