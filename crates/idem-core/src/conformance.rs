@@ -76,7 +76,10 @@ pub async fn claim_complete_replay(store: &dyn Store) {
     );
     assert_eq!(record.created_at, t0);
 
-    store.complete(&key, token, Bytes::from_static(b"the response"), t0.saturating_add(TTL)).await.unwrap();
+    store
+        .complete(&key, token, Bytes::from_static(b"the response"), t0.saturating_add(TTL))
+        .await
+        .unwrap();
     let (again, _) = claim_at(store, &key, "a", t0.saturating_add(Duration::from_secs(1))).await;
     assert_eq!(again, Decision::Replay(Bytes::from_static(b"the response")));
     let record = store.get(&key).await.unwrap().unwrap();
@@ -84,9 +87,10 @@ pub async fn claim_complete_replay(store: &dyn Store) {
     // Completing twice is refused: the record is no longer in flight.
     let twice = store.complete(&key, token, Bytes::from_static(b"other"), t0).await;
     assert!(matches!(twice, Err(Error::Fenced)), "second completion must be fenced: {twice:?}");
-    assert_eq!(store.get(&key).await.unwrap().unwrap().state, RecordState::Completed {
-        payload: Bytes::from_static(b"the response")
-    });
+    assert_eq!(
+        store.get(&key).await.unwrap().unwrap().state,
+        RecordState::Completed { payload: Bytes::from_static(b"the response") }
+    );
 }
 
 pub async fn mismatch_leaves_the_record_untouched(store: &dyn Store) {
@@ -96,7 +100,10 @@ pub async fn mismatch_leaves_the_record_untouched(store: &dyn Store) {
     // While the first runs, a different payload is a mismatch, not a conflict.
     let (during, _) = claim_at(store, &key, "different", t0).await;
     assert_eq!(during, Decision::Mismatch);
-    store.complete(&key, token, Bytes::from_static(b"first"), t0.saturating_add(TTL)).await.unwrap();
+    store
+        .complete(&key, token, Bytes::from_static(b"first"), t0.saturating_add(TTL))
+        .await
+        .unwrap();
     let before = store.get(&key).await.unwrap();
     let (after, _) = claim_at(store, &key, "different", t0).await;
     assert_eq!(after, Decision::Mismatch);
@@ -174,7 +181,10 @@ pub async fn expired_records_count_as_absent(store: &dyn Store) {
     // At expiry the key is new again, even for a different payload.
     let (after, token) = claim_at(store, &key, "b", expires_at).await;
     assert_eq!(after, Decision::Acquire);
-    store.complete(&key, token, Bytes::from_static(b"new"), expires_at.saturating_add(TTL)).await.unwrap();
+    store
+        .complete(&key, token, Bytes::from_static(b"new"), expires_at.saturating_add(TTL))
+        .await
+        .unwrap();
     let (replay, _) = claim_at(store, &key, "b", expires_at).await;
     assert_eq!(replay, Decision::Replay(Bytes::from_static(b"new")));
 }
@@ -210,7 +220,10 @@ pub async fn large_payloads_round_trip(store: &dyn Store) {
     let t0 = now();
     let (_, token) = claim_at(store, &key, "a", t0).await;
     // 4 MiB that is not one repeated byte, so truncation or reordering would show.
-    let payload: Bytes = (0..4 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect::<Vec<u8>>().into();
+    let payload: Bytes = (0..4 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect::<Vec<u8>>()
+        .into();
     store.complete(&key, token, payload.clone(), t0.saturating_add(TTL)).await.unwrap();
     let (replay, _) = claim_at(store, &key, "a", t0).await;
     assert_eq!(replay, Decision::Replay(payload));
@@ -229,12 +242,23 @@ pub async fn sweeping_is_bounded_and_spares_live_records(store: &dyn Store) {
     for i in 0..25 {
         let key = unique_key(&format!("sweep{i}"));
         let (_, token) = claim_at(store, &key, "a", base).await;
-        store.complete(&key, token, Bytes::from_static(b"x"), base.saturating_add(Duration::from_millis(1))).await.unwrap();
+        store
+            .complete(
+                &key,
+                token,
+                Bytes::from_static(b"x"),
+                base.saturating_add(Duration::from_millis(1)),
+            )
+            .await
+            .unwrap();
         expired.insert(key);
     }
     let live = unique_key("live");
     let (_, token) = claim_at(store, &live, "a", now()).await;
-    store.complete(&live, token, Bytes::from_static(b"keep"), now().saturating_add(TTL)).await.unwrap();
+    store
+        .complete(&live, token, Bytes::from_static(b"keep"), now().saturating_add(TTL))
+        .await
+        .unwrap();
 
     let sweep_at = base.saturating_add(Duration::from_secs(1));
     let mut batches = Vec::new();

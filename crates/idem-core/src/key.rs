@@ -33,7 +33,9 @@ pub enum KeyError {
         "the Idempotency-Key contains the byte 0x{byte:02X} at position {position}; only visible ASCII (0x21 to 0x7E) is allowed"
     )]
     InvalidCharacter { byte: u8, position: usize },
-    #[error("the Idempotency-Key starts with a quote but is not a well-formed structured-field string")]
+    #[error(
+        "the Idempotency-Key starts with a quote but is not a well-formed structured-field string"
+    )]
     MalformedString,
 }
 

@@ -160,7 +160,10 @@ mod tests {
             state: RecordState::Completed { payload: Bytes::from_static(b"ok") },
             ..running.clone()
         };
-        assert_eq!(decide(Some(&done), &fp("a"), t(5)), Decision::Replay(Bytes::from_static(b"ok")));
+        assert_eq!(
+            decide(Some(&done), &fp("a"), t(5)),
+            Decision::Replay(Bytes::from_static(b"ok"))
+        );
         assert_eq!(decide(Some(&done), &fp("b"), t(5)), Decision::Mismatch);
         assert_eq!(decide(Some(&done), &fp("a"), t(90_000)), Decision::Acquire);
 

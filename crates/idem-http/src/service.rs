@@ -83,10 +83,13 @@ where
         let key = match parse_key(request.headers()) {
             Ok(Some(key)) => key,
             Ok(None) if config.require_key => {
-                return Ok(rejected(ProblemKind::MissingKey, format!(
-                    "{} requests to this service need an Idempotency-Key header",
-                    request.method()
-                )));
+                return Ok(rejected(
+                    ProblemKind::MissingKey,
+                    format!(
+                        "{} requests to this service need an Idempotency-Key header",
+                        request.method()
+                    ),
+                ));
             }
             Ok(None) => return pass_through(inner, request.map(box_body)).await,
             Err(response) => return Ok(response),
@@ -118,7 +121,9 @@ where
                 let seconds = retry_after.as_secs();
                 let mut response = problem(
                     ProblemKind::InFlight,
-                    format!("the first request with this key is still running; retry in {seconds} s"),
+                    format!(
+                        "the first request with this key is still running; retry in {seconds} s"
+                    ),
                 );
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 Ok(response)
@@ -139,10 +144,12 @@ where
             }
         }
     }
-
 }
 
-async fn pass_through<S, ResBody>(inner: S, request: Request<Body>) -> Result<Response<Body>, S::Error>
+async fn pass_through<S, ResBody>(
+    inner: S,
+    request: Request<Body>,
+) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<ResBody>>,
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
@@ -371,8 +378,9 @@ fn scope_of(headers: &HeaderMap, config: &IdempotencyConfig) -> Scope {
 
 fn fingerprint_of(parts: &Parts, body: &Bytes, config: &IdempotencyConfig) -> Fingerprint {
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    let mut builder =
-        Fingerprint::builder().part(parts.method.as_str().as_bytes()).part(path_and_query.as_bytes());
+    let mut builder = Fingerprint::builder()
+        .part(parts.method.as_str().as_bytes())
+        .part(path_and_query.as_bytes());
     for name in &config.fingerprint_headers {
         builder = builder.part(name.as_str().as_bytes());
         for value in parts.headers.get_all(name) {

@@ -29,7 +29,8 @@ impl StoredResponse {
         out.put_slice(MAGIC);
         out.put_u16(self.status.as_u16());
         out.put_u8(if self.body_omitted { FLAG_BODY_OMITTED } else { 0 });
-        let count = u16::try_from(self.headers.len()).expect("a response has fewer than 65536 headers");
+        let count =
+            u16::try_from(self.headers.len()).expect("a response has fewer than 65536 headers");
         out.put_u16(count);
         for (name, value) in &self.headers {
             out.put_u16(name.as_str().len() as u16);
@@ -37,7 +38,9 @@ impl StoredResponse {
             out.put_u32(value.len() as u32);
             out.put_slice(value.as_bytes());
         }
-        out.put_u32(u32::try_from(self.body.len()).expect("stored bodies are limited far below 4 GiB"));
+        out.put_u32(
+            u32::try_from(self.body.len()).expect("stored bodies are limited far below 4 GiB"),
+        );
         out.put_slice(&self.body);
         out.freeze()
     }
@@ -63,12 +66,13 @@ impl StoredResponse {
             need(&bytes, 2, "header name length")?;
             let name_len = bytes.get_u16() as usize;
             need(&bytes, name_len, "header name")?;
-            let name = HeaderName::from_bytes(&bytes.split_to(name_len)).map_err(|error| error.to_string())?;
+            let name = HeaderName::from_bytes(&bytes.split_to(name_len))
+                .map_err(|error| error.to_string())?;
             need(&bytes, 4, "header value length")?;
             let value_len = bytes.get_u32() as usize;
             need(&bytes, value_len, "header value")?;
-            let value =
-                HeaderValue::from_maybe_shared(bytes.split_to(value_len)).map_err(|error| error.to_string())?;
+            let value = HeaderValue::from_maybe_shared(bytes.split_to(value_len))
+                .map_err(|error| error.to_string())?;
             headers.append(name, value);
         }
         need(&bytes, 4, "body length")?;

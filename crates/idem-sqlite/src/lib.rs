@@ -112,7 +112,9 @@ impl SqliteStore {
             .ok_or_else(|| Error::Config(format!("not a sqlite:// URL: {url}")))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
         if path.is_empty() {
-            return Err(Error::Config("sqlite:// URL needs a file path, as in sqlite://idem.db".into()));
+            return Err(Error::Config(
+                "sqlite:// URL needs a file path, as in sqlite://idem.db".into(),
+            ));
         }
         let mut options = SqliteOptions::default();
         for pair in query.split('&').filter(|pair| !pair.is_empty()) {
@@ -120,7 +122,9 @@ impl SqliteStore {
             match name {
                 "busy_timeout_ms" => {
                     let millis = value.parse().map_err(|_| {
-                        Error::Config(format!("busy_timeout_ms must be a whole number of milliseconds, not {value:?}"))
+                        Error::Config(format!(
+                            "busy_timeout_ms must be a whole number of milliseconds, not {value:?}"
+                        ))
                     })?;
                     options.busy_timeout = Duration::from_millis(millis);
                 }
@@ -167,10 +171,12 @@ impl SqliteStore {
 }
 
 fn migrate(connection: &mut Connection) -> Result<()> {
-    let transaction =
-        connection.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
-    let version: usize =
-        transaction.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(unavailable)?;
+    let transaction = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(unavailable)?;
+    let version: usize = transaction
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(unavailable)?;
     if version > MIGRATIONS.len() {
         return Err(Error::Config(format!(
             "the database schema is version {version}, newer than this idem knows ({}); upgrade idem",
@@ -201,7 +207,8 @@ fn token_to_sql(token: FencingToken) -> i64 {
     token.as_u64() as i64
 }
 
-const SELECT_RECORD: &str = "SELECT fingerprint, state, token, lease_expires_at, payload, created_at, expires_at
+const SELECT_RECORD: &str =
+    "SELECT fingerprint, state, token, lease_expires_at, payload, created_at, expires_at
      FROM idem_records WHERE scope = ?1 AND key = ?2";
 
 /// Reads one row back, checking the invariants the writes keep.
@@ -221,7 +228,9 @@ fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record>> {
                 token: FencingToken::from_u64(token as u64),
                 lease_expires_at: from_sql(lease),
             },
-            (COMPLETED, None, None, Some(payload)) => RecordState::Completed { payload: payload.into() },
+            (COMPLETED, None, None, Some(payload)) => {
+                RecordState::Completed { payload: payload.into() }
+            }
             (state, token, lease, payload) => {
                 return Err(Error::Corrupt(format!(
                     "state {state} with token {token:?}, lease {lease:?}, payload present: {}",
@@ -314,7 +323,13 @@ impl Store for SqliteStore {
                 "UPDATE idem_records
                  SET state = 1, payload = ?1, token = NULL, lease_expires_at = NULL, expires_at = ?2
                  WHERE scope = ?3 AND key = ?4 AND state = 0 AND token = ?5",
-                params![&payload[..], to_sql(expires_at), key.scope.as_str(), key.key.as_str(), token_to_sql(token)],
+                params![
+                    &payload[..],
+                    to_sql(expires_at),
+                    key.scope.as_str(),
+                    key.key.as_str(),
+                    token_to_sql(token)
+                ],
             )
         })
         .await
@@ -367,7 +382,9 @@ impl Store for SqliteStore {
         self.with_connection(move |connection| {
             connection
                 .prepare_cached("DELETE FROM idem_records WHERE scope = ?1 AND key = ?2")
-                .and_then(|mut statement| statement.execute(params![key.scope.as_str(), key.key.as_str()]))
+                .and_then(|mut statement| {
+                    statement.execute(params![key.scope.as_str(), key.key.as_str()])
+                })
                 .map(|deleted| deleted > 0)
                 .map_err(unavailable)
         })

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use idem_core::{
-    ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey, RecordKey, Scope,
-    Store, SystemClock, Clock,
+    ClaimRequest, Clock, Decision, Error, FencingToken, Fingerprint, IdempotencyKey, RecordKey,
+    Scope, Store, SystemClock,
 };
 use idem_sqlite::{SqliteOptions, SqliteStore};
 
@@ -57,10 +57,16 @@ async fn completed_and_in_flight_records_survive_a_reopen() {
         token
     };
     let reopened = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
-    assert_eq!(claim(&reopened, &key("done")).await.0, Decision::Replay(Bytes::from_static(b"stored")));
+    assert_eq!(
+        claim(&reopened, &key("done")).await.0,
+        Decision::Replay(Bytes::from_static(b"stored"))
+    );
     // The in-flight claim is still held by its (now gone) owner until its lease expires.
     assert!(matches!(claim(&reopened, &key("running")).await.0, Decision::InFlight { .. }));
-    reopened.complete(&key("running"), in_flight_token, Bytes::from_static(b"late"), expires).await.unwrap();
+    reopened
+        .complete(&key("running"), in_flight_token, Bytes::from_static(b"late"), expires)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -94,7 +100,8 @@ async fn separate_connections_on_one_file_race_with_one_winner() {
 #[tokio::test]
 async fn a_writer_holding_the_lock_makes_the_store_unavailable_not_wrong() {
     let path = temp_db();
-    let options = SqliteOptions { busy_timeout: Duration::from_millis(100), ..SqliteOptions::default() };
+    let options =
+        SqliteOptions { busy_timeout: Duration::from_millis(100), ..SqliteOptions::default() };
     let store = SqliteStore::open(&path, &options).unwrap();
     let blocker = rusqlite_connection(&path);
     blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();

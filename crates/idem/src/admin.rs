@@ -28,8 +28,13 @@ pub fn router(store: Arc<dyn Store>, metrics: PrometheusHandle) -> Router {
 async fn healthz(State(state): State<AdminState>) -> Response {
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
-        Ok(Err(error)) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {error}\n")).into_response(),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store did not answer within 2s\n").into_response(),
+        Ok(Err(error)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {error}\n"))
+                .into_response()
+        }
+        Err(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "store did not answer within 2s\n").into_response()
+        }
     }
 }
 

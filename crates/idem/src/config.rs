@@ -158,8 +158,13 @@ impl ServeArgs {
             usize::try_from(bytes).map_err(|_| invalid(format!("--{name} is too large")))
         };
         let list = |cli: Option<String>, file: Option<Vec<String>>| -> Option<Vec<String>> {
-            cli.map(|cli| cli.split(',').map(|item| item.trim().to_owned()).filter(|item| !item.is_empty()).collect())
-                .or(file)
+            cli.map(|cli| {
+                cli.split(',')
+                    .map(|item| item.trim().to_owned())
+                    .filter(|item| !item.is_empty())
+                    .collect()
+            })
+            .or(file)
         };
 
         let methods = list(self.methods, file.methods)
@@ -170,10 +175,11 @@ impl ServeArgs {
                     .map_err(|_| invalid(format!("--methods: {name:?} is not an HTTP method")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let scope_header = match text(self.scope_header, file.scope_header, "authorization").as_str() {
-            "" | "none" => None,
-            name => Some(parse_header_name("scope-header", name)?),
-        };
+        let scope_header =
+            match text(self.scope_header, file.scope_header, "authorization").as_str() {
+                "" | "none" => None,
+                name => Some(parse_header_name("scope-header", name)?),
+            };
         let fingerprint_headers = list(self.fingerprint_headers, file.fingerprint_headers)
             .unwrap_or_default()
             .iter()
@@ -194,13 +200,38 @@ impl ServeArgs {
             methods,
             scope_header,
             fingerprint_headers,
-            max_request_body: size("max-request-body", self.max_request_body, file.max_request_body, 10 << 20)?,
-            max_stored_body: size("max-stored-body", self.max_stored_body, file.max_stored_body, 1 << 20)?,
-            upstream_timeout: duration("upstream-timeout", self.upstream_timeout, file.upstream_timeout, "60s")?,
+            max_request_body: size(
+                "max-request-body",
+                self.max_request_body,
+                file.max_request_body,
+                10 << 20,
+            )?,
+            max_stored_body: size(
+                "max-stored-body",
+                self.max_stored_body,
+                file.max_stored_body,
+                1 << 20,
+            )?,
+            upstream_timeout: duration(
+                "upstream-timeout",
+                self.upstream_timeout,
+                file.upstream_timeout,
+                "60s",
+            )?,
             fail_open: self.fail_open || file.fail_open.unwrap_or(false),
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(10_000),
-            sweep_interval: duration("sweep-interval", self.sweep_interval, file.sweep_interval, "60s")?,
-            shutdown_timeout: duration("shutdown-timeout", self.shutdown_timeout, file.shutdown_timeout, "30s")?,
+            sweep_interval: duration(
+                "sweep-interval",
+                self.sweep_interval,
+                file.sweep_interval,
+                "60s",
+            )?,
+            shutdown_timeout: duration(
+                "shutdown-timeout",
+                self.shutdown_timeout,
+                file.shutdown_timeout,
+                "30s",
+            )?,
         };
         config.validate()?;
         Ok(config)
@@ -210,7 +241,9 @@ impl ServeArgs {
 impl ServeConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if self.lease < Duration::from_secs(1) {
-            return Err(invalid("--lease must be at least 1s: a shorter lease would expire under ordinary load"));
+            return Err(invalid(
+                "--lease must be at least 1s: a shorter lease would expire under ordinary load",
+            ));
         }
         if self.ttl < Duration::from_secs(1) {
             return Err(invalid("--ttl must be at least 1s"));
@@ -234,11 +267,13 @@ impl ServeConfig {
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| invalid(format!("cannot read config file {}: {error}", path.display())))?;
-    toml::from_str(&text).map_err(|error| invalid(format!("config file {}: {error}", path.display())))
+    toml::from_str(&text)
+        .map_err(|error| invalid(format!("config file {}: {error}", path.display())))
 }
 
 fn parse_upstream(text: &str) -> Result<Uri, ConfigError> {
-    let uri: Uri = text.parse().map_err(|error| invalid(format!("--upstream {text:?}: {error}")))?;
+    let uri: Uri =
+        text.parse().map_err(|error| invalid(format!("--upstream {text:?}: {error}")))?;
     match uri.scheme_str() {
         Some("http") => {}
         Some(other) => {
@@ -246,10 +281,16 @@ fn parse_upstream(text: &str) -> Result<Uri, ConfigError> {
                 "--upstream {text:?}: scheme {other:?} is not supported; use http:// (put TLS in front of idem, not behind it)"
             )));
         }
-        None => return Err(invalid(format!("--upstream {text:?}: needs http:// and a host, as in http://127.0.0.1:3000"))),
+        None => {
+            return Err(invalid(format!(
+                "--upstream {text:?}: needs http:// and a host, as in http://127.0.0.1:3000"
+            )));
+        }
     }
     if uri.authority().is_none() {
-        return Err(invalid(format!("--upstream {text:?}: needs a host, as in http://127.0.0.1:3000")));
+        return Err(invalid(format!(
+            "--upstream {text:?}: needs a host, as in http://127.0.0.1:3000"
+        )));
     }
     if uri.query().is_some() {
         return Err(invalid(format!("--upstream {text:?}: must not have a query")));
@@ -258,8 +299,9 @@ fn parse_upstream(text: &str) -> Result<Uri, ConfigError> {
 }
 
 fn parse_addr(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
-    text.parse()
-        .map_err(|_| invalid(format!("--{name} {text:?}: expected an IP address and port, as in 127.0.0.1:8080")))
+    text.parse().map_err(|_| {
+        invalid(format!("--{name} {text:?}: expected an IP address and port, as in 127.0.0.1:8080"))
+    })
 }
 
 fn parse_header_name(name: &str, text: &str) -> Result<HeaderName, ConfigError> {
@@ -277,9 +319,9 @@ pub fn parse_size(name: &str, text: &str) -> Result<u64, ConfigError> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| invalid(format!("--{name} {text:?}: expected a size such as 1048576, 512KiB or 10MiB")))?;
+    let number: u64 = number.parse().map_err(|_| {
+        invalid(format!("--{name} {text:?}: expected a size such as 1048576, 512KiB or 10MiB"))
+    })?;
     let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "kb" => 1_000,
@@ -289,12 +331,12 @@ pub fn parse_size(name: &str, text: &str) -> Result<u64, ConfigError> {
         "mib" | "m" => 1 << 20,
         "gib" | "g" => 1 << 30,
         other => {
-            return Err(invalid(format!("--{name} {text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)")));
+            return Err(invalid(format!(
+                "--{name} {text:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, KB, MB, GB)"
+            )));
         }
     };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| invalid(format!("--{name} {text:?}: too large")))
+    number.checked_mul(multiplier).ok_or_else(|| invalid(format!("--{name} {text:?}: too large")))
 }
 
 #[cfg(test)]
@@ -339,9 +381,13 @@ mod tests {
             "#,
         )
         .unwrap();
-        let config = ServeArgs { config: Some(path.clone()), lease: Some("5s".into()), ..ServeArgs::default() }
-            .resolve()
-            .unwrap();
+        let config = ServeArgs {
+            config: Some(path.clone()),
+            lease: Some("5s".into()),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(config.upstream, "http://127.0.0.1:4000");
         assert_eq!(config.ttl, Duration::from_secs(7200));
         assert_eq!(config.lease, Duration::from_secs(5), "the flag wins over the file");
@@ -365,9 +411,15 @@ mod tests {
             (ServeArgs { ttl: Some("forever".into()), ..args("http://a") }, "--ttl \"forever\""),
             (ServeArgs { lease: Some("100ms".into()), ..args("http://a") }, "at least 1s"),
             (ServeArgs { listen: Some("localhost".into()), ..args("http://a") }, "--listen"),
-            (ServeArgs { max_request_body: Some("10 parsecs".into()), ..args("http://a") }, "unknown unit"),
+            (
+                ServeArgs { max_request_body: Some("10 parsecs".into()), ..args("http://a") },
+                "unknown unit",
+            ),
             (ServeArgs { methods: Some("PO ST".into()), ..args("http://a") }, "not an HTTP method"),
-            (ServeArgs { scope_header: Some("bad header".into()), ..args("http://a") }, "not a valid header"),
+            (
+                ServeArgs { scope_header: Some("bad header".into()), ..args("http://a") },
+                "not a valid header",
+            ),
         ] {
             args.config = None;
             let error = args.resolve().unwrap_err().to_string();

@@ -36,11 +36,12 @@ fn main() -> ExitCode {
                 Ok(runtime) => runtime,
                 Err(error) => return fail(&error),
             };
-            runtime.block_on(async {
-                let metrics = idem::serve::install_metrics()?;
-                idem::serve::run(config, metrics, idem::serve::shutdown_signal()).await
-            })
-            .map_or_else(|error| fail(&error), |()| ExitCode::SUCCESS)
+            runtime
+                .block_on(async {
+                    let metrics = idem::serve::install_metrics()?;
+                    idem::serve::run(config, metrics, idem::serve::shutdown_signal()).await
+                })
+                .map_or_else(|error| fail(&error), |()| ExitCode::SUCCESS)
         }
     }
 }

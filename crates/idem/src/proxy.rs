@@ -74,7 +74,10 @@ impl Service<Request<Body>> for Proxy {
         let uri = match self.upstream_uri(&parts.uri) {
             Ok(uri) => uri,
             Err(error) => {
-                let response = problem(ProblemKind::Internal, format!("cannot build the upstream URL: {error}"));
+                let response = problem(
+                    ProblemKind::Internal,
+                    format!("cannot build the upstream URL: {error}"),
+                );
                 return Box::pin(async move { Ok(response) });
             }
         };
@@ -98,7 +101,9 @@ impl Service<Request<Body>> for Proxy {
                     tracing::warn!(?timeout, "upstream timed out");
                     return Ok(problem(
                         ProblemKind::UpstreamTimeout,
-                        format!("the upstream did not answer within {timeout:?}; a retry runs again"),
+                        format!(
+                            "the upstream did not answer within {timeout:?}; a retry runs again"
+                        ),
                     ));
                 }
             };

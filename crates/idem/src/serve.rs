@@ -76,7 +76,9 @@ pub async fn run(
 
     let listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
-    let listen = listener.local_addr().map_err(|source| ServeError::Listen { addr: config.listen, source })?;
+    let listen = listener
+        .local_addr()
+        .map_err(|source| ServeError::Listen { addr: config.listen, source })?;
     let admin = admin_listener
         .local_addr()
         .map_err(|source| ServeError::Listen { addr: config.admin_listen, source })?;

@@ -15,11 +15,17 @@ async fn kill_9_mid_request_holds_the_key_until_the_lease_expires() {
     let lease = ["--lease", "3s"];
     let mut gateway = Gateway::start(&upstream.url(), &store, &lease);
     let client = gateway.client();
-    let request = tokio::spawn(async move { client.post("crash", "x", &[("x-test-delay-ms", "5000")]).await });
+    let request =
+        tokio::spawn(
+            async move { client.post("crash", "x", &[("x-test-delay-ms", "5000")]).await },
+        );
     // Wait until the upstream has the call, then kill the gateway with no chance to clean up.
     let started = Instant::now();
     while upstream.calls() == 0 {
-        assert!(started.elapsed() < Duration::from_secs(5), "the request never reached the upstream");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the request never reached the upstream"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let claimed_at = Instant::now();
@@ -67,23 +73,35 @@ async fn a_stored_response_survives_a_restart() {
 async fn two_gateway_processes_on_one_sqlite_file_run_a_race_once() {
     let upstream = Upstream::start().await;
     let store = format!("sqlite://{}", temp_dir().join("shared.db").display());
-    let gateways = [Gateway::start(&upstream.url(), &store, &[]), Gateway::start(&upstream.url(), &store, &[])];
+    let gateways = [
+        Gateway::start(&upstream.url(), &store, &[]),
+        Gateway::start(&upstream.url(), &store, &[]),
+    ];
     for round in 0..3 {
         let key = format!("cross-process-{round}");
         let racers: Vec<_> = (0..24)
             .map(|i| {
                 let client = gateways[i % 2].client();
                 let key = key.clone();
-                tokio::spawn(async move { client.post(&key, "same", &[("x-test-delay-ms", "300")]).await })
+                tokio::spawn(async move {
+                    client.post(&key, "same", &[("x-test-delay-ms", "300")]).await
+                })
             })
             .collect();
         for racer in racers {
             let status = racer.await.unwrap().status.as_u16();
             assert!(status == 201 || status == 409, "status {status}");
         }
-        assert_eq!(upstream.calls(), round + 1, "round {round}: 24 requests over 2 processes ran once");
+        assert_eq!(
+            upstream.calls(),
+            round + 1,
+            "round {round}: 24 requests over 2 processes ran once"
+        );
         for gateway in &gateways {
-            assert!(gateway.client().post(&key, "same", &[]).await.is_replay(), "either process replays");
+            assert!(
+                gateway.client().post(&key, "same", &[]).await.is_replay(),
+                "either process replays"
+            );
         }
     }
     assert_eq!(upstream.calls(), 3);
@@ -95,7 +113,10 @@ async fn sigterm_lets_in_flight_requests_finish_and_store() {
     let store = format!("sqlite://{}", temp_dir().join("idem.db").display());
     let mut gateway = Gateway::start(&upstream.url(), &store, &[]);
     let client = gateway.client();
-    let request = tokio::spawn(async move { client.post("draining", "x", &[("x-test-delay-ms", "1000")]).await });
+    let request =
+        tokio::spawn(
+            async move { client.post("draining", "x", &[("x-test-delay-ms", "1000")]).await },
+        );
     while upstream.calls() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -139,6 +160,9 @@ async fn an_unavailable_store_fails_closed_by_default_and_open_when_configured()
     let recovered = closed.client().post("outage", "x", &[]).await;
     assert_eq!(recovered.status, 201);
     assert!(closed.client().post("outage", "x", &[]).await.is_replay());
-    assert!(open.client().post("outage", "x", &[]).await.is_replay(), "the other process sees the record");
+    assert!(
+        open.client().post("outage", "x", &[]).await.is_replay(),
+        "the other process sees the record"
+    );
     assert_eq!(upstream.calls(), 2);
 }

@@ -27,7 +27,12 @@ async fn a_retry_replays_the_stored_response_byte_for_byte() {
         assert_eq!(retry.headers.get(name), first.headers.get(name), "{name}");
     }
     let cookies = |reply: &common::Reply| {
-        reply.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_owned()).collect::<Vec<_>>()
+        reply
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
     };
     assert_eq!(cookies(&retry), vec!["a=1", "b=2"], "repeated headers keep their order");
     // The quoted structured-field form names the same key.
@@ -37,7 +42,11 @@ async fn a_retry_replays_the_stored_response_byte_for_byte() {
 
     assert_eq!(upstream.calls(), 1, "the upstream ran once for three requests");
     let seen = upstream.seen();
-    assert_eq!(seen[0].idempotency_key.as_deref(), Some("order-1"), "the key is forwarded upstream");
+    assert_eq!(
+        seen[0].idempotency_key.as_deref(),
+        Some("order-1"),
+        "the key is forwarded upstream"
+    );
     assert_eq!(seen[0].body, Bytes::from_static(br#"{"sku":"A1"}"#));
     assert_eq!(seen[0].path, "/orders");
 }
@@ -90,7 +99,11 @@ async fn requests_without_a_key_or_of_other_methods_pass_through() {
     let client = strict.client();
     client.send("POST", "/orders", &[], "{}").await.assert_problem(400, "missing-key");
     client.send("PUT", "/orders/1", &[], "{}").await.assert_problem(400, "missing-key");
-    assert_eq!(client.send("PATCH", "/orders/1", &[], "{}").await.status, 201, "PATCH is no longer handled");
+    assert_eq!(
+        client.send("PATCH", "/orders/1", &[], "{}").await.status,
+        201,
+        "PATCH is no longer handled"
+    );
     let calls = upstream.calls();
     client.send("PUT", "/orders/1", &[("idempotency-key", "p")], "{}").await;
     assert!(client.send("PUT", "/orders/1", &[("idempotency-key", "p")], "{}").await.is_replay());
@@ -106,7 +119,9 @@ async fn a_different_payload_gets_422_and_the_original_still_replays() {
     // While the first request is still running, a different payload is refused with 422.
     let slow = {
         let client = client.clone();
-        tokio::spawn(async move { client.post("k", "original", &[("x-test-delay-ms", "800")]).await })
+        tokio::spawn(
+            async move { client.post("k", "original", &[("x-test-delay-ms", "800")]).await },
+        )
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     client.post("k", "different", &[]).await.assert_problem(422, "key-mismatch");
@@ -114,7 +129,8 @@ async fn a_different_payload_gets_422_and_the_original_still_replays() {
     assert_eq!(first.status, 201);
 
     client.post("k", "different", &[]).await.assert_problem(422, "key-mismatch");
-    let other_query = client.send("POST", "/orders?x=1", &[("idempotency-key", "k")], "original").await;
+    let other_query =
+        client.send("POST", "/orders?x=1", &[("idempotency-key", "k")], "original").await;
     other_query.assert_problem(422, "key-mismatch");
     let replay = client.post("k", "original", &[]).await;
     assert!(replay.is_replay());
@@ -130,7 +146,9 @@ async fn racing_identical_requests_run_the_upstream_once() {
     let racers: Vec<_> = (0..24)
         .map(|_| {
             let client = client.clone();
-            tokio::spawn(async move { client.post("race", "same", &[("x-test-delay-ms", "500")]).await })
+            tokio::spawn(
+                async move { client.post("race", "same", &[("x-test-delay-ms", "500")]).await },
+            )
         })
         .collect();
     let (mut created, mut conflicts) = (0, 0);
@@ -184,7 +202,10 @@ async fn failures_and_try_again_statuses_release_the_key() {
     // A slow upstream past --upstream-timeout: 504, key released.
     let impatient = Gateway::start(&upstream.url(), "memory://", &["--upstream-timeout", "300ms"]);
     let client = impatient.client();
-    client.post("slow", "x", &[("x-test-delay-ms", "1000")]).await.assert_problem(504, "upstream-timeout");
+    client
+        .post("slow", "x", &[("x-test-delay-ms", "1000")])
+        .await
+        .assert_problem(504, "upstream-timeout");
     assert_eq!(client.post("slow", "x", &[]).await.status, 201, "the retry after a timeout runs");
 }
 
@@ -346,8 +367,15 @@ async fn admin_listener_serves_health_and_metrics() {
     assert_eq!(metrics.get("idem_replays_total"), Some(&1.0));
     assert_eq!(metrics.get("idem_mismatches_total"), Some(&1.0));
     assert_eq!(metrics.get("idem_passthrough_total"), Some(&1.0));
-    assert!(metrics.get("idem_store_duration_seconds_count{op=\"claim\"}").is_some_and(|n| *n >= 3.0), "{text}");
-    assert!(metrics.get("idem_store_duration_seconds_count{op=\"complete\"}").is_some_and(|n| *n >= 1.0));
+    assert!(
+        metrics.get("idem_store_duration_seconds_count{op=\"claim\"}").is_some_and(|n| *n >= 3.0),
+        "{text}"
+    );
+    assert!(
+        metrics
+            .get("idem_store_duration_seconds_count{op=\"complete\"}")
+            .is_some_and(|n| *n >= 1.0)
+    );
     assert!(!text.contains("Bearer"), "no secret is ever exposed");
 }
 

@@ -18,7 +18,10 @@ struct Orders {
     created: AtomicU64,
 }
 
-async fn create_order(State(orders): State<Arc<Orders>>, body: String) -> (StatusCode, Json<Value>) {
+async fn create_order(
+    State(orders): State<Arc<Orders>>,
+    body: String,
+) -> (StatusCode, Json<Value>) {
     let id = orders.created.fetch_add(1, Ordering::SeqCst) + 1;
     (StatusCode::CREATED, Json(json!({ "order_id": id, "request": body })))
 }

@@ -81,7 +81,8 @@ impl Drop for Upstream {
 async fn handle(State(state): State<Arc<UpstreamState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = to_bytes(body, usize::MAX).await.unwrap();
-    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header =
+        |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let call = state.calls.fetch_add(1, Ordering::SeqCst) + 1;
     state.seen.lock().unwrap().push(SeenCall {
         method: parts.method.to_string(),
@@ -132,7 +133,12 @@ impl Gateway {
         Self::start_with_env(upstream, store, extra, &[])
     }
 
-    pub fn start_with_env(upstream: &str, store: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+    pub fn start_with_env(
+        upstream: &str,
+        store: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_idem"));
         command
             .args(["serve", "--upstream", upstream, "--store", store])
@@ -182,7 +188,8 @@ impl Gateway {
 
     /// SIGTERM, then waits for the process to exit.
     pub fn terminate(&mut self) -> ExitStatus {
-        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let status =
+            Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(status.success(), "kill -TERM failed");
         for _ in 0..600 {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -202,7 +209,8 @@ impl Drop for Gateway {
 }
 
 fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
-    let from = text.find(start).unwrap_or_else(|| panic!("{start:?} not in {text:?}")) + start.len();
+    let from =
+        text.find(start).unwrap_or_else(|| panic!("{start:?} not in {text:?}")) + start.len();
     let rest = &text[from..];
     &rest[..rest.find(end).unwrap_or(rest.len())]
 }
@@ -210,7 +218,8 @@ fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
 /// A fresh directory for a test's database files.
 pub fn temp_dir() -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
     let dir = std::env::temp_dir().join(format!(
         "idem-it-{}-{nanos}-{}",
         std::process::id(),
@@ -267,17 +276,27 @@ pub struct TestClient {
 
 impl TestClient {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { client: Client::builder(TokioExecutor::new()).build_http(), base: format!("http://{addr}") }
+        Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{addr}"),
+        }
     }
 
-    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
         let mut request = http::Request::builder()
             .method(Method::from_bytes(method.as_bytes()).unwrap())
             .uri(format!("{}{path}", self.base));
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let response = self.client.request(request.body(Full::new(body.into())).unwrap()).await.unwrap();
+        let response =
+            self.client.request(request.body(Full::new(body.into())).unwrap()).await.unwrap();
         let (parts, body) = response.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
         Reply { status: parts.status, headers: parts.headers, body }
