@@ -35,6 +35,9 @@ async fn a_retry_replays_the_stored_response_byte_for_byte() {
             .collect::<Vec<_>>()
     };
     assert_eq!(cookies(&retry), vec!["a=1", "b=2"], "repeated headers keep their order");
+    // Hop-by-hop headers describe one connection: neither forwarded nor stored.
+    assert_eq!(first.header("x-hop"), None);
+    assert_eq!(retry.header("x-hop"), None);
     // The quoted structured-field form names the same key.
     let quoted = client.post("\"order-1\"", r#"{"sku":"A1"}"#, &[]).await;
     assert!(quoted.is_replay());
@@ -390,4 +393,41 @@ async fn raw_request(addr: std::net::SocketAddr, request: &[u8]) -> String {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_headers_join_the_fingerprint_and_a_base_path_is_kept() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &format!("{}/api/v1/", upstream.url()),
+        "memory://",
+        &["--fingerprint-headers", "content-type", "--scope-header", "x-tenant"],
+    );
+    let client = gateway.client();
+    let json = [("content-type", "application/json"), ("x-tenant", "acme")];
+    let first = client.post("fp", "{}", &json).await;
+    assert_eq!(first.status, 201);
+    assert_eq!(upstream.seen()[0].path, "/api/v1/orders", "the upstream's path prefix is kept");
+    // The same body under another content type is a different request.
+    let text = [("content-type", "text/plain"), ("x-tenant", "acme")];
+    client.post("fp", "{}", &text).await.assert_problem(422, "key-mismatch");
+    assert!(client.post("fp", "{}", &json).await.is_replay());
+    // Scoped by x-tenant now, not by Authorization.
+    let other_tenant = client
+        .post("fp", "{}", &[("content-type", "application/json"), ("x-tenant", "globex")])
+        .await;
+    assert!(!other_tenant.is_replay());
+    let same_tenant_new_auth = client
+        .post(
+            "fp",
+            "{}",
+            &[
+                ("content-type", "application/json"),
+                ("x-tenant", "acme"),
+                ("authorization", "Bearer z"),
+            ],
+        )
+        .await;
+    assert!(same_tenant_new_auth.is_replay());
+    assert_eq!(upstream.calls(), 2);
 }

@@ -111,6 +111,8 @@ async fn handle(State(state): State<Arc<UpstreamState>>, request: Request) -> Re
         .header("x-upstream-call", call.to_string())
         .header("set-cookie", "a=1")
         .header("set-cookie", "b=2")
+        .header("connection", "x-hop")
+        .header("x-hop", "per-connection")
         .body(AxumBody::from(response_body))
         .unwrap()
 }
