@@ -456,6 +456,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sweeping_deletes_expired_records_in_bounded_batches() {
+        let clock = ManualClock::new(1_000_000);
+        let engine = engine(&clock);
+        for i in 0..25 {
+            let name = format!("old-{i}");
+            let outcome = engine
+                .run(&key(&name), fp("a"), || async { Ok::<_, ()>(Bytes::from_static(b"x")) })
+                .await
+                .unwrap();
+            assert!(matches!(outcome, Outcome::Executed(_)));
+        }
+        clock.advance(Duration::from_secs(3601));
+        engine.run(&key("live"), fp("a"), || async { Ok::<_, ()>(Bytes::new()) }).await.unwrap();
+        // Two batches of 10 at most: 20 deleted, 5 left for the next sweep.
+        assert_eq!(engine.sweep_expired(10, 2).await.unwrap(), 20);
+        assert_eq!(engine.sweep_expired(10, 100).await.unwrap(), 5);
+        assert_eq!(engine.sweep_expired(10, 100).await.unwrap(), 0);
+        assert!(engine.store().get(&key("live")).await.unwrap().is_some());
+        assert!(engine.store().get(&key("old-0")).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn a_dropped_claim_is_released() {
         let clock = ManualClock::new(1_000_000);
         let engine = engine(&clock);

@@ -78,7 +78,7 @@ where
     {
         let Self { inner, engine, config, tasks } = self;
         if !config.methods.contains(request.method()) {
-            return pass_through(inner, request.map(box_body)).await;
+            return pass_through(inner, request.map(Body::new)).await;
         }
         let key = match parse_key(request.headers()) {
             Ok(Some(key)) => key,
@@ -91,7 +91,7 @@ where
                     ),
                 ));
             }
-            Ok(None) => return pass_through(inner, request.map(box_body)).await,
+            Ok(None) => return pass_through(inner, request.map(Body::new)).await,
             Err(response) => return Ok(response),
         };
 
@@ -157,7 +157,7 @@ where
 {
     metrics::counter!("idem_passthrough_total").increment(1);
     let response = inner.oneshot(request).await?;
-    Ok(response.map(box_body))
+    Ok(response.map(Body::new))
 }
 
 /// Runs the claimed request on a task of its own, so a client that disconnects does not
@@ -188,12 +188,12 @@ where
     }
 }
 
-fn finish_claimed<S, ResBody>(
+async fn finish_claimed<S, ResBody>(
     mut claim: Claim,
     inner: S,
     request: Request<Body>,
     max_stored_body: usize,
-) -> BoxFuture<Result<Response<Body>, S::Error>>
+) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -201,60 +201,56 @@ where
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    // Boxed here, with its bounds spelled out, rather than an `async fn`: rustc cannot yet
-    // prove an `async fn` future over `S::Error` is `Send` for every lifetime in `BoxError`.
-    Box::pin(async move {
-        let response = match claim.keep_alive(inner.oneshot(request)).await {
-            Ok(response) => response,
-            Err(error) => {
-                release(claim).await;
-                return Err(error);
-            }
-        };
-        if !is_stored(response.status()) {
+    let response = match claim.keep_alive(inner.oneshot(request)).await {
+        Ok(response) => response,
+        Err(error) => {
             release(claim).await;
-            return Ok(response.map(box_body));
+            return Err(error);
         }
-        let (mut parts, body) = response.into_parts();
-        let body = box_body(body);
-        remove_hop_by_hop(&mut parts.headers);
-        let declared_len = body.size_hint().exact();
-        let collected = if declared_len.is_some_and(|len| len > max_stored_body as u64) {
-            Collected::Overflow(Bytes::new(), body)
-        } else {
-            claim.keep_alive(collect_up_to(body, max_stored_body)).await
-        };
-        let mut stored = StoredResponse {
-            status: parts.status,
-            headers: parts.headers.clone(),
-            body: Bytes::new(),
-            body_omitted: false,
-        };
-        // The stored length is recomputed on replay; a stale Content-Length would lie.
-        stored.headers.remove(header::CONTENT_LENGTH);
-        match collected {
-            Collected::Complete(body) => {
-                stored.body = body.clone();
-                complete(claim, &stored).await;
-                Ok(Response::from_parts(parts, full(body)))
-            }
-            Collected::Overflow(prefix, rest) => {
-                // Stored (without its body) before the body streams on: the operation ran, and a
-                // retry must replay, not run again, whatever happens to the rest of the stream.
-                stored.body_omitted = true;
-                complete(claim, &stored).await;
-                Ok(Response::from_parts(parts, prefixed(prefix, rest)))
-            }
-            Collected::Failed(error) => {
-                tracing::warn!(%error, "upstream response body failed; releasing the key");
-                release(claim).await;
-                Ok(problem(
-                    ProblemKind::UpstreamUnreachable,
-                    "the upstream response broke off before its end; the key was released, so a retry runs again",
-                ))
-            }
+    };
+    if !is_stored(response.status()) {
+        release(claim).await;
+        return Ok(response.map(Body::new));
+    }
+    let (mut parts, body) = response.into_parts();
+    let body = Body::new(body);
+    remove_hop_by_hop(&mut parts.headers);
+    let declared_len = body.size_hint().exact();
+    let collected = if declared_len.is_some_and(|len| len > max_stored_body as u64) {
+        Collected::Overflow(Bytes::new(), body)
+    } else {
+        claim.keep_alive(collect_up_to(body, max_stored_body)).await
+    };
+    let mut stored = StoredResponse {
+        status: parts.status,
+        headers: parts.headers.clone(),
+        body: Bytes::new(),
+        body_omitted: false,
+    };
+    // The stored length is recomputed on replay; a stale Content-Length would lie.
+    stored.headers.remove(header::CONTENT_LENGTH);
+    match collected {
+        Collected::Complete(body) => {
+            stored.body = body.clone();
+            complete(claim, &stored).await;
+            Ok(Response::from_parts(parts, full(body)))
         }
-    })
+        Collected::Overflow(prefix, rest) => {
+            // Stored (without its body) before the body streams on: the operation ran, and a
+            // retry must replay, not run again, whatever happens to the rest of the stream.
+            stored.body_omitted = true;
+            complete(claim, &stored).await;
+            Ok(Response::from_parts(parts, prefixed(prefix, rest)))
+        }
+        Collected::Failed(error) => {
+            tracing::warn!(%error, "upstream response body failed; releasing the key");
+            release(claim).await;
+            Ok(problem(
+                ProblemKind::UpstreamUnreachable,
+                "the upstream response broke off before its end; the key was released, so a retry runs again",
+            ))
+        }
+    }
 }
 
 /// Which outcomes are stored: completed responses below 500, except those that say "try
@@ -433,12 +429,4 @@ impl HttpBody for Prefixed {
             None => Pin::new(&mut self.rest).poll_frame(cx),
         }
     }
-}
-
-fn box_body<B>(body: B) -> Body
-where
-    B: HttpBody<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
-    Body::new(body)
 }
