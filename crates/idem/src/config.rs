@@ -58,7 +58,8 @@ pub struct ServeArgs {
     /// Largest response body stored for replay, e.g. 1MiB [default: 1MiB]
     #[arg(long, env = "IDEM_MAX_STORED_BODY", value_name = "SIZE")]
     pub max_stored_body: Option<String>,
-    /// How long to wait for the upstream's response headers [default: 60s]
+    /// How long to wait for the upstream's response headers, and at most between two parts of
+    /// its body [default: 60s]
     #[arg(long, env = "IDEM_UPSTREAM_TIMEOUT", value_name = "DURATION")]
     pub upstream_timeout: Option<String>,
     /// Forward requests without idempotency when the store is unreachable (default: refuse

@@ -210,6 +210,12 @@ async fn failures_and_try_again_statuses_release_the_key() {
         .await
         .assert_problem(504, "upstream-timeout");
     assert_eq!(client.post("slow", "x", &[]).await.status, 201, "the retry after a timeout runs");
+    // Headers on time, then a body that stalls past the timeout: 502, key released.
+    let stalled = client.post("stall", "x", &[("x-test-stall-ms", "1000")]).await;
+    stalled.assert_problem(502, "upstream-unreachable");
+    let retry = client.post("stall", "x", &[]).await;
+    assert_eq!(retry.status, 201, "the retry after a stalled body runs");
+    assert!(!retry.is_replay());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,6 +96,19 @@ async fn handle(State(state): State<Arc<UpstreamState>>, request: Request) -> Re
     let status = header("x-test-status").map_or(201, |s| s.parse().unwrap());
     let response_body = match header("x-test-body-bytes") {
         Some(len) => Bytes::from(pattern(len.parse().unwrap())),
+        None if header("x-test-stall-ms").is_some() => {
+            let stall = Duration::from_millis(header("x-test-stall-ms").unwrap().parse().unwrap());
+            return Response::builder()
+                .status(status)
+                .body(AxumBody::new(Stalling {
+                    parts: vec![
+                        Bytes::from_static(b"after the stall"),
+                        Bytes::from_static(b"before the stall "),
+                    ],
+                    sleep: Box::pin(tokio::time::sleep(stall)),
+                }))
+                .unwrap();
+        }
         None => Bytes::from(
             serde_json::json!({
                 "call": call,
@@ -115,6 +128,29 @@ async fn handle(State(state): State<Arc<UpstreamState>>, request: Request) -> Re
         .header("x-hop", "per-connection")
         .body(AxumBody::from(response_body))
         .unwrap()
+}
+
+/// A body that sends its first part at once and the second only after a stall.
+struct Stalling {
+    /// Parts still to send, last first.
+    parts: Vec<Bytes>,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Stalling {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        if self.parts.len() == 1 && self.sleep.as_mut().poll(cx).is_pending() {
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(self.parts.pop().map(|part| Ok(http_body::Frame::data(part))))
+    }
 }
 
 /// A body that is not one repeated byte, so truncation would show.
