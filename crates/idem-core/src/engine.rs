@@ -261,9 +261,13 @@ impl Claim {
     pub async fn complete(mut self, payload: Bytes) -> Result<()> {
         self.finished = true;
         let engine = &self.engine;
-        let expires_at = engine.now().saturating_add(engine.inner.config.ttl);
-        timed("complete", engine.inner.store.complete(&self.key, self.token, payload, expires_at))
-            .await
+        let now = engine.now();
+        let expires_at = now.saturating_add(engine.inner.config.ttl);
+        timed(
+            "complete",
+            engine.inner.store.complete(&self.key, self.token, payload, now, expires_at),
+        )
+        .await
     }
 
     /// Gives the key up so that a retry runs again.
@@ -275,11 +279,12 @@ impl Claim {
     /// Extends the lease by a full lease from now.
     pub async fn renew(&mut self) -> Result<()> {
         let engine = &self.engine;
-        let lease_expires_at = engine.now().saturating_add(engine.inner.config.lease);
+        let now = engine.now();
+        let lease_expires_at = now.saturating_add(engine.inner.config.lease);
         let expires_at = lease_expires_at.saturating_add(engine.inner.config.ttl);
         timed(
             "renew",
-            engine.inner.store.renew(&self.key, self.token, lease_expires_at, expires_at),
+            engine.inner.store.renew(&self.key, self.token, now, lease_expires_at, expires_at),
         )
         .await?;
         self.lease_expires_at = lease_expires_at;

@@ -39,4 +39,4 @@ pub use fingerprint::{Fingerprint, FingerprintBuilder};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordKey, Scope};
 pub use memory::MemoryStore;
 pub use record::{Decision, FencingToken, Record, RecordState, decide, is_owner};
-pub use store::{ClaimRequest, Store};
+pub use store::{Capabilities, ClaimRequest, ListQuery, RecordSummary, StateFilter, Store};

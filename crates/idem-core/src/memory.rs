@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    ClaimRequest, Decision, Error, FencingToken, Record, RecordKey, RecordState, Result, Store,
-    Timestamp, decide, is_owner,
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, ListQuery, Record, RecordKey,
+    RecordState, RecordSummary, Result, Store, Timestamp, decide, is_owner,
 };
 
 /// Records in a `HashMap` behind a mutex.
@@ -91,6 +91,7 @@ impl Store for MemoryStore {
         key: &RecordKey,
         token: FencingToken,
         payload: Bytes,
+        _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
         self.with_owned_record(key, token, |records| {
@@ -111,6 +112,7 @@ impl Store for MemoryStore {
         &self,
         key: &RecordKey,
         token: FencingToken,
+        _now: Timestamp,
         lease_expires_at: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
@@ -144,8 +146,30 @@ impl Store for MemoryStore {
         Ok(expired.len())
     }
 
+    async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>> {
+        let records = self.lock();
+        let mut matching: Vec<RecordSummary> = records
+            .iter()
+            .map(|(key, record)| RecordSummary::from_record(key.clone(), record))
+            .filter(|summary| summary.matches(query))
+            .collect();
+        matching.sort_by_key(|summary| summary.created_at);
+        matching.truncate(query.effective_limit());
+        Ok(matching)
+    }
+
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "memory",
+            durable: false,
+            shared_by_processes: false,
+            shared_by_hosts: false,
+            native_expiry: false,
+        }
     }
 }
 

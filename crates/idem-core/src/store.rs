@@ -8,7 +8,90 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Decision, FencingToken, Fingerprint, Record, RecordKey, Result, Timestamp};
+use crate::{Decision, FencingToken, Fingerprint, Record, RecordKey, Result, Scope, Timestamp};
+
+/// What a store is, beyond what the trait guarantees: for documentation, operators and the
+/// conformance suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// A short name: `memory`, `sqlite`, `postgres`, `redis`.
+    pub name: &'static str,
+    /// Records survive a restart of the process (and of the store server, as configured).
+    pub durable: bool,
+    /// Several processes may share it.
+    pub shared_by_processes: bool,
+    /// Several hosts may share it.
+    pub shared_by_hosts: bool,
+    /// The store deletes expired records itself; `sweep` has nothing to do.
+    pub native_expiry: bool,
+}
+
+/// Which records [`Store::list`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub scope: Option<Scope>,
+    pub state: Option<StateFilter>,
+    /// Only records created before this instant (the oldest first).
+    pub created_before: Option<Timestamp>,
+    /// At most this many; stores also cap it at [`ListQuery::MAX_LIMIT`].
+    pub limit: usize,
+}
+
+impl ListQuery {
+    pub const MAX_LIMIT: usize = 10_000;
+
+    pub fn effective_limit(&self) -> usize {
+        self.limit.clamp(1, Self::MAX_LIMIT)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    InFlight,
+    Completed,
+}
+
+/// One record as [`Store::list`] shows it: everything but the payload itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordSummary {
+    pub key: RecordKey,
+    pub fingerprint: Fingerprint,
+    /// `Some(lease end)` while in flight, `None` once completed.
+    pub lease_expires_at: Option<Timestamp>,
+    /// The stored payload's size once completed.
+    pub payload_len: Option<u64>,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+}
+
+impl RecordSummary {
+    pub fn from_record(key: RecordKey, record: &Record) -> Self {
+        let (lease_expires_at, payload_len) = match &record.state {
+            crate::RecordState::InFlight { lease_expires_at, .. } => {
+                (Some(*lease_expires_at), None)
+            }
+            crate::RecordState::Completed { payload } => (None, Some(payload.len() as u64)),
+        };
+        Self {
+            key,
+            fingerprint: record.fingerprint,
+            lease_expires_at,
+            payload_len,
+            created_at: record.created_at,
+            expires_at: record.expires_at,
+        }
+    }
+
+    /// Whether `query`'s filters (not its limit) keep this record.
+    pub fn matches(&self, query: &ListQuery) -> bool {
+        query.scope.as_ref().is_none_or(|scope| *scope == self.key.scope)
+            && query.state.is_none_or(|state| match state {
+                StateFilter::InFlight => self.lease_expires_at.is_some(),
+                StateFilter::Completed => self.lease_expires_at.is_none(),
+            })
+            && query.created_before.is_none_or(|before| self.created_at < before)
+    }
+}
 
 /// The parameters of one claim; the engine computes them from its clock and configuration.
 #[derive(Debug, Clone, Copy)]
@@ -29,12 +112,14 @@ pub trait Store: Send + Sync + 'static {
     /// with the request's token.
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Decision>;
 
-    /// Stores the outcome. Fails with [`crate::Error::Fenced`] unless `token` owns the record.
+    /// Stores the outcome, to be kept until `expires_at`. Fails with [`crate::Error::Fenced`]
+    /// unless `token` owns the record.
     async fn complete(
         &self,
         key: &RecordKey,
         token: FencingToken,
         payload: Bytes,
+        now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()>;
 
@@ -46,6 +131,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         key: &RecordKey,
         token: FencingToken,
+        now: Timestamp,
         lease_expires_at: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()>;
@@ -60,8 +146,13 @@ pub trait Store: Send + Sync + 'static {
     /// many it deleted. Bounded so that one call never holds the store for long.
     async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize>;
 
+    /// Records matching `query`, the oldest first, for operators (`idem keys list`).
+    async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>>;
+
     /// A cheap round trip that proves the store answers (for health checks).
     async fn ping(&self) -> Result<()>;
+
+    fn capabilities(&self) -> Capabilities;
 }
 
 #[async_trait]
@@ -74,9 +165,10 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         key: &RecordKey,
         token: FencingToken,
         payload: Bytes,
+        now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
-        (**self).complete(key, token, payload, expires_at).await
+        (**self).complete(key, token, payload, now, expires_at).await
     }
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
         (**self).release(key, token).await
@@ -85,10 +177,11 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
         &self,
         key: &RecordKey,
         token: FencingToken,
+        now: Timestamp,
         lease_expires_at: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
-        (**self).renew(key, token, lease_expires_at, expires_at).await
+        (**self).renew(key, token, now, lease_expires_at, expires_at).await
     }
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>> {
         (**self).get(key).await
@@ -99,7 +192,13 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
         (**self).sweep(now, limit).await
     }
+    async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>> {
+        (**self).list(query).await
+    }
     async fn ping(&self) -> Result<()> {
         (**self).ping().await
+    }
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
     }
 }

@@ -25,8 +25,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
-    ClaimRequest, Decision, Error, FencingToken, Fingerprint, Record, RecordKey, RecordState,
-    Result, Store, Timestamp, decide,
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey,
+    ListQuery, Record, RecordKey, RecordState, RecordSummary, Result, Scope, StateFilter, Store,
+    Timestamp, decide,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -314,6 +315,7 @@ impl Store for SqliteStore {
         key: &RecordKey,
         token: FencingToken,
         payload: Bytes,
+        _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
         let key = key.clone();
@@ -351,6 +353,7 @@ impl Store for SqliteStore {
         &self,
         key: &RecordKey,
         token: FencingToken,
+        _now: Timestamp,
         lease_expires_at: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
@@ -406,11 +409,74 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>> {
+        let scope = query.scope.as_ref().map(|scope| scope.as_str().to_owned());
+        let state = query.state.map(|state| match state {
+            StateFilter::InFlight => IN_FLIGHT,
+            StateFilter::Completed => COMPLETED,
+        });
+        let created_before = query.created_before.map(to_sql);
+        let limit = i64::try_from(query.effective_limit()).unwrap_or(i64::MAX);
+        self.with_connection(move |connection| {
+            let mut statement = connection
+                .prepare_cached(
+                    "SELECT scope, key, fingerprint, lease_expires_at, length(payload), created_at, expires_at
+                     FROM idem_records
+                     WHERE (?1 IS NULL OR scope = ?1) AND (?2 IS NULL OR state = ?2)
+                       AND (?3 IS NULL OR created_at < ?3)
+                     ORDER BY created_at LIMIT ?4",
+                )
+                .map_err(unavailable)?;
+            let rows = statement
+                .query_map(params![scope, state, created_before, limit], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, Option<i64>>(3)?,
+                        row.get::<_, Option<i64>>(4)?,
+                        row.get::<_, i64>(5)?,
+                        row.get::<_, i64>(6)?,
+                    ))
+                })
+                .map_err(unavailable)?;
+            let mut summaries = Vec::new();
+            for row in rows {
+                let (scope, key, fingerprint, lease, payload_len, created_at, expires_at) =
+                    row.map_err(unavailable)?;
+                summaries.push(RecordSummary {
+                    key: RecordKey::new(
+                        Scope::named(scope),
+                        IdempotencyKey::new(key).map_err(|error| Error::Corrupt(error.to_string()))?,
+                    ),
+                    fingerprint: Fingerprint::from_slice(&fingerprint)
+                        .ok_or_else(|| Error::Corrupt("fingerprint is not 32 bytes".into()))?,
+                    lease_expires_at: lease.map(from_sql),
+                    payload_len: payload_len.map(|len| len as u64),
+                    created_at: from_sql(created_at),
+                    expires_at: from_sql(expires_at),
+                });
+            }
+            Ok(summaries)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<()> {
         self.with_connection(|connection| {
             connection.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable)
         })
         .await
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "sqlite",
+            durable: true,
+            shared_by_processes: true,
+            shared_by_hosts: false,
+            native_expiry: false,
+        }
     }
 }
 

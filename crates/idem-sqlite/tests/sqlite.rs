@@ -51,7 +51,16 @@ async fn completed_and_in_flight_records_survive_a_reopen() {
     let in_flight_token = {
         let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
         let (_, token) = claim(&store, &key("done")).await;
-        store.complete(&key("done"), token, Bytes::from_static(b"stored"), expires).await.unwrap();
+        store
+            .complete(
+                &key("done"),
+                token,
+                Bytes::from_static(b"stored"),
+                SystemClock.now(),
+                expires,
+            )
+            .await
+            .unwrap();
         let (decision, token) = claim(&store, &key("running")).await;
         assert_eq!(decision, Decision::Acquire);
         token
@@ -64,7 +73,13 @@ async fn completed_and_in_flight_records_survive_a_reopen() {
     // The in-flight claim is still held by its (now gone) owner until its lease expires.
     assert!(matches!(claim(&reopened, &key("running")).await.0, Decision::InFlight { .. }));
     reopened
-        .complete(&key("running"), in_flight_token, Bytes::from_static(b"late"), expires)
+        .complete(
+            &key("running"),
+            in_flight_token,
+            Bytes::from_static(b"late"),
+            SystemClock.now(),
+            expires,
+        )
         .await
         .unwrap();
 }
