@@ -1,0 +1,579 @@
+//! The PostgreSQL store: several gateways (or application instances) on several hosts share
+//! one database, and exactly one of them runs each keyed operation.
+//!
+//! ```no_run
+//! # async fn open() -> Result<(), idem_core::Error> {
+//! use idem_postgres::PostgresStore;
+//!
+//! let store = PostgresStore::connect("postgres://idem@db.internal/app?pool_max_size=32").await?;
+//! # let _ = store; Ok(()) }
+//! ```
+//!
+//! # How it stays correct
+//! - A claim is **one round trip**: the `idem_claim` function reads the row and, only if the
+//!   state machine allows it, takes it over with `INSERT ... ON CONFLICT DO UPDATE ... WHERE`.
+//!   Racing claims serialise on the row (or on the unique index for a new key); the loser sees
+//!   the winner's row. A replay is a plain read: no write, no lock.
+//! - Complete, release and renew are single statements that match the owner's fencing token.
+//! - Sweeping deletes at most a batch of expired rows per statement, skipping rows another
+//!   transaction holds (`FOR UPDATE SKIP LOCKED`), so it never blocks claims for long.
+//! - The schema is created and migrated by idem itself, under an advisory lock so that several
+//!   instances starting at once migrate once. A database migrated by a newer idem is refused.
+//! - Every call is bounded by `op_timeout_ms` (default 5000): a database that stops answering
+//!   makes the store unavailable (the gateway fails closed), and the pool reconnects by itself
+//!   when the database is back.
+//!
+//! # URL parameters (besides libpq's own, e.g. `connect_timeout`, `application_name`)
+//! - `pool_max_size` (default 16): connections per process.
+//! - `op_timeout_ms` (default 5000): the bound on each store call, waiting for a connection
+//!   included.
+//! - `schema`: keep idem's tables in this schema (created if missing) instead of the default
+//!   `search_path`.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use idem_core::{
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey,
+    ListQuery, Record, RecordKey, RecordState, RecordSummary, Result, Scope, StateFilter, Store,
+    Timestamp, decide,
+};
+use tokio_postgres::NoTls;
+use tokio_postgres::types::ToSql;
+
+/// Each migration moves the schema one version up; versions are recorded in
+/// `idem_schema_migrations`.
+const MIGRATIONS: &[&str] = &[
+    // Version 1: the records table and the claim function.
+    r#"
+    CREATE TABLE idem_records (
+        scope            text     NOT NULL,
+        key              text     NOT NULL,
+        fingerprint      bytea    NOT NULL,
+        state            smallint NOT NULL,
+        token            bigint,
+        lease_expires_at bigint,
+        payload          bytea,
+        created_at       bigint   NOT NULL,
+        expires_at       bigint   NOT NULL,
+        PRIMARY KEY (scope, key),
+        CONSTRAINT idem_records_state CHECK (
+            (state = 0 AND token IS NOT NULL AND lease_expires_at IS NOT NULL AND payload IS NULL)
+         OR (state = 1 AND token IS NULL AND lease_expires_at IS NULL AND payload IS NOT NULL))
+    );
+    CREATE INDEX idem_records_expires_at ON idem_records (expires_at);
+
+    -- Decides a claim in one round trip. Returns the row the decision was made on, and
+    -- whether this call acquired it. The takeover condition is idem_core::decide's Acquire.
+    CREATE FUNCTION idem_claim(
+        p_scope text, p_key text, p_fingerprint bytea, p_token bigint,
+        p_now bigint, p_lease_expires_at bigint, p_expires_at bigint)
+    RETURNS TABLE (acquired boolean, fingerprint bytea, state smallint, token bigint,
+                   lease_expires_at bigint, payload bytea, created_at bigint, expires_at bigint)
+    LANGUAGE plpgsql AS $$
+    #variable_conflict use_column
+    DECLARE
+        existing record;
+    BEGIN
+        -- Each statement of a volatile function sees what committed before it, so a row a
+        -- racing claim wrote is seen by the next read. Bounded: a key cannot flip forever.
+        FOR attempt IN 1..10 LOOP
+            SELECT r.fingerprint, r.state, r.token, r.lease_expires_at, r.payload,
+                   r.created_at, r.expires_at
+              INTO existing
+              FROM idem_records r WHERE r.scope = p_scope AND r.key = p_key;
+            IF FOUND AND NOT (existing.expires_at <= p_now
+                    OR (existing.state = 0 AND existing.lease_expires_at <= p_now
+                        AND existing.fingerprint = p_fingerprint)) THEN
+                RETURN QUERY SELECT false, existing.fingerprint, existing.state, existing.token,
+                    existing.lease_expires_at, existing.payload, existing.created_at,
+                    existing.expires_at;
+                RETURN;
+            END IF;
+            INSERT INTO idem_records AS r
+                (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
+            VALUES (p_scope, p_key, p_fingerprint, 0, p_token, p_lease_expires_at, NULL, p_now, p_expires_at)
+            ON CONFLICT (scope, key) DO UPDATE SET
+                fingerprint = EXCLUDED.fingerprint, state = 0, token = EXCLUDED.token,
+                lease_expires_at = EXCLUDED.lease_expires_at, payload = NULL,
+                created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at
+            WHERE r.expires_at <= p_now
+               OR (r.state = 0 AND r.lease_expires_at <= p_now AND r.fingerprint = p_fingerprint);
+            IF FOUND THEN
+                RETURN QUERY SELECT true, p_fingerprint, 0::smallint, p_token, p_lease_expires_at,
+                    NULL::bytea, p_now, p_expires_at;
+                RETURN;
+            END IF;
+            -- A racing claim changed the row between our read and our write: read it again.
+        END LOOP;
+        RAISE EXCEPTION 'idem_claim: no stable answer after 10 attempts for key %', p_key;
+    END $$;
+    "#,
+];
+
+/// An arbitrary constant: the advisory lock that serialises migrations.
+const MIGRATION_LOCK: i64 = 0x6964_656d_6d69_6772;
+
+const IN_FLIGHT: i16 = 0;
+const COMPLETED: i16 = 1;
+
+/// A [`Store`] on PostgreSQL.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("pool", &self.pool.status())
+            .field("op_timeout", &self.op_timeout)
+            .finish()
+    }
+}
+
+/// The URL's idem-specific parameters, split from what tokio-postgres understands.
+#[derive(Debug)]
+struct Settings {
+    config: tokio_postgres::Config,
+    pool_max_size: usize,
+    op_timeout: Duration,
+    schema: Option<String>,
+}
+
+fn parse_url(url: &str) -> Result<Settings> {
+    let config_error =
+        |message: String| Error::Config(format!("{message} (in the postgres:// URL)"));
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut passed_on = Vec::new();
+    let mut pool_max_size = 16;
+    let mut op_timeout = Duration::from_secs(5);
+    let mut schema = None;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "pool_max_size" => {
+                pool_max_size =
+                    value.parse().ok().filter(|size| (1..=1024).contains(size)).ok_or_else(
+                        || config_error(format!("pool_max_size must be 1 to 1024, not {value:?}")),
+                    )?;
+            }
+            "op_timeout_ms" => {
+                let millis: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                    config_error(format!("op_timeout_ms must be a positive number, not {value:?}"))
+                })?;
+                op_timeout = Duration::from_millis(millis);
+            }
+            "schema" => {
+                let valid = !value.is_empty()
+                    && value.len() <= 63
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                    && !value.as_bytes()[0].is_ascii_digit();
+                if !valid {
+                    return Err(config_error(format!(
+                        "schema must be a lowercase SQL identifier (a-z, 0-9, _), not {value:?}"
+                    )));
+                }
+                schema = Some(value.to_owned());
+            }
+            _ => passed_on.push(pair),
+        }
+    }
+    let rest = if passed_on.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", passed_on.join("&"))
+    };
+    let mut config = tokio_postgres::Config::from_str(&rest)
+        .map_err(|error| Error::Config(format!("invalid postgres:// URL: {error}")))?;
+    if let Some(schema) = &schema {
+        config.options(format!("-c search_path={schema}"));
+    }
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(op_timeout);
+    }
+    if config.get_application_name().is_none() {
+        config.application_name("idem");
+    }
+    Ok(Settings { config, pool_max_size, op_timeout, schema })
+}
+
+impl PostgresStore {
+    /// Connects, creates or migrates the schema, and returns the store. The database must be
+    /// reachable now; later outages make calls fail as unavailable until it is back.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let settings = parse_url(url)?;
+        let manager = Manager::from_config(
+            settings.config,
+            NoTls,
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_max_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(settings.op_timeout))
+            .create_timeout(Some(settings.op_timeout))
+            .recycle_timeout(Some(settings.op_timeout))
+            .build()
+            .map_err(|error| Error::Config(format!("cannot build the connection pool: {error}")))?;
+        let store = Self { pool, op_timeout: settings.op_timeout };
+        store.migrate(settings.schema.as_deref()).await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self, schema: Option<&str>) -> Result<()> {
+        self.bounded(async {
+            let mut client = self.pool.get().await.map_err(Error::unavailable)?;
+            let transaction = client.transaction().await.map_err(Error::unavailable)?;
+            transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(Error::unavailable)?;
+            if let Some(schema) = schema {
+                // Validated in parse_url: a plain lowercase identifier.
+                transaction
+                    .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                    .await
+                    .map_err(Error::unavailable)?;
+            }
+            transaction
+                .batch_execute(
+                    "CREATE TABLE IF NOT EXISTS idem_schema_migrations (
+                         version integer PRIMARY KEY,
+                         applied_at timestamptz NOT NULL DEFAULT now())",
+                )
+                .await
+                .map_err(Error::unavailable)?;
+            let row = transaction
+                .query_one("SELECT coalesce(max(version), 0) FROM idem_schema_migrations", &[])
+                .await
+                .map_err(Error::unavailable)?;
+            let version = row.get::<_, i32>(0) as usize;
+            if version > MIGRATIONS.len() {
+                return Err(Error::Config(format!(
+                    "the database schema is version {version}, newer than this idem knows ({}); upgrade idem",
+                    MIGRATIONS.len()
+                )));
+            }
+            for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
+                transaction.batch_execute(migration).await.map_err(Error::unavailable)?;
+                let applied = (index + 1) as i32;
+                transaction
+                    .execute("INSERT INTO idem_schema_migrations (version) VALUES ($1)", &[&applied])
+                    .await
+                    .map_err(Error::unavailable)?;
+                tracing::info!(version = applied, "migrated the idem schema");
+            }
+            transaction.commit().await.map_err(Error::unavailable)
+        })
+        .await
+    }
+
+    /// Bounds a call by the operation timeout: a database that stops answering is unavailable,
+    /// not a hang.
+    async fn bounded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.op_timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::unavailable(format!(
+                "PostgreSQL did not answer within {:?}",
+                self.op_timeout
+            ))),
+        }
+    }
+
+    /// Runs one statement and returns the rows it changed.
+    async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
+        self.bounded(async {
+            let client = self.pool.get().await.map_err(Error::unavailable)?;
+            let statement = client.prepare_cached(sql).await.map_err(Error::unavailable)?;
+            client.execute(&statement, params).await.map_err(Error::unavailable)
+        })
+        .await
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        self.bounded(async {
+            let client = self.pool.get().await.map_err(Error::unavailable)?;
+            let statement = client.prepare_cached(sql).await.map_err(Error::unavailable)?;
+            client.query(&statement, params).await.map_err(Error::unavailable)
+        })
+        .await
+    }
+
+    /// Runs a fenced UPDATE or DELETE: exactly one row changes, or the caller lost the key.
+    async fn fenced(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<()> {
+        match self.execute(sql, params).await? {
+            1 => Ok(()),
+            _ => Err(Error::Fenced),
+        }
+    }
+}
+
+fn to_sql(timestamp: Timestamp) -> i64 {
+    i64::try_from(timestamp.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn from_sql(millis: i64) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(millis).unwrap_or(0))
+}
+
+/// The fencing token's bits in PostgreSQL's signed bigint.
+fn token_to_sql(token: FencingToken) -> i64 {
+    token.as_u64() as i64
+}
+
+/// Reads `fingerprint, state, token, lease_expires_at, payload, created_at, expires_at`
+/// starting at column `first`, checking the invariants the writes keep.
+fn read_record(row: &tokio_postgres::Row, first: usize) -> Result<Record> {
+    let get_error = |error: tokio_postgres::Error| Error::Corrupt(error.to_string());
+    let fingerprint: Vec<u8> = row.try_get(first).map_err(get_error)?;
+    let state: i16 = row.try_get(first + 1).map_err(get_error)?;
+    let token: Option<i64> = row.try_get(first + 2).map_err(get_error)?;
+    let lease: Option<i64> = row.try_get(first + 3).map_err(get_error)?;
+    let payload: Option<Vec<u8>> = row.try_get(first + 4).map_err(get_error)?;
+    let created_at: i64 = row.try_get(first + 5).map_err(get_error)?;
+    let expires_at: i64 = row.try_get(first + 6).map_err(get_error)?;
+    let fingerprint = Fingerprint::from_slice(&fingerprint)
+        .ok_or_else(|| Error::Corrupt(format!("fingerprint of {} bytes", fingerprint.len())))?;
+    let state = match (state, token, lease, payload) {
+        (IN_FLIGHT, Some(token), Some(lease), None) => RecordState::InFlight {
+            token: FencingToken::from_u64(token as u64),
+            lease_expires_at: from_sql(lease),
+        },
+        (COMPLETED, None, None, Some(payload)) => {
+            RecordState::Completed { payload: Bytes::from(payload) }
+        }
+        (state, token, lease, payload) => {
+            return Err(Error::Corrupt(format!(
+                "state {state} with token {token:?}, lease {lease:?}, payload present: {}",
+                payload.is_some()
+            )));
+        }
+    };
+    Ok(Record {
+        fingerprint,
+        state,
+        created_at: from_sql(created_at),
+        expires_at: from_sql(expires_at),
+    })
+}
+
+const COLUMNS: &str =
+    "fingerprint, state, token, lease_expires_at, payload, created_at, expires_at";
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Decision> {
+        let rows = self
+            .query(
+                "SELECT acquired, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at
+                 FROM idem_claim($1, $2, $3, $4, $5, $6, $7)",
+                &[
+                    &request.key.scope.as_str(),
+                    &request.key.key.as_str(),
+                    &&request.fingerprint.as_bytes()[..],
+                    &token_to_sql(request.token),
+                    &to_sql(request.now),
+                    &to_sql(request.lease_expires_at),
+                    &to_sql(request.expires_at),
+                ],
+            )
+            .await?;
+        let row =
+            rows.first().ok_or_else(|| Error::Corrupt("idem_claim returned no row".into()))?;
+        let acquired: bool = row.try_get(0).map_err(|error| Error::Corrupt(error.to_string()))?;
+        if acquired {
+            return Ok(Decision::Acquire);
+        }
+        let existing = read_record(row, 1)?;
+        match decide(Some(&existing), request.fingerprint, request.now) {
+            // The function and the state machine disagree: a bug, never a silent double run.
+            Decision::Acquire => Err(Error::Corrupt(
+                "idem_claim declined a claim the state machine allows; is the schema current?"
+                    .into(),
+            )),
+            decision => Ok(decision),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        payload: Bytes,
+        _now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<()> {
+        self.fenced(
+            "UPDATE idem_records
+             SET state = 1, payload = $1, token = NULL, lease_expires_at = NULL, expires_at = $2
+             WHERE scope = $3 AND key = $4 AND state = 0 AND token = $5",
+            &[
+                &&payload[..],
+                &to_sql(expires_at),
+                &key.scope.as_str(),
+                &key.key.as_str(),
+                &token_to_sql(token),
+            ],
+        )
+        .await
+    }
+
+    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
+        self.fenced(
+            "DELETE FROM idem_records WHERE scope = $1 AND key = $2 AND state = 0 AND token = $3",
+            &[&key.scope.as_str(), &key.key.as_str(), &token_to_sql(token)],
+        )
+        .await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        _now: Timestamp,
+        lease_expires_at: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<()> {
+        self.fenced(
+            "UPDATE idem_records SET lease_expires_at = $1, expires_at = $2
+             WHERE scope = $3 AND key = $4 AND state = 0 AND token = $5",
+            &[
+                &to_sql(lease_expires_at),
+                &to_sql(expires_at),
+                &key.scope.as_str(),
+                &key.key.as_str(),
+                &token_to_sql(token),
+            ],
+        )
+        .await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>> {
+        let rows = self
+            .query(
+                &format!("SELECT {COLUMNS} FROM idem_records WHERE scope = $1 AND key = $2"),
+                &[&key.scope.as_str(), &key.key.as_str()],
+            )
+            .await?;
+        rows.first().map(|row| read_record(row, 0)).transpose()
+    }
+
+    async fn delete(&self, key: &RecordKey) -> Result<bool> {
+        let deleted = self
+            .execute(
+                "DELETE FROM idem_records WHERE scope = $1 AND key = $2",
+                &[&key.scope.as_str(), &key.key.as_str()],
+            )
+            .await?;
+        Ok(deleted > 0)
+    }
+
+    async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let deleted = self
+            .execute(
+                "DELETE FROM idem_records WHERE (scope, key) IN (
+                     SELECT scope, key FROM idem_records WHERE expires_at <= $1
+                     ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                &[&to_sql(now), &limit],
+            )
+            .await?;
+        Ok(deleted as usize)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>> {
+        let scope = query.scope.as_ref().map(|scope| scope.as_str().to_owned());
+        let state = query.state.map(|state| match state {
+            StateFilter::InFlight => IN_FLIGHT,
+            StateFilter::Completed => COMPLETED,
+        });
+        let created_before = query.created_before.map(to_sql);
+        let limit = i64::try_from(query.effective_limit()).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT scope, key, fingerprint, lease_expires_at, octet_length(payload)::bigint,
+                        created_at, expires_at
+                 FROM idem_records
+                 WHERE ($1::text IS NULL OR scope = $1) AND ($2::smallint IS NULL OR state = $2)
+                   AND ($3::bigint IS NULL OR created_at < $3)
+                 ORDER BY created_at LIMIT $4",
+                &[&scope, &state, &created_before, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let get_error = |error: tokio_postgres::Error| Error::Corrupt(error.to_string());
+                let key: String = row.try_get(1).map_err(get_error)?;
+                let fingerprint: Vec<u8> = row.try_get(2).map_err(get_error)?;
+                Ok(RecordSummary {
+                    key: RecordKey::new(
+                        Scope::named(row.try_get::<_, String>(0).map_err(get_error)?),
+                        IdempotencyKey::new(key)
+                            .map_err(|error| Error::Corrupt(error.to_string()))?,
+                    ),
+                    fingerprint: Fingerprint::from_slice(&fingerprint)
+                        .ok_or_else(|| Error::Corrupt("fingerprint is not 32 bytes".into()))?,
+                    lease_expires_at: row
+                        .try_get::<_, Option<i64>>(3)
+                        .map_err(get_error)?
+                        .map(from_sql),
+                    payload_len: row
+                        .try_get::<_, Option<i64>>(4)
+                        .map_err(get_error)?
+                        .map(|len| len as u64),
+                    created_at: from_sql(row.try_get(5).map_err(get_error)?),
+                    expires_at: from_sql(row.try_get(6).map_err(get_error)?),
+                })
+            })
+            .collect()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.query("SELECT 1", &[]).await.map(drop)
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "postgres",
+            durable: true,
+            shared_by_processes: true,
+            shared_by_hosts: true,
+            native_expiry: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parameters_are_split_and_checked() {
+        let settings =
+            parse_url("postgres://u@127.0.0.1:5432/db?pool_max_size=4&op_timeout_ms=250&schema=idem_a&application_name=x")
+                .unwrap();
+        assert_eq!(settings.pool_max_size, 4);
+        assert_eq!(settings.op_timeout, Duration::from_millis(250));
+        assert_eq!(settings.schema.as_deref(), Some("idem_a"));
+        assert_eq!(settings.config.get_application_name(), Some("x"));
+        assert_eq!(settings.config.get_options(), Some("-c search_path=idem_a"));
+        assert_eq!(settings.config.get_connect_timeout(), Some(&Duration::from_millis(250)));
+        for (url, expected) in [
+            ("postgres://h/db?pool_max_size=0", "pool_max_size"),
+            ("postgres://h/db?op_timeout_ms=soon", "op_timeout_ms"),
+            ("postgres://h/db?schema=Robert');DROP", "schema must be"),
+            ("postgres://h/db?sslmode=sometimes", "invalid postgres:// URL"),
+        ] {
+            let error = parse_url(url).unwrap_err().to_string();
+            assert!(error.contains(expected), "{url}: {error}");
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! The shared store conformance suite against the real PostgreSQL named by
+//! `IDEM_TEST_POSTGRES_URL` (in its own schema, so other test binaries sharing the database
+//! cannot disturb it).
+
+use idem_postgres::PostgresStore;
+
+async fn store() -> Option<PostgresStore> {
+    let Some(url) = service_url("IDEM_TEST_POSTGRES_URL") else {
+        return None;
+    };
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(PostgresStore::connect(&format!("{url}{separator}schema=idem_conformance")).await.unwrap())
+}
+
+/// The service URL from the environment; when unset, says so loudly and skips, unless
+/// `IDEM_REQUIRE_SERVICES=1` makes a missing service a failure.
+fn service_url(variable: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+            panic!("{variable} is not set and IDEM_REQUIRE_SERVICES=1")
+        }
+        _ => {
+            eprintln!("SKIPPED: {variable} is not set; this test needs a real server");
+            None
+        }
+    }
+}
+
+idem_core::store_conformance_tests!(store());
+
+/// A schema of its own for one test, dropped first so the test starts from nothing.
+async fn fresh_schema_url(name: &str) -> Option<String> {
+    let url = service_url("IDEM_TEST_POSTGRES_URL")?;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await.unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}schema={name}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_starting_at_once_migrate_once() {
+    let Some(url) = fresh_schema_url("idem_migration_race").await else { return };
+    let starts: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PostgresStore::connect(&url).await })
+        })
+        .collect();
+    for start in starts {
+        start.await.unwrap().expect("every instance starts, whichever migrated");
+    }
+    let (client, connection) = tokio_postgres::connect(
+        &service_url("IDEM_TEST_POSTGRES_URL").unwrap(),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let versions = client
+        .query(
+            "SELECT version FROM idem_migration_race.idem_schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions.iter().map(|row| row.get::<_, i32>(0)).collect::<Vec<_>>(), [1]);
+
+    // A database migrated by a newer idem is refused, not misread.
+    client
+        .execute(
+            "INSERT INTO idem_migration_race.idem_schema_migrations (version) VALUES (99)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let error = PostgresStore::connect(&url).await.unwrap_err().to_string();
+    assert!(error.contains("version 99"), "{error}");
+}
