@@ -21,6 +21,22 @@ use crate::{
     RecordState, Scope, StateFilter, Store, SystemClock, Timestamp, clock::Clock,
 };
 
+/// The URL of a real server for a test, from the environment variable `variable`. When it
+/// is unset the test says so loudly and skips (returns `None`), unless
+/// `IDEM_REQUIRE_SERVICES=1`, under which a missing service fails the test.
+pub fn service_url(variable: &str) -> Option<String> {
+    match std::env::var(variable) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+            panic!("{variable} is not set and IDEM_REQUIRE_SERVICES=1")
+        }
+        _ => {
+            eprintln!("SKIPPED: {variable} is not set; this test needs a real server");
+            None
+        }
+    }
+}
+
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 

@@ -2,6 +2,7 @@
 //! `IDEM_TEST_POSTGRES_URL` (in its own schema, so other test binaries sharing the database
 //! cannot disturb it).
 
+use idem_core::conformance::service_url;
 use idem_postgres::PostgresStore;
 
 async fn store() -> Option<PostgresStore> {
@@ -10,21 +11,6 @@ async fn store() -> Option<PostgresStore> {
     };
     let separator = if url.contains('?') { '&' } else { '?' };
     Some(PostgresStore::connect(&format!("{url}{separator}schema=idem_conformance")).await.unwrap())
-}
-
-/// The service URL from the environment; when unset, says so loudly and skips, unless
-/// `IDEM_REQUIRE_SERVICES=1` makes a missing service a failure.
-fn service_url(variable: &str) -> Option<String> {
-    match std::env::var(variable) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("{variable} is not set and IDEM_REQUIRE_SERVICES=1")
-        }
-        _ => {
-            eprintln!("SKIPPED: {variable} is not set; this test needs a real server");
-            None
-        }
-    }
 }
 
 idem_core::store_conformance_tests!(store());

@@ -1,0 +1,478 @@
+//! The Redis store: atomic claims in server-side Lua scripts, and Redis's own key expiry for
+//! the TTL.
+//!
+//! ```no_run
+//! # async fn open() -> Result<(), idem_core::Error> {
+//! use idem_redis::RedisStore;
+//!
+//! let store = RedisStore::connect("redis://cache.internal:6379/0").await?;
+//! # let _ = store; Ok(()) }
+//! ```
+//!
+//! # How it stays correct
+//! - Each record is **one Redis hash**, so every operation touches one key: a claim, a
+//!   completion, a release and a renewal are each one script, which Redis runs atomically.
+//! - The key is `<prefix>:r:{<hash of scope and key>}`. The braces make the whole name one
+//!   hash tag, so the record maps to one slot in Redis Cluster, and the hash keeps the
+//!   caller's raw key (any visible ASCII, braces included) out of the name.
+//! - Complete, release and renew only act when the record is in flight under the caller's
+//!   fencing token.
+//! - Expiry is Redis's own (`PEXPIRE`), set to the record's remaining lifetime at every
+//!   write; the scripts also compare the record's stored expiry to the caller's clock, so an
+//!   expired record counts as absent even before Redis evicts it.
+//!
+//! # Durability
+//! Redis acknowledges a write once it is in memory. What survives depends on the server:
+//! with no persistence (`save ""`, `appendonly no`) a restart loses every record, so keys in
+//! flight and completed outcomes are forgotten and retries run again; with `appendonly yes`
+//! and `appendfsync everysec`, a crash may lose the last second of records; with
+//! `appendfsync always` none. Replication is asynchronous: a failover can lose records the
+//! old primary acknowledged. Use PostgreSQL where a lost record (a second run) is not
+//! acceptable.
+//!
+//! # URL parameters (besides redis-rs's own)
+//! - `prefix` (default `idem`): the first part of every key name.
+//! - `op_timeout_ms` (default 2000): the bound on each call; past it the store is unavailable.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use idem_core::{
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey,
+    ListQuery, Record, RecordKey, RecordState, RecordSummary, Result, Scope, Store, Timestamp,
+    decide,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use sha2::{Digest, Sha256};
+
+/// Most keys one `list` call looks at: listing scans the keyspace, so it is bounded.
+const LIST_MAX_SCANNED: usize = 1_000_000;
+
+/// Whether the caller (token in `ARGV[1]`) owns the in-flight record.
+macro_rules! owner_check {
+    () => {
+        "local owns = redis.call('HGET', KEYS[1], 'st') == '0' and redis.call('HGET', KEYS[1], 't') == ARGV[1]\n"
+    };
+}
+
+/// ARGV: fingerprint, token, now, lease_expires_at, expires_at, ttl_ms, scope, key.
+/// Returns `{'1'}` when acquired, else `{'0', f, st, t, l, p, c, e}` of the record found.
+/// The takeover condition is idem_core::decide's Acquire.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local now = tonumber(ARGV[3])
+        local r = redis.call('HMGET', KEYS[1], 'f', 'st', 't', 'l', 'p', 'c', 'e')
+        if r[1] then
+            local acquirable = tonumber(r[7]) <= now
+                or (r[2] == '0' and tonumber(r[4]) <= now and r[1] == ARGV[1])
+            if not acquirable then
+                return {'0', r[1], r[2], r[3] or '', r[4] or '', r[5] or '', r[6], r[7]}
+            end
+        end
+        redis.call('DEL', KEYS[1])
+        redis.call('HSET', KEYS[1], 's', ARGV[7], 'k', ARGV[8], 'f', ARGV[1], 'st', '0',
+            't', ARGV[2], 'l', ARGV[4], 'c', ARGV[3], 'e', ARGV[5])
+        redis.call('PEXPIRE', KEYS[1], ARGV[6])
+        return {'1'}
+        ",
+    )
+});
+
+/// ARGV: token, payload, expires_at, ttl_ms.
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        owner_check!(),
+        r"
+        if not owns then return 0 end
+        redis.call('HSET', KEYS[1], 'st', '1', 'p', ARGV[2], 'e', ARGV[3])
+        redis.call('HDEL', KEYS[1], 't', 'l')
+        redis.call('PEXPIRE', KEYS[1], ARGV[4])
+        return 1
+        "
+    ))
+});
+
+/// ARGV: token.
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        owner_check!(),
+        r"
+        if not owns then return 0 end
+        redis.call('DEL', KEYS[1])
+        return 1
+        "
+    ))
+});
+
+/// ARGV: token, lease_expires_at, expires_at, ttl_ms.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        owner_check!(),
+        r"
+        if not owns then return 0 end
+        redis.call('HSET', KEYS[1], 'l', ARGV[2], 'e', ARGV[3])
+        redis.call('PEXPIRE', KEYS[1], ARGV[4])
+        return 1
+        "
+    ))
+});
+
+/// A [`Store`] on Redis.
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    prefix: String,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("op_timeout", &self.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(error: redis::RedisError) -> Error {
+    Error::unavailable(error)
+}
+
+impl RedisStore {
+    /// Connects to the server named by a `redis://` (or `rediss://`, `redis+unix://`) URL. The
+    /// server must answer now; later outages make calls fail as unavailable, and the
+    /// connection is re-established by itself when the server is back.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut passed_on = Vec::new();
+        let mut prefix = "idem".to_owned();
+        let mut op_timeout = Duration::from_secs(2);
+        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "prefix" => {
+                    let valid = !value.is_empty()
+                        && value.len() <= 64
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                    if !valid {
+                        return Err(Error::Config(format!(
+                            "prefix must be 1 to 64 of A-Z a-z 0-9 _ - (in the redis:// URL), not {value:?}"
+                        )));
+                    }
+                    prefix = value.to_owned();
+                }
+                "op_timeout_ms" => {
+                    let millis: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
+                        Error::Config(format!(
+                            "op_timeout_ms must be a positive number (in the redis:// URL), not {value:?}"
+                        ))
+                    })?;
+                    op_timeout = Duration::from_millis(millis);
+                }
+                _ => passed_on.push(pair),
+            }
+        }
+        let rest = if passed_on.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", passed_on.join("&"))
+        };
+        let client = redis::Client::open(rest.as_str())
+            .map_err(|error| Error::Config(format!("invalid redis:// URL: {error}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(op_timeout))
+            .set_response_timeout(Some(op_timeout))
+            .set_number_of_retries(1);
+        let connect = client.get_connection_manager_with_config(config);
+        let connection = match tokio::time::timeout(op_timeout, connect).await {
+            Ok(connection) => connection.map_err(unavailable)?,
+            Err(_) => {
+                return Err(Error::unavailable(format!(
+                    "Redis did not answer within {op_timeout:?}"
+                )));
+            }
+        };
+        let store = Self { connection, prefix, op_timeout };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// The Redis key of a record: one hash tag, so one slot in a cluster.
+    fn record_key(&self, key: &RecordKey) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(key.scope.as_str().as_bytes());
+        hasher.update([0]);
+        hasher.update(key.key.as_str().as_bytes());
+        let digest = hasher.finalize();
+        let mut name = String::with_capacity(self.prefix.len() + 37);
+        name.push_str(&self.prefix);
+        name.push_str(":r:{");
+        for byte in &digest[..16] {
+            name.push_str(&format!("{byte:02x}"));
+        }
+        name.push('}');
+        name
+    }
+
+    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+        match tokio::time::timeout(self.op_timeout, call).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(Error::unavailable(format!(
+                "Redis did not answer within {:?}",
+                self.op_timeout
+            ))),
+        }
+    }
+
+    /// Runs an ownership-checked script: 1 if it acted, 0 if the caller is fenced.
+    async fn fenced(&self, script: &Script, key: &RecordKey, args: &[Vec<u8>]) -> Result<()> {
+        let mut invocation = script.key(self.record_key(key));
+        for arg in args {
+            invocation.arg(arg.as_slice());
+        }
+        let mut connection = self.connection.clone();
+        match self.bounded(invocation.invoke_async::<i64>(&mut connection)).await? {
+            1 => Ok(()),
+            _ => Err(Error::Fenced),
+        }
+    }
+}
+
+/// Milliseconds from `now` until `expires_at`, at least 1 (`PEXPIRE` with 0 deletes at once).
+fn ttl_ms(now: Timestamp, expires_at: Timestamp) -> u64 {
+    expires_at.duration_since(now).as_millis().max(1) as u64
+}
+
+fn text(value: &[u8], field: &str) -> Result<String> {
+    String::from_utf8(value.to_vec())
+        .map_err(|_| Error::Corrupt(format!("field {field} is not UTF-8")))
+}
+
+fn number(value: &[u8], field: &str) -> Result<u64> {
+    text(value, field)?
+        .parse()
+        .map_err(|_| Error::Corrupt(format!("field {field} is not a number")))
+}
+
+/// Builds a record from its hash fields (`f st t l p c e`), checking the invariants.
+fn read_record(field: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Record> {
+    let required =
+        |name: &str| field(name).ok_or_else(|| Error::Corrupt(format!("field {name} is missing")));
+    let fingerprint = required("f")?;
+    let fingerprint = Fingerprint::from_slice(&fingerprint)
+        .ok_or_else(|| Error::Corrupt(format!("fingerprint of {} bytes", fingerprint.len())))?;
+    let present = |name: &str| field(name).filter(|value| !value.is_empty());
+    let state = match (required("st")?.as_slice(), present("t"), present("l"), field("p")) {
+        (b"0", Some(token), Some(lease), _) => RecordState::InFlight {
+            token: FencingToken::from_u64(number(&token, "t")?),
+            lease_expires_at: Timestamp::from_millis(number(&lease, "l")?),
+        },
+        (b"1", None, None, Some(payload)) => {
+            RecordState::Completed { payload: Bytes::from(payload) }
+        }
+        (state, ..) => {
+            return Err(Error::Corrupt(format!(
+                "inconsistent record in state {:?}",
+                String::from_utf8_lossy(state)
+            )));
+        }
+    };
+    Ok(Record {
+        fingerprint,
+        state,
+        created_at: Timestamp::from_millis(number(&required("c")?, "c")?),
+        expires_at: Timestamp::from_millis(number(&required("e")?, "e")?),
+    })
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Decision> {
+        let mut invocation = CLAIM.key(self.record_key(request.key));
+        invocation
+            .arg(&request.fingerprint.as_bytes()[..])
+            .arg(request.token.as_u64().to_string())
+            .arg(request.now.as_millis())
+            .arg(request.lease_expires_at.as_millis())
+            .arg(request.expires_at.as_millis())
+            .arg(ttl_ms(request.now, request.expires_at))
+            .arg(request.key.scope.as_str())
+            .arg(request.key.key.as_str());
+        let mut connection = self.connection.clone();
+        let reply: Vec<Vec<u8>> = self.bounded(invocation.invoke_async(&mut connection)).await?;
+        match reply.first().map(Vec::as_slice) {
+            Some(b"1") => Ok(Decision::Acquire),
+            Some(b"0") if reply.len() == 8 => {
+                let names = ["f", "st", "t", "l", "p", "c", "e"];
+                let existing = read_record(|name| {
+                    names.iter().position(|n| *n == name).map(|index| reply[index + 1].clone())
+                })?;
+                match decide(Some(&existing), request.fingerprint, request.now) {
+                    Decision::Acquire => Err(Error::Corrupt(
+                        "the claim script declined a claim the state machine allows".into(),
+                    )),
+                    decision => Ok(decision),
+                }
+            }
+            _ => Err(Error::Corrupt(format!("unexpected claim reply of {} parts", reply.len()))),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        payload: Bytes,
+        now: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<()> {
+        let args = [
+            token.as_u64().to_string().into_bytes(),
+            payload.to_vec(),
+            expires_at.as_millis().to_string().into_bytes(),
+            ttl_ms(now, expires_at).to_string().into_bytes(),
+        ];
+        self.fenced(&COMPLETE, key, &args).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
+        self.fenced(&RELEASE, key, &[token.as_u64().to_string().into_bytes()]).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: FencingToken,
+        now: Timestamp,
+        lease_expires_at: Timestamp,
+        expires_at: Timestamp,
+    ) -> Result<()> {
+        let args = [
+            token.as_u64().to_string().into_bytes(),
+            lease_expires_at.as_millis().to_string().into_bytes(),
+            expires_at.as_millis().to_string().into_bytes(),
+            ttl_ms(now, expires_at).to_string().into_bytes(),
+        ];
+        self.fenced(&RENEW, key, &args).await
+    }
+
+    async fn get(&self, key: &RecordKey) -> Result<Option<Record>> {
+        let mut connection = self.connection.clone();
+        let fields: HashMap<String, Vec<u8>> =
+            self.bounded(connection.hgetall(self.record_key(key))).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        read_record(|name| fields.get(name).cloned()).map(Some)
+    }
+
+    async fn delete(&self, key: &RecordKey) -> Result<bool> {
+        let mut connection = self.connection.clone();
+        let deleted: u64 = self.bounded(connection.del(self.record_key(key))).await?;
+        Ok(deleted > 0)
+    }
+
+    /// Redis expires records itself: nothing to sweep.
+    async fn sweep(&self, _now: Timestamp, _limit: usize) -> Result<usize> {
+        Ok(0)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>> {
+        let pattern = format!("{}:r:*", self.prefix);
+        let mut connection = self.connection.clone();
+        let mut cursor: u64 = 0;
+        let mut scanned = 0;
+        let mut found = Vec::new();
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .bounded(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut connection),
+                )
+                .await?;
+            scanned += keys.len();
+            if !keys.is_empty() {
+                let mut fields = redis::pipe();
+                let mut lengths = redis::pipe();
+                for key in &keys {
+                    fields.cmd("HMGET").arg(key).arg(&["s", "k", "f", "st", "t", "l", "c", "e"]);
+                    lengths.cmd("HSTRLEN").arg(key).arg("p");
+                }
+                let fields: Vec<Vec<Option<Vec<u8>>>> =
+                    self.bounded(fields.query_async(&mut connection)).await?;
+                let lengths: Vec<u64> = self.bounded(lengths.query_async(&mut connection)).await?;
+                for (values, payload_len) in fields.into_iter().zip(lengths) {
+                    // Expired and evicted between SCAN and HMGET: not there any more.
+                    let Some(scope) = values[0].clone() else { continue };
+                    let names = ["s", "k", "f", "st", "t", "l", "c", "e"];
+                    let field = |name: &str| {
+                        names
+                            .iter()
+                            .position(|n| *n == name)
+                            .and_then(|index| values[index].clone())
+                    };
+                    let key = text(&field("k").unwrap_or_default(), "k")?;
+                    // The payload itself is not fetched (HSTRLEN gave its size): stand in empty.
+                    let record =
+                        read_record(
+                            |name| if name == "p" { Some(Vec::new()) } else { field(name) },
+                        )?;
+                    let mut summary = RecordSummary::from_record(
+                        RecordKey::new(
+                            Scope::named(text(&scope, "s")?),
+                            IdempotencyKey::new(key)
+                                .map_err(|error| Error::Corrupt(error.to_string()))?,
+                        ),
+                        &record,
+                    );
+                    if summary.lease_expires_at.is_none() {
+                        summary.payload_len = Some(payload_len);
+                    }
+                    if summary.matches(query) {
+                        found.push(summary);
+                    }
+                }
+            }
+            cursor = next;
+            if cursor == 0 || scanned >= LIST_MAX_SCANNED {
+                break;
+            }
+        }
+        found.sort_by_key(|summary| summary.created_at);
+        found.truncate(query.effective_limit());
+        Ok(found)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let mut connection = self.connection.clone();
+        let pong: String = self.bounded(redis::cmd("PING").query_async(&mut connection)).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(Error::unavailable(format!("PING answered {pong:?}")))
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            name: "redis",
+            // Depends on the server's persistence settings; see the crate docs.
+            durable: false,
+            shared_by_processes: true,
+            shared_by_hosts: true,
+            native_expiry: true,
+        }
+    }
+}
