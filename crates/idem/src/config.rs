@@ -30,7 +30,8 @@ pub struct ServeArgs {
     /// Address for /healthz and /metrics [default: 127.0.0.1:9080]
     #[arg(long, env = "IDEM_ADMIN_LISTEN", value_name = "ADDR")]
     pub admin_listen: Option<String>,
-    /// Where records live: memory://, sqlite://PATH [default: sqlite://idem.db]
+    /// Where records live: memory://, sqlite://PATH, postgres://..., redis://...
+    /// [default: sqlite://idem.db]
     #[arg(long, env = "IDEM_STORE", value_name = "URL")]
     pub store: Option<String>,
     /// How long a completed response is replayed, e.g. 24h, 90m [default: 24h]

@@ -55,7 +55,7 @@ pub async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let store = crate::store::open(&config.store).map_err(ServeError::Store)?;
+    let store = crate::store::open(&config.store).await.map_err(ServeError::Store)?;
     let engine = Engine::from_shared(
         Arc::clone(&store),
         Arc::new(SystemClock),
@@ -102,7 +102,7 @@ pub async fn run(
     });
     let sweeper = tokio::spawn(sweep_forever(engine, config.sweep_interval));
 
-    tracing::info!(%listen, %admin, upstream = %config.upstream, store = %config.store, "idem gateway ready");
+    tracing::info!(%listen, %admin, upstream = %config.upstream, store = %crate::store::redact(&config.store), "idem gateway ready");
     // One line on stdout, for people and for scripts that wait for readiness.
     println!("idem listening on http://{listen} (admin http://{admin}) -> {}", config.upstream);
 

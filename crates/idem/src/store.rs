@@ -3,19 +3,62 @@
 use std::sync::Arc;
 
 use idem_core::{MemoryStore, Store};
+use idem_postgres::PostgresStore;
+use idem_redis::RedisStore;
 use idem_sqlite::SqliteStore;
 
-/// `memory://` or `sqlite://PATH[?options]`.
-pub fn open(url: &str) -> Result<Arc<dyn Store>, String> {
+/// `memory://`, `sqlite://PATH`, `postgres://...` (or `postgresql://`), `redis://...` (or
+/// `rediss://`). Shared stores must be reachable now.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
-    match scheme {
+    let opened: Result<Arc<dyn Store>, idem_core::Error> = match scheme {
         Some("memory") => Ok(Arc::new(MemoryStore::new())),
-        Some("sqlite") => SqliteStore::from_url(url)
-            .map(|store| Arc::new(store) as Arc<dyn Store>)
-            .map_err(|error| format!("--store {url}: {error}")),
-        Some(other @ ("postgres" | "postgresql" | "redis")) => Err(format!(
-            "--store {url}: the {other} store is not part of this build yet; use sqlite:// or memory://"
-        )),
-        _ => Err(format!("--store {url:?}: expected memory:// or sqlite://PATH")),
+        Some("sqlite") => SqliteStore::from_url(url).map(|store| Arc::new(store) as Arc<dyn Store>),
+        Some("postgres" | "postgresql") => {
+            PostgresStore::connect(url).await.map(|store| Arc::new(store) as Arc<dyn Store>)
+        }
+        Some("redis" | "rediss") => {
+            RedisStore::connect(url).await.map(|store| Arc::new(store) as Arc<dyn Store>)
+        }
+        _ => {
+            return Err(format!(
+                "--store {:?}: expected memory://, sqlite://PATH, postgres://... or redis://...",
+                redact(url)
+            ));
+        }
+    };
+    opened.map_err(|error| format!("--store {}: {error}", redact(url)))
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://idem:s3cret@db:5432/app"), "postgres://idem:***@db:5432/app");
+        assert_eq!(redact("redis://:s3cret@cache/0"), "redis://:***@cache/0");
+        assert_eq!(redact("postgres://idem@db/app"), "postgres://idem@db/app");
+        assert_eq!(redact("sqlite://idem.db"), "sqlite://idem.db");
     }
 }

@@ -363,3 +363,90 @@ pub fn metrics(text: &str) -> HashMap<String, f64> {
         })
         .collect()
 }
+
+/// A random suffix, so that keys in a shared store never collide across runs.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{:016x}", idem_core::FencingToken::generate().as_u64())
+}
+
+/// A TCP forwarder between a client and a server that a test can cut: every open connection
+/// is dropped and new ones are refused until it is restored. A real network failure, without
+/// touching the server other tests may share.
+pub struct Cutter {
+    pub addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Cutter {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let task = tokio::spawn({
+            let cut = Arc::clone(&cut);
+            let connections = Arc::clone(&connections);
+            async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else { continue };
+                    if cut.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let forward = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().unwrap().push(forward.abort_handle());
+                }
+            }
+        });
+        Self { addr, cut, connections, task }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Cutter {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}
+
+/// Calls per idempotency key the upstream saw, for keys with the given prefix.
+pub fn calls_per_key(upstream: &Upstream, prefix: &str) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for call in upstream.seen() {
+        if let Some(key) = call.idempotency_key.filter(|key| key.starts_with(prefix)) {
+            *counts.entry(key).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Waits until the gateway's /healthz answers 200 (its store is reachable again).
+pub async fn wait_healthy(gateway: &Gateway, within: Duration) {
+    let admin = TestClient::new(gateway.admin);
+    let started = std::time::Instant::now();
+    loop {
+        if admin.get_text("/healthz").await.0 == StatusCode::OK {
+            return;
+        }
+        assert!(started.elapsed() < within, "the gateway did not become healthy within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

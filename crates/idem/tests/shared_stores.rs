@@ -1,0 +1,251 @@
+//! Several gateway processes on one shared store (PostgreSQL, Redis), and that store failing
+//! under them: stopped, killed, restarted, its connections cut. Each test counts the
+//! upstream's calls per key: nothing may run twice, and nothing stored may be lost.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{Cutter, Gateway, Upstream, calls_per_key, temp_dir, unique, wait_healthy};
+use idem_core::conformance::service_url;
+
+fn postgres_url() -> Option<String> {
+    let url = service_url("IDEM_TEST_POSTGRES_URL")?;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}schema=idem_gateway_tests"))
+}
+
+fn redis_url() -> Option<String> {
+    let url = service_url("IDEM_TEST_REDIS_URL")?;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}prefix=idem_gateway_tests"))
+}
+
+/// Three gateways on `store`; 30 identical requests spread over them; then a retry on each.
+async fn three_gateways_race_once(store: &str) {
+    let upstream = Upstream::start().await;
+    let gateways: Vec<Gateway> =
+        (0..3).map(|_| Gateway::start(&upstream.url(), store, &[])).collect();
+    for round in 0..3 {
+        let key = unique(&format!("multi-{round}"));
+        let racers: Vec<_> = (0..30)
+            .map(|i| {
+                let client = gateways[i % 3].client();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    client.post(&key, "same", &[("x-test-delay-ms", "300")]).await
+                })
+            })
+            .collect();
+        let mut bodies = Vec::new();
+        for racer in racers {
+            let reply = racer.await.unwrap();
+            match reply.status.as_u16() {
+                201 => bodies.push(reply.body),
+                409 => reply.assert_problem(409, "request-in-flight"),
+                other => panic!("unexpected status {other}"),
+            }
+        }
+        assert_eq!(upstream.calls(), round + 1, "30 requests on 3 gateways ran once");
+        assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]), "every 201 is the one response");
+        for gateway in &gateways {
+            let replay = gateway.client().post(&key, "same", &[]).await;
+            assert!(replay.is_replay(), "a retry on any instance replays");
+            assert_eq!(replay.body, bodies[0]);
+        }
+    }
+    assert_eq!(upstream.calls(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_gateways_on_one_postgres_run_a_race_once() {
+    let Some(store) = postgres_url() else { return };
+    three_gateways_race_once(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_gateways_on_one_redis_run_a_race_once() {
+    let Some(store) = redis_url() else { return };
+    three_gateways_race_once(&store).await;
+}
+
+/// Sends `count` requests with fresh keys, each followed by its retry; returns the statuses.
+async fn traffic(gateway: &Gateway, prefix: &str, count: usize) -> Vec<(String, u16, u16)> {
+    let client = gateway.client();
+    let mut outcomes = Vec::new();
+    for _ in 0..count {
+        let key = unique(prefix);
+        let first = client.post(&key, "x", &[]).await.status.as_u16();
+        let retry = client.post(&key, "x", &[]).await.status.as_u16();
+        outcomes.push((key, first, retry));
+    }
+    outcomes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cut_postgres_connections_fail_closed_and_recover() {
+    let Some(store) = postgres_url() else { return };
+    let target: SocketAddr = postgres_addr(&store);
+    let cutter = Cutter::start(target).await;
+    let through_cutter = store.replacen(&target.to_string(), &cutter.addr.to_string(), 1).replacen(
+        "localhost:",
+        "127.0.0.1:",
+        1,
+    );
+    let through_cutter = format!("{through_cutter}&op_timeout_ms=1000");
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &through_cutter, &[]);
+    let prefix = unique("pg-outage");
+
+    let before = traffic(&gateway, &prefix, 10).await;
+    assert!(before.iter().all(|(_, first, retry)| (*first, *retry) == (201, 201)));
+
+    cutter.cut();
+    let during = traffic(&gateway, &prefix, 5).await;
+    for (_, first, retry) in &during {
+        assert_eq!((*first, *retry), (503, 503), "fail closed while the store is cut off");
+    }
+    assert_eq!(upstream.calls(), 10, "nothing was forwarded during the outage");
+
+    cutter.restore();
+    wait_healthy(&gateway, Duration::from_secs(15)).await;
+    let after = traffic(&gateway, &prefix, 10).await;
+    assert!(after.iter().all(|(_, first, retry)| (*first, *retry) == (201, 201)));
+    // Nothing stored was lost: every outcome from before the outage still replays.
+    let client = gateway.client();
+    for (key, ..) in &before {
+        assert!(client.post(key, "x", &[]).await.is_replay(), "{key} replays after recovery");
+    }
+    // The refused requests run now, once.
+    for (key, ..) in &during {
+        assert_eq!(client.post(key, "x", &[]).await.status, 201);
+    }
+    let counts = calls_per_key(&upstream, &prefix);
+    assert_eq!(counts.len(), 25);
+    assert!(counts.values().all(|calls| *calls == 1), "no key ran twice: {counts:?}");
+}
+
+fn postgres_addr(url: &str) -> SocketAddr {
+    let authority = url.split("://").nth(1).unwrap().split(['/', '?']).next().unwrap();
+    let host_port = authority.rsplit('@').next().unwrap();
+    let host_port =
+        if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5432") };
+    host_port
+        .replacen("localhost", "127.0.0.1", 1)
+        .parse()
+        .expect("IDEM_TEST_POSTGRES_URL names host:port")
+}
+
+/// A Redis server of this test's own, persisting every write (AOF, fsync always) in `dir`.
+struct PrivateRedis {
+    child: Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: &std::path::Path) -> Option<Self> {
+        let spawned = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(error) if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+                panic!("cannot start redis-server: {error}")
+            }
+            Err(error) => {
+                eprintln!("SKIPPED: cannot start redis-server ({error})");
+                return None;
+            }
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self { child });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not listen on {port}");
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_and_restarted_redis_fails_closed_and_loses_nothing() {
+    if service_url("IDEM_TEST_REDIS_URL").is_none() {
+        return;
+    }
+    let dir = temp_dir();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let Some(redis) = PrivateRedis::start(port, &dir) else { return };
+    let upstream = Upstream::start().await;
+    let store = format!("redis://127.0.0.1:{port}/?op_timeout_ms=500");
+    let gateway = Gateway::start(&upstream.url(), &store, &[]);
+    let prefix = unique("redis-outage");
+
+    // Traffic runs on while the server is killed and restarted underneath it.
+    let background = {
+        let client = gateway.client();
+        let prefix = prefix.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..150 {
+                let key = format!("{prefix}-bg-{i}");
+                statuses.push((key.clone(), client.post(&key, "x", &[]).await.status.as_u16()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    let before = traffic(&gateway, &prefix, 10).await;
+    assert!(before.iter().all(|(_, first, retry)| (*first, *retry) == (201, 201)));
+
+    redis.kill9();
+    let during = traffic(&gateway, &prefix, 3).await;
+    for (_, first, retry) in &during {
+        assert_eq!((*first, *retry), (503, 503), "fail closed while Redis is down");
+    }
+    let calls_during_outage = upstream.calls();
+    let _redis = PrivateRedis::start(port, &dir).expect("restart redis-server");
+    wait_healthy(&gateway, Duration::from_secs(15)).await;
+
+    let client = gateway.client();
+    for (key, ..) in &before {
+        let replay = client.post(key, "x", &[]).await;
+        assert!(replay.is_replay(), "{key}: stored before the crash, replayed after the restart");
+    }
+    for (key, ..) in &during {
+        assert_eq!(
+            client.post(key, "x", &[]).await.status,
+            201,
+            "refused during the outage, runs now"
+        );
+    }
+    let background = background.await.unwrap();
+    let statuses: Vec<u16> = background.iter().map(|(_, status)| *status).collect();
+    assert!(statuses.contains(&503), "some background requests met the outage: {statuses:?}");
+    assert!(statuses.iter().all(|status| [201, 503].contains(status)), "{statuses:?}");
+    assert!(upstream.calls() >= calls_during_outage);
+    let counts = calls_per_key(&upstream, &prefix);
+    assert!(counts.values().all(|calls| *calls == 1), "no key ran twice: {counts:?}");
+    // Every background request that got a 201 is stored: its retry replays.
+    for (key, status) in background.iter().filter(|(_, status)| *status == 201) {
+        assert!(client.post(key, "x", &[]).await.is_replay(), "{key} (first answered {status})");
+    }
+    assert!(calls_per_key(&upstream, &prefix).values().all(|calls| *calls == 1));
+}
