@@ -121,8 +121,21 @@ pub struct Scope(String);
 impl Scope {
     /// The scope of a caller identified by `credential` (hashed; the raw value is not kept).
     pub fn from_credential(credential: &[u8]) -> Self {
-        let digest = Sha256::digest(credential);
-        Self(hex(&digest[..16]))
+        Self::from_credentials([credential])
+    }
+
+    /// The scope of a caller identified by all the values of its credential header, in order;
+    /// [`Scope::anonymous`] when there are none. The gateway and `idem keys --credential` both
+    /// derive scopes here, so they always agree.
+    pub fn from_credentials<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Self {
+        let mut hasher = Sha256::new();
+        let mut any = false;
+        for value in values {
+            hasher.update(value);
+            hasher.update([0]);
+            any = true;
+        }
+        if any { Self(hex(&hasher.finalize()[..16])) } else { Self::anonymous() }
     }
 
     /// The scope of requests that carry no credential.

@@ -357,19 +357,12 @@ where
 }
 
 fn scope_of(headers: &HeaderMap, config: &IdempotencyConfig) -> Scope {
-    let Some(name) = &config.scope_header else {
-        return Scope::anonymous();
-    };
-    let mut values = headers.get_all(name).iter().peekable();
-    if values.peek().is_none() {
-        return Scope::anonymous();
+    match &config.scope_header {
+        Some(name) => {
+            Scope::from_credentials(headers.get_all(name).iter().map(|value| value.as_bytes()))
+        }
+        None => Scope::anonymous(),
     }
-    let mut credential = Vec::new();
-    for value in values {
-        credential.extend_from_slice(value.as_bytes());
-        credential.push(0);
-    }
-    Scope::from_credential(&credential)
 }
 
 fn fingerprint_of(parts: &Parts, body: &Bytes, config: &IdempotencyConfig) -> Fingerprint {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod keys;
 pub mod proxy;
 pub mod serve;
 pub mod store;

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use idem::config::ServeArgs;
+use idem::keys::KeysArgs;
 use tracing_subscriber::EnvFilter;
 
 /// Retries without duplicates: an Idempotency-Key gateway in front of any HTTP service.
@@ -16,14 +17,20 @@ struct Cli {
 enum Command {
     /// Run the gateway: a reverse proxy that stores and replays responses per Idempotency-Key
     Serve(ServeArgs),
+    /// Inspect, list and delete stored records (to unstick a key by hand)
+    Keys(KeysArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        Command::Keys(_) => "warn",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new(default_log)),
         )
         .init();
     match cli.command {
@@ -42,6 +49,22 @@ fn main() -> ExitCode {
                     idem::serve::run(config, metrics, idem::serve::shutdown_signal()).await
                 })
                 .map_or_else(|error| fail(&error), |()| ExitCode::SUCCESS)
+        }
+        Command::Keys(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => return fail(&error),
+            };
+            match runtime.block_on(idem::keys::run(args)) {
+                Ok((text, found)) => {
+                    print!("{text}");
+                    if found { ExitCode::SUCCESS } else { ExitCode::from(1) }
+                }
+                Err(error) => {
+                    eprintln!("idem: error: {error}");
+                    ExitCode::from(2)
+                }
+            }
         }
     }
 }
