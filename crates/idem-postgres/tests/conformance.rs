@@ -6,9 +6,7 @@ use idem_core::conformance::service_url;
 use idem_postgres::PostgresStore;
 
 async fn store() -> Option<PostgresStore> {
-    let Some(url) = service_url("IDEM_TEST_POSTGRES_URL") else {
-        return None;
-    };
+    let url = service_url("IDEM_TEST_POSTGRES_URL")?;
     let separator = if url.contains('?') { '&' } else { '?' };
     Some(PostgresStore::connect(&format!("{url}{separator}schema=idem_conformance")).await.unwrap())
 }

@@ -16,7 +16,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway: a reverse proxy that stores and replays responses per Idempotency-Key
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Inspect, list and delete stored records (to unstick a key by hand)
     Keys(KeysArgs),
 }
@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Serve(args) => {
-            let config = match args.resolve() {
+            let config = match (*args).resolve() {
                 Ok(config) => config,
                 Err(error) => return fail(&error),
             };
