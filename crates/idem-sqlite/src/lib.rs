@@ -11,15 +11,20 @@
 //! # How it stays correct
 //! - The database runs in WAL mode with a busy timeout, so several processes (each with its
 //!   own connection) queue for the write lock instead of failing.
-//! - A claim is one `BEGIN IMMEDIATE` transaction: it takes the write lock before reading, so no
-//!   other claim on any key, in any process, can interleave between the read and the write.
+//! - Operations run on one writer thread per process, in groups: every operation waiting (up
+//!   to 256) runs in one `BEGIN IMMEDIATE` transaction, which takes the write lock before any
+//!   read, so no claim from another process can slip between a read and a write. Callers are
+//!   answered only after the group commits; if any operation meets a database error, the whole
+//!   group rolls back and every caller in it is told the store is unavailable. Under load, many
+//!   claims share one disk sync (group commit).
 //! - Complete, release and renew are single statements that match the owner's fencing token.
 //! - `synchronous=full` (the default) syncs every commit, so a stored outcome survives power
 //!   loss; `synchronous=normal` survives a crash of the process (`kill -9`) but may lose the
 //!   last commits on power loss, in exchange for much cheaper commits.
 
+use std::any::Any;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -77,13 +82,33 @@ impl Default for SqliteOptions {
     }
 }
 
+/// Most operations committed in one transaction.
+const MAX_BATCH: usize = 256;
+/// Most operations waiting for the writer; callers wait for room beyond it.
+const QUEUE_DEPTH: usize = 4096;
+
+/// An operation for the writer thread, its result type erased so that one queue serves all.
+struct Job {
+    work: Box<dyn FnOnce(&Connection) -> Result<Box<dyn Any + Send>> + Send>,
+    reply: tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>>>,
+}
+
 /// A [`Store`] on one SQLite file.
-#[derive(Debug, Clone)]
+///
+/// One writer thread per store owns the connection and commits operations in groups: it takes
+/// every operation waiting (up to 256), runs them in one `BEGIN IMMEDIATE` transaction, commits
+/// once, and only then answers each caller. Under load, many claims and completions share one
+/// disk sync instead of paying one each; alone, an operation is its own group.
+#[derive(Clone)]
 pub struct SqliteStore {
-    // A std Mutex: every use is inside `spawn_blocking`, never across an `.await`, and SQLite
-    // serialises writers anyway, so one connection per process loses nothing.
-    connection: Arc<Mutex<Connection>>,
-    path: PathBuf,
+    jobs: tokio::sync::mpsc::Sender<Job>,
+    path: Arc<PathBuf>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").field("path", &self.path).finish_non_exhaustive()
+    }
 }
 
 impl SqliteStore {
@@ -101,7 +126,14 @@ impl SqliteStore {
         };
         connection.pragma_update(None, "synchronous", synchronous).map_err(unavailable)?;
         migrate(&mut connection)?;
-        Ok(Self { connection: Arc::new(Mutex::new(connection)), path })
+        let (jobs, queue) = tokio::sync::mpsc::channel(QUEUE_DEPTH);
+        std::thread::Builder::new()
+            .name("idem-sqlite-writer".into())
+            .spawn(move || write_in_groups(connection, queue))
+            .map_err(|error| {
+                Error::Config(format!("cannot start the SQLite writer thread: {error}"))
+            })?;
+        Ok(Self { jobs, path: Arc::new(path) })
     }
 
     /// Opens from a store URL: `sqlite://PATH[?busy_timeout_ms=N&synchronous=full|normal]`.
@@ -154,20 +186,91 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `work` on the connection on tokio's blocking pool.
+    /// Runs `work` inside the writer's next group transaction and returns its result once
+    /// that transaction has committed.
     async fn with_connection<T: Send + 'static>(
         &self,
-        work: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        work: impl FnOnce(&Connection) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let connection = Arc::clone(&self.connection);
-        tokio::task::spawn_blocking(move || {
-            // A panic inside `work` rolls its transaction back when the Transaction drops, so
-            // a poisoned connection is still consistent.
-            let mut connection = connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            work(&mut connection)
-        })
-        .await
-        .map_err(|join_error| Error::unavailable(format!("SQLite worker failed: {join_error}")))?
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            work: Box::new(move |connection| {
+                work(connection).map(|value| Box::new(value) as Box<dyn Any + Send>)
+            }),
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| Error::unavailable("the SQLite writer thread has stopped"))?;
+        let value = answer
+            .await
+            .map_err(|_| Error::unavailable("the SQLite writer thread stopped mid-operation"))??;
+        Ok(*value.downcast::<T>().expect("a job's result has the type it was queued with"))
+    }
+}
+
+/// The writer thread: group commit. Ends when every `SqliteStore` clone is gone.
+fn write_in_groups(connection: Connection, mut queue: tokio::sync::mpsc::Receiver<Job>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        // IMMEDIATE takes the write lock before any read: no claim in another process can
+        // slip between a read and a write of this group.
+        if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
+            let message = format!("cannot begin a transaction: {error}");
+            for job in group {
+                let _ = job.reply.send(Err(Error::unavailable(message.clone())));
+            }
+            continue;
+        }
+        let mut results = Vec::with_capacity(group.len());
+        let mut failed: Option<String> = None;
+        for job in group {
+            if let Some(reason) = &failed {
+                results.push((job.reply, Err(Error::unavailable(format!("not run: {reason}")))));
+                continue;
+            }
+            let result = (job.work)(&connection);
+            // A database error may have left the transaction half done: the whole group is
+            // rolled back. Fenced, corrupt and the like changed nothing and stand alone.
+            if let Err(error) = &result
+                && error.is_unavailable()
+            {
+                failed = Some(error.to_string());
+            }
+            results.push((job.reply, result));
+        }
+        let committed = match &failed {
+            None => connection
+                .execute_batch("COMMIT")
+                .map_err(|error| format!("commit failed: {error}")),
+            Some(reason) => Err(format!("rolled back: {reason}")),
+        };
+        match committed {
+            Ok(()) => {
+                for (reply, result) in results {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(reason) => {
+                if !connection.is_autocommit() {
+                    let _ = connection.execute_batch("ROLLBACK");
+                }
+                for (reply, result) in results {
+                    let outcome = match result {
+                        Err(error) if error.is_unavailable() => Err(error),
+                        _ => Err(Error::unavailable(format!("the group transaction {reason}"))),
+                    };
+                    let _ = reply.send(outcome);
+                }
+            }
+        }
     }
 }
 
@@ -277,14 +380,11 @@ impl Store for SqliteStore {
         let (token, now, lease_expires_at, expires_at) =
             (request.token, request.now, request.lease_expires_at, request.expires_at);
         self.with_connection(move |connection| {
-            // IMMEDIATE takes the write lock before the read: no other claim can slip between.
-            let transaction = connection
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(unavailable)?;
-            let existing = select_record(&transaction, &key)?;
+            // Inside the writer's group transaction, which holds the write lock.
+            let existing = select_record(connection, &key)?;
             let decision = decide(existing.as_ref(), &fingerprint, now);
             if decision == Decision::Acquire {
-                transaction
+                connection
                     .prepare_cached(
                         "INSERT OR REPLACE INTO idem_records
                          (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
@@ -302,9 +402,7 @@ impl Store for SqliteStore {
                         ])
                     })
                     .map_err(unavailable)?;
-                transaction.commit().map_err(unavailable)?;
             }
-            // Otherwise the transaction rolls back on drop: nothing was written.
             Ok(decision)
         })
         .await

@@ -160,3 +160,35 @@ fn refuses_a_schema_newer_than_it_knows_and_bad_urls() {
 fn rusqlite_connection(path: &std::path::Path) -> rusqlite::Connection {
     rusqlite::Connection::open(path).unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operations_committed_in_groups_are_all_durable() {
+    let path = temp_db();
+    let store = Arc::new(SqliteStore::open(&path, &SqliteOptions::default()).unwrap());
+    // 400 callers at once: the writer groups them into shared transactions.
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let key = key(&format!("group-{i}"));
+                let (decision, token) = claim(store.as_ref(), &key).await;
+                assert_eq!(decision, Decision::Acquire);
+                let now = SystemClock.now();
+                let expires = now.saturating_add(Duration::from_secs(3600));
+                store
+                    .complete(&key, token, Bytes::from(format!("outcome {i}")), now, expires)
+                    .await
+                    .unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    drop(store);
+    let reopened = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+    for i in 0..400 {
+        let (decision, _) = claim(&reopened, &key(&format!("group-{i}"))).await;
+        assert_eq!(decision, Decision::Replay(Bytes::from(format!("outcome {i}"))), "key {i}");
+    }
+}

@@ -1,0 +1,367 @@
+//! The report: a Markdown table per load shape, the issue's targets checked against the
+//! measurements, and an SVG bar chart.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::{Config, Scenario};
+
+pub struct Report<'a> {
+    pub command: String,
+    pub configs: &'a mut Vec<Config>,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub rounds: usize,
+    pub rate: f64,
+    pub delay: Duration,
+    pub hold: usize,
+    pub hold_failed: u64,
+    pub held_rss_kib: u64,
+    pub peak_rss_kib: u64,
+    pub nginx_found: bool,
+    pub gateways: Vec<(&'static str, u64)>,
+}
+
+fn rps(config: &Config) -> f64 {
+    config.closed.requests() as f64 / config.closed.elapsed.as_secs_f64().max(f64::EPSILON)
+}
+
+fn per_request(total: f64, config: &Config) -> f64 {
+    total / (config.closed.requests().max(1) as f64)
+}
+
+fn statuses(config: &Config) -> String {
+    let mut text: Vec<String> =
+        config.closed.statuses.iter().map(|(status, count)| format!("{status}: {count}")).collect();
+    if config.closed.replays > 0 {
+        text.push(format!("replayed: {}", config.closed.replays));
+    }
+    if config.closed.errors > 0 {
+        text.push(format!("errors: {}", config.closed.errors));
+    }
+    text.join(", ")
+}
+
+impl Report<'_> {
+    fn find(&self, scenario: Scenario, store: &str) -> Option<&Config> {
+        self.configs
+            .iter()
+            .find(|config| config.scenario == scenario && config.name.ends_with(store))
+    }
+
+    fn machine() -> String {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|line| line.starts_with("model name"))
+                    .map(|line| line.split(':').nth(1).unwrap_or("").trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".into());
+        let cores = std::thread::available_parallelism().map_or(0, usize::from);
+        let memory = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .next()
+                    .and_then(|line| line.split_whitespace().nth(1))
+                    .and_then(|kib| kib.parse::<u64>().ok())
+            })
+            .map_or("?".into(), |kib| format!("{} GiB", kib / (1024 * 1024)));
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        format!("{cpu}, {cores} cores, {memory} memory, Linux {}", kernel.trim())
+    }
+
+    fn date() -> String {
+        std::process::Command::new("date")
+            .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+            .output()
+            .ok()
+            .and_then(|output| String::from_utf8(output.stdout).ok())
+            .map(|text| text.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// What shows the harness did not work: errors, unexpected statuses, wrong counts. Counts
+    /// of store round trips and upstream runs are exact, not timings, so they are checked.
+    pub fn harness_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for config in self.configs.iter() {
+            let name = &config.name;
+            if config.closed.requests() == 0 {
+                problems.push(format!("{name}: no request completed"));
+            }
+            if config.closed.errors > 0 {
+                problems.push(format!("{name}: {} transport errors", config.closed.errors));
+            }
+            let allowed: &[u16] =
+                if config.scenario == Scenario::Race { &[201, 409] } else { &[201] };
+            if config.closed.statuses.keys().any(|status| !allowed.contains(status)) {
+                problems.push(format!("{name}: unexpected statuses ({})", statuses(config)));
+            }
+            let trips = per_request(config.round_trips, config);
+            match config.scenario {
+                Scenario::Fresh if (trips - 2.0).abs() > 0.05 => {
+                    problems.push(format!(
+                        "{name}: {trips:.3} store round trips per request, expected 2"
+                    ));
+                }
+                Scenario::Replay
+                    if (trips - 1.0).abs() > 0.05
+                        || config.closed.replays != config.closed.requests() =>
+                {
+                    problems.push(format!(
+                        "{name}: {trips:.3} round trips per request and {} replays of {}",
+                        config.closed.replays,
+                        config.closed.requests()
+                    ));
+                }
+                Scenario::Race if config.upstream_calls > config.keys_used => {
+                    problems.push(format!(
+                        "{name}: {} upstream runs for {} keys",
+                        config.upstream_calls, config.keys_used
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if self.hold_failed > 0 {
+            problems.push(format!("{} of {} held connections failed", self.hold_failed, self.hold));
+        }
+        problems
+    }
+
+    pub fn markdown(&mut self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "# Benchmarks\n");
+        let _ = writeln!(
+            out,
+            "What idempotency costs, measured side by side in one run. Produced on {} by:\n",
+            Self::date()
+        );
+        let _ = writeln!(
+            out,
+            "```sh\ncargo build --release -p idem -p idem-bench\n{}\n```\n",
+            self.command.replace(
+                &std::env::current_exe().map(|path| path.display().to_string()).unwrap_or_default(),
+                "target/release/idem-bench",
+            )
+        );
+        let _ = writeln!(
+            out,
+            "Machine: {}. The upstream (a small hyper server, {:?} of work per request, one thread), the load generator (this binary), the gateway and the stores all share it, so every number includes their competition for two cores; the ratios are the point. Each configuration ran {} alternating rounds of {:?}: every round runs every configuration once, in the same order, so drift hits all alike.\n",
+            Self::machine(),
+            self.delay,
+            self.rounds,
+            self.duration
+        );
+        let _ = writeln!(
+            out,
+            "Each request is a `POST /orders` with a 46-byte JSON body; the upstream answers `201` with a small JSON body. Latency is measured by the client, per request.\n"
+        );
+
+        let direct = rps(&self.configs[0]);
+        let _ = writeln!(
+            out,
+            "## Fixed concurrency: {} keep-alive connections, as fast as they go\n",
+            self.concurrency
+        );
+        let _ = writeln!(
+            out,
+            "| configuration | req/s | × direct | p50 ms | p99 ms | p99.9 ms | gateway CPU s / 1k req | store round trips / req | responses |"
+        );
+        let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |");
+        for index in 0..self.configs.len() {
+            let config = &mut self.configs[index];
+            let row_rps = rps(config);
+            let (p50, p99, p999) = (
+                config.closed.quantile_ms(0.5),
+                config.closed.quantile_ms(0.99),
+                config.closed.quantile_ms(0.999),
+            );
+            let cpu = if config.pid.is_some() {
+                format!("{:.3}", per_request(config.cpu_seconds, config) * 1000.0)
+            } else {
+                "–".into()
+            };
+            let trips = if config.admin.is_some() {
+                format!("{:.2}", per_request(config.round_trips, config))
+            } else {
+                "–".into()
+            };
+            let mut responses = statuses(config);
+            if config.scenario == Scenario::Race {
+                let _ = write!(
+                    responses,
+                    "; upstream ran {} times for {} keys",
+                    config.upstream_calls, config.keys_used
+                );
+            }
+            let _ = writeln!(
+                out,
+                "| {} | {row_rps:.0} | {:.2} | {p50:.2} | {p99:.2} | {p999:.2} | {cpu} | {trips} | {responses} |",
+                config.name,
+                row_rps / direct
+            );
+        }
+
+        let _ = writeln!(
+            out,
+            "\n## Fixed rate: {:.0} requests per second (half the direct maximum), offered to each\n",
+            self.rate
+        );
+        let _ = writeln!(
+            out,
+            "Latency counts from when each request was due, so queueing behind a slow response shows.\n"
+        );
+        let _ = writeln!(
+            out,
+            "| configuration | p50 ms | p99 ms | p99.9 ms | p99 added to pass-through, ms |"
+        );
+        let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+        let pass_p99 = self
+            .configs
+            .iter_mut()
+            .find(|config| config.scenario == Scenario::PassThrough)
+            .and_then(|config| config.open.as_mut().map(|open| open.quantile_ms(0.99)))
+            .unwrap_or(f64::NAN);
+        for config in self.configs.iter_mut() {
+            let name = config.name.clone();
+            let gated = matches!(config.scenario, Scenario::Fresh | Scenario::Replay);
+            let Some(open) = config.open.as_mut() else { continue };
+            let (p50, p99, p999) =
+                (open.quantile_ms(0.5), open.quantile_ms(0.99), open.quantile_ms(0.999));
+            let added = if gated { format!("{:+.2}", p99 - pass_p99) } else { "–".into() };
+            let _ = writeln!(out, "| {name} | {p50:.2} | {p99:.2} | {p999:.2} | {added} |");
+        }
+
+        let _ = writeln!(out, "\n## Memory\n");
+        let _ = writeln!(
+            out,
+            "With {} keep-alive connections held open on the memory-store gateway (each after one request): RSS {:.1} MiB; the process's peak RSS over the whole run {:.1} MiB.\n",
+            self.hold,
+            self.held_rss_kib as f64 / 1024.0,
+            self.peak_rss_kib as f64 / 1024.0
+        );
+        let _ = writeln!(out, "| gateway | peak RSS MiB |\n| --- | ---: |");
+        for (name, kib) in &self.gateways {
+            let _ = writeln!(out, "| idem on {name} | {:.1} |", *kib as f64 / 1024.0);
+        }
+
+        let _ = writeln!(out, "\n## Targets\n");
+        let _ = writeln!(out, "| target | measured | met |\n| --- | --- | --- |");
+        let ratio = |a: Option<&Config>, b: Option<&Config>| a.zip(b).map(|(a, b)| rps(a) / rps(b));
+        let pass = self.find(Scenario::PassThrough, "(pass-through)");
+        let target = |out: &mut String,
+                      what: &str,
+                      measured: Option<f64>,
+                      unit: &str,
+                      met: &dyn Fn(f64) -> bool| {
+            let _ = match measured {
+                Some(value) if value.is_finite() => writeln!(
+                    out,
+                    "| {what} | {value:.2}{unit} | {} |",
+                    if met(value) { "yes" } else { "**no**" }
+                ),
+                _ => writeln!(out, "| {what} | not measured | – |"),
+            };
+        };
+        let nginx = self.configs.iter().find(|config| config.scenario == Scenario::Nginx);
+        target(&mut out, "pass-through ≥ 0.9 × nginx req/s", ratio(pass, nginx), "×", &|r| {
+            r >= 0.9
+        });
+        target(
+            &mut out,
+            "fresh key, memory ≥ 0.8 × pass-through",
+            ratio(self.find(Scenario::Fresh, "memory"), pass),
+            "×",
+            &|r| r >= 0.8,
+        );
+        target(
+            &mut out,
+            "fresh key, sqlite ≥ 0.6 × pass-through",
+            ratio(self.find(Scenario::Fresh, "sqlite"), pass),
+            "×",
+            &|r| r >= 0.6,
+        );
+        target(
+            &mut out,
+            "replay, memory ≥ 1.0 × pass-through",
+            ratio(self.find(Scenario::Replay, "memory"), pass),
+            "×",
+            &|r| r >= 1.0,
+        );
+        let trips =
+            |config: Option<&Config>| config.map(|config| per_request(config.round_trips, config));
+        target(
+            &mut out,
+            "store round trips per fresh key = 2",
+            trips(self.find(Scenario::Fresh, "sqlite")),
+            "",
+            &|t| (t - 2.0).abs() < 0.05,
+        );
+        target(
+            &mut out,
+            "store round trips per replay = 1",
+            trips(self.find(Scenario::Replay, "sqlite")),
+            "",
+            &|t| (t - 1.0).abs() < 0.05,
+        );
+        target(
+            &mut out,
+            &format!("gateway RSS < 64 MiB with {} connections", self.hold),
+            Some(self.held_rss_kib as f64 / 1024.0),
+            " MiB",
+            &|m| m < 64.0,
+        );
+        if !self.nginx_found {
+            let _ = writeln!(
+                out,
+                "\nnginx was not installed, so the nginx row and its target are missing."
+            );
+        }
+        let _ = writeln!(out, "\n![requests per second by configuration](BENCHMARKS.svg)");
+        out
+    }
+
+    /// A horizontal bar chart of requests per second.
+    pub fn svg(&self) -> String {
+        let rows: Vec<(String, f64)> =
+            self.configs.iter().map(|config| (config.name.clone(), rps(config))).collect();
+        let max = rows.iter().map(|(_, value)| *value).fold(1.0, f64::max);
+        let (label_width, bar_width, row_height) = (300.0, 420.0, 26.0);
+        let height = 50.0 + row_height * rows.len() as f64;
+        let mut svg = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"10\" y=\"22\" font-size=\"15\" font-weight=\"bold\">Requests per second, {} connections (higher is better)</text>\n",
+            self.concurrency,
+            w = label_width + bar_width + 90.0
+        );
+        for (index, (name, value)) in rows.iter().enumerate() {
+            let y = 40.0 + index as f64 * row_height;
+            let width = bar_width * value / max;
+            let color = if name.starts_with("idem") { "#3b7dd8" } else { "#9aa5b1" };
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">{}</text>",
+                label_width - 8.0,
+                y + 16.0,
+                name.replace('&', "&amp;").replace('<', "&lt;")
+            );
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{label_width}\" y=\"{y:.0}\" width=\"{width:.1}\" height=\"{:.0}\" fill=\"{color}\"/>",
+                row_height - 6.0
+            );
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{:.0}\">{value:.0}</text>",
+                label_width + width + 6.0,
+                y + 16.0
+            );
+        }
+        svg.push_str("</svg>\n");
+        svg
+    }
+}
