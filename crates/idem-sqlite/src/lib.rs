@@ -87,10 +87,16 @@ const MAX_BATCH: usize = 256;
 /// Most operations waiting for the writer; callers wait for room beyond it.
 const QUEUE_DEPTH: usize = 4096;
 
-/// An operation for the writer thread, its result type erased so that one queue serves all.
+/// A job's result, its type erased so that one queue serves every operation.
+type Erased = Box<dyn Any + Send>;
+
+/// The work of one operation, run inside a group transaction.
+type Work = Box<dyn FnOnce(&Connection) -> Result<Erased> + Send>;
+
+/// An operation for the writer thread.
 struct Job {
-    work: Box<dyn FnOnce(&Connection) -> Result<Box<dyn Any + Send>> + Send>,
-    reply: tokio::sync::oneshot::Sender<Result<Box<dyn Any + Send>>>,
+    work: Work,
+    reply: tokio::sync::oneshot::Sender<Result<Erased>>,
 }
 
 /// A [`Store`] on one SQLite file.
