@@ -71,7 +71,11 @@ pub struct Config {
     /// The key prefix; replays cycle over keys stored under it before the rounds.
     prefix: String,
     pub closed: Outcome,
+    /// At a fixed rate, half of this configuration's own maximum.
     pub open: Option<Outcome>,
+    /// Pass-through at that same rate, run right after, for the latency idem adds.
+    pub paired: Option<Outcome>,
+    pub rate: f64,
     pub cpu_seconds: f64,
     pub round_trips: f64,
     pub upstream_calls: u64,
@@ -110,6 +114,8 @@ impl Config {
             prefix: format!("{tag}-c{index}"),
             closed: Outcome::default(),
             open: None,
+            paired: None,
+            rate: 0.0,
             cpu_seconds: 0.0,
             round_trips: 0.0,
             upstream_calls: 0,
@@ -124,6 +130,32 @@ impl Config {
             Scenario::Replay => Keys::Cycle(self.prefix.clone(), REPLAY_KEYS),
             Scenario::Race => Keys::Race(format!("{}-{phase}{round}", self.prefix), RACE_GROUP),
         }
+    }
+}
+
+/// `duration` at `rate` requests per second, with enough connections to keep up.
+async fn open_loop(
+    config: &Config,
+    round: usize,
+    rate: f64,
+    concurrency: usize,
+    duration: Duration,
+) -> Outcome {
+    load::run(Plan {
+        target: config.target,
+        keys: config.keys(round, &format!("r{}-", rate as u64)),
+        connections: concurrency * 4,
+        duration,
+        rate: Some(rate),
+        max_requests: None,
+    })
+    .await
+}
+
+fn merge(slot: &mut Option<Outcome>, outcome: Outcome) {
+    match slot {
+        Some(existing) => existing.merge(outcome),
+        None => *slot = Some(outcome),
     }
 }
 
@@ -335,24 +367,30 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
 
-    // The same offered load for every configuration: half of what the upstream takes directly.
-    let direct_rps = configs[0].closed.requests() as f64 / configs[0].closed.elapsed.as_secs_f64();
-    let rate = (direct_rps / 2.0).max(100.0);
-    eprintln!("fixed rate: {rate:.0} req/s (half of the direct maximum)");
+    // Each configuration at half of its own maximum; the idempotent ones each paired with
+    // pass-through at the same rate, run right after it, for the latency idem adds.
+    let pass_through = configs
+        .iter()
+        .position(|config| config.scenario == Scenario::PassThrough)
+        .expect("a pass-through row");
+    for config in configs.iter_mut().filter(|config| config.scenario != Scenario::Race) {
+        config.rate =
+            (config.closed.requests() as f64 / config.closed.elapsed.as_secs_f64() / 2.0).max(50.0);
+    }
+    eprintln!("fixed rate: each configuration at half of its own maximum");
     for round in 0..rounds {
-        for config in configs.iter_mut().filter(|config| config.scenario != Scenario::Race) {
-            let outcome = load::run(Plan {
-                target: config.target,
-                keys: config.keys(round, "r"),
-                connections: args.concurrency * 4,
-                duration,
-                rate: Some(rate),
-                max_requests: None,
-            })
-            .await;
-            match &mut config.open {
-                Some(open) => open.merge(outcome),
-                None => config.open = Some(outcome),
+        for index in 0..configs.len() {
+            if configs[index].scenario == Scenario::Race {
+                continue;
+            }
+            let rate = configs[index].rate;
+            let outcome = open_loop(&configs[index], round, rate, args.concurrency, duration).await;
+            merge(&mut configs[index].open, outcome);
+            if matches!(configs[index].scenario, Scenario::Fresh | Scenario::Replay) {
+                let paired =
+                    open_loop(&configs[pass_through], round, rate, args.concurrency, duration)
+                        .await;
+                merge(&mut configs[index].paired, paired);
             }
         }
     }
@@ -369,7 +407,6 @@ async fn run(args: Args) -> Result<(), String> {
         concurrency: args.concurrency,
         duration,
         rounds,
-        rate,
         delay: args.delay,
         hold,
         hold_failed: failed,
