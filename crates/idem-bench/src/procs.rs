@@ -89,12 +89,14 @@ impl Nginx {
             .port();
         std::fs::create_dir_all(&dir).map_err(|error| error.to_string())?;
         // As close to idem's setup as nginx allows: one worker per core, keep-alive to the
-        // upstream, no logging, request bodies buffered in memory.
+        // upstream, no logging, request bodies buffered in memory, and no cap on requests per
+        // keep-alive connection (nginx closes after 1,000 by default; idem never does).
         let config = format!(
             "worker_processes auto;\npid {dir}/nginx.pid;\nerror_log stderr error;\ndaemon off;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
-               upstream app {{ server {upstream}; keepalive 256; }}\n\
+               upstream app {{ server {upstream}; keepalive 256; keepalive_requests 100000000; }}\n\
+               keepalive_requests 100000000;\n  keepalive_timeout 600s;\n\
                server {{\n    listen 127.0.0.1:{port};\n    client_body_buffer_size 64k;\n\
                  location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n  }}\n}}\n",
             dir = dir.display()

@@ -233,7 +233,7 @@ impl Report<'_> {
         let _ = writeln!(out, "\n## Memory\n");
         let _ = writeln!(
             out,
-            "With {} keep-alive connections held open on the memory-store gateway (each after one request): RSS {:.1} MiB; the process's peak RSS over the whole run {:.1} MiB.\n",
+            "With {} keep-alive connections held open on a gateway started for this check (memory store, each connection after one request): RSS {:.1} MiB, peak {:.1} MiB. The gateways above hold every record their runs stored (no TTL passes within the run), which is what their peaks below measure.\n",
             self.hold,
             self.held_rss_kib as f64 / 1024.0,
             self.peak_rss_kib as f64 / 1024.0

@@ -11,7 +11,8 @@
 //! ```
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,13 +22,27 @@ use crate::{
     RecordState, RecordSummary, Result, Store, Timestamp, decide, is_owner,
 };
 
-/// Records in a `HashMap` behind a mutex.
+/// Maps behind their own locks; a key always lives in the same one.
+const SHARDS: usize = 16;
+
+type Shard = HashMap<RecordKey, Record>;
+
+/// Records in 16 `HashMap`s, each behind its own mutex.
 ///
-/// A std `Mutex`, not tokio's: every critical section is a few map operations with no
+/// Sharded so that concurrent requests for different keys rarely wait on one lock, and so that
+/// a map growing (rehashing all it holds) stalls a sixteenth of the keys for a sixteenth of the
+/// time. A std `Mutex`, not tokio's: every critical section is a few map operations with no
 /// `.await` inside, so a blocking lock is both correct and cheaper.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
-    records: Mutex<HashMap<RecordKey, Record>>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), hasher: RandomState::new() }
+    }
 }
 
 impl MemoryStore {
@@ -37,26 +52,25 @@ impl MemoryStore {
 
     /// How many records are held, expired or not.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        (0..SHARDS).map(|index| lock(&self.shards[index]).len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RecordKey, Record>> {
-        // A panic while holding the lock cannot leave a record half-written (each write is one
-        // insert or remove), so a poisoned map is still consistent.
-        self.records.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn shard(&self, key: &RecordKey) -> MutexGuard<'_, Shard> {
+        let index = self.hasher.hash_one(key) as usize % SHARDS;
+        lock(&self.shards[index])
     }
 
     fn with_owned_record<T>(
         &self,
         key: &RecordKey,
         token: FencingToken,
-        apply: impl FnOnce(&mut HashMap<RecordKey, Record>) -> T,
+        apply: impl FnOnce(&mut Shard) -> T,
     ) -> Result<T> {
-        let mut records = self.lock();
+        let mut records = self.shard(key);
         if !is_owner(records.get(key), token) {
             return Err(Error::Fenced);
         }
@@ -64,10 +78,16 @@ impl MemoryStore {
     }
 }
 
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding the lock cannot leave a record half-written (each write is one
+    // insert or remove), so a poisoned map is still consistent.
+    shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Decision> {
-        let mut records = self.lock();
+        let mut records = self.shard(request.key);
         let decision = decide(records.get(request.key), request.fingerprint, request.now);
         if decision == Decision::Acquire {
             records.insert(
@@ -125,34 +145,44 @@ impl Store for MemoryStore {
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>> {
-        Ok(self.lock().get(key).cloned())
+        Ok(self.shard(key).get(key).cloned())
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool> {
-        Ok(self.lock().remove(key).is_some())
+        Ok(self.shard(key).remove(key).is_some())
     }
 
     async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
-        let mut records = self.lock();
-        let expired: Vec<RecordKey> = records
-            .iter()
-            .filter(|(_, record)| record.is_expired(now))
-            .map(|(key, _)| key.clone())
-            .take(limit)
-            .collect();
-        for key in &expired {
-            records.remove(key);
+        let mut deleted = 0;
+        // One shard locked at a time, so a sweep never stops every key at once.
+        for shard in self.shards.iter() {
+            if deleted >= limit {
+                break;
+            }
+            let mut records = lock(shard);
+            let before = records.len();
+            let mut budget = limit - deleted;
+            records.retain(|_, record| {
+                let remove = budget > 0 && record.is_expired(now);
+                budget -= usize::from(remove);
+                !remove
+            });
+            deleted += before - records.len();
         }
-        Ok(expired.len())
+        Ok(deleted)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>> {
-        let records = self.lock();
-        let mut matching: Vec<RecordSummary> = records
-            .iter()
-            .map(|(key, record)| RecordSummary::from_record(key.clone(), record))
-            .filter(|summary| summary.matches(query))
-            .collect();
+        let mut matching: Vec<RecordSummary> = Vec::new();
+        for shard in self.shards.iter() {
+            let records = lock(shard);
+            matching.extend(
+                records
+                    .iter()
+                    .map(|(key, record)| RecordSummary::from_record(key.clone(), record))
+                    .filter(|summary| summary.matches(query)),
+            );
+        }
         matching.sort_by_key(|summary| summary.created_at);
         matching.truncate(query.effective_limit());
         Ok(matching)

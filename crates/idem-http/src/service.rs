@@ -128,6 +128,15 @@ where
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
                 Ok(response)
             }
+            // A record the store cannot read back: never forwarded, even failing open, since
+            // the operation may already have run under it.
+            Err(error) if !error.is_unavailable() => {
+                tracing::error!(%error, key = %record_key.key, "the stored record cannot be used");
+                Ok(problem(
+                    ProblemKind::CorruptRecord,
+                    "the stored record for this key could not be read; the request was not run",
+                ))
+            }
             Err(error) if config.fail_open => {
                 tracing::warn!(%error, "store unavailable; forwarding without idempotency (fail open)");
                 metrics::counter!("idem_fail_open_total").increment(1);

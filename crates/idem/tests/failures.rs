@@ -166,3 +166,29 @@ async fn an_unavailable_store_fails_closed_by_default_and_open_when_configured()
     );
     assert_eq!(upstream.calls(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_record_is_refused_and_never_run_again() {
+    let upstream = Upstream::start().await;
+    let db = temp_dir().join("idem.db");
+    let store = format!("sqlite://{}", db.display());
+    // Failing open must not turn a damaged record into a second run.
+    let gateway = Gateway::start(&upstream.url(), &store, &["--fail-open"]);
+    let client = gateway.client();
+    assert_eq!(client.post("bad-payload", "x", &[]).await.status, 201);
+    assert_eq!(client.post("bad-state", "x", &[]).await.status, 201);
+    let damage = rusqlite::Connection::open(&db).unwrap();
+    // A stored response that no longer decodes...
+    damage
+        .execute("UPDATE idem_records SET payload = x'00010203' WHERE key = 'bad-payload'", [])
+        .unwrap();
+    // ...and a row whose fields contradict its state.
+    damage.execute("UPDATE idem_records SET token = 7 WHERE key = 'bad-state'", []).unwrap();
+
+    client.post("bad-payload", "x", &[]).await.assert_problem(500, "corrupt-record");
+    client.post("bad-state", "x", &[]).await.assert_problem(500, "corrupt-record");
+    assert_eq!(upstream.calls(), 2, "nothing ran again");
+    // Other keys are unaffected.
+    assert_eq!(client.post("healthy", "x", &[]).await.status, 201);
+    assert!(client.post("healthy", "x", &[]).await.is_replay());
+}
