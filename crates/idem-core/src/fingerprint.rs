@@ -30,6 +30,12 @@ impl Fingerprint {
         bytes.try_into().ok().map(Self)
     }
 
+    /// Reads a fingerprint a store kept; anything but 32 bytes is a corrupt record.
+    pub fn from_stored(bytes: &[u8]) -> crate::Result<Self> {
+        Self::from_slice(bytes)
+            .ok_or_else(|| crate::Error::Corrupt(format!("fingerprint of {} bytes", bytes.len())))
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }

@@ -176,6 +176,13 @@ impl RecordKey {
     pub fn new(scope: Scope, key: IdempotencyKey) -> Self {
         Self { scope, key }
     }
+
+    /// Rebuilds a key a store kept; a key that no longer validates is a corrupt record.
+    pub fn from_stored(scope: String, key: String) -> crate::Result<Self> {
+        let key = IdempotencyKey::new(key)
+            .map_err(|error| crate::Error::Corrupt(format!("stored key: {error}")))?;
+        Ok(Self::new(Scope::named(scope), key))
+    }
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {

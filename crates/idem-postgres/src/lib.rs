@@ -37,9 +37,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey,
-    ListQuery, Record, RecordKey, RecordState, RecordSummary, Result, Scope, StateFilter, Store,
-    Timestamp, decide,
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Record,
+    RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp, decide,
 };
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -340,8 +339,7 @@ fn read_record(row: &tokio_postgres::Row, first: usize) -> Result<Record> {
     let payload: Option<Vec<u8>> = row.try_get(first + 4).map_err(get_error)?;
     let created_at: i64 = row.try_get(first + 5).map_err(get_error)?;
     let expires_at: i64 = row.try_get(first + 6).map_err(get_error)?;
-    let fingerprint = Fingerprint::from_slice(&fingerprint)
-        .ok_or_else(|| Error::Corrupt(format!("fingerprint of {} bytes", fingerprint.len())))?;
+    let fingerprint = Fingerprint::from_stored(&fingerprint)?;
     let state = match (state, token, lease, payload) {
         (IN_FLIGHT, Some(token), Some(lease), None) => RecordState::InFlight {
             token: FencingToken::from_u64(token as u64),
@@ -514,13 +512,8 @@ impl Store for PostgresStore {
                 let key: String = row.try_get(1).map_err(get_error)?;
                 let fingerprint: Vec<u8> = row.try_get(2).map_err(get_error)?;
                 Ok(RecordSummary {
-                    key: RecordKey::new(
-                        Scope::named(row.try_get::<_, String>(0).map_err(get_error)?),
-                        IdempotencyKey::new(key)
-                            .map_err(|error| Error::Corrupt(error.to_string()))?,
-                    ),
-                    fingerprint: Fingerprint::from_slice(&fingerprint)
-                        .ok_or_else(|| Error::Corrupt("fingerprint is not 32 bytes".into()))?,
+                    key: RecordKey::from_stored(row.try_get(0).map_err(get_error)?, key)?,
+                    fingerprint: Fingerprint::from_stored(&fingerprint)?,
                     lease_expires_at: row
                         .try_get::<_, Option<i64>>(3)
                         .map_err(get_error)?

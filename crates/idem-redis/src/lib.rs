@@ -41,9 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey,
-    ListQuery, Record, RecordKey, RecordState, RecordSummary, Result, Scope, Store, Timestamp,
-    decide,
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Record,
+    RecordKey, RecordState, RecordSummary, Result, Store, Timestamp, decide,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
@@ -266,8 +265,7 @@ fn read_record(field: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Record> {
     let required =
         |name: &str| field(name).ok_or_else(|| Error::Corrupt(format!("field {name} is missing")));
     let fingerprint = required("f")?;
-    let fingerprint = Fingerprint::from_slice(&fingerprint)
-        .ok_or_else(|| Error::Corrupt(format!("fingerprint of {} bytes", fingerprint.len())))?;
+    let fingerprint = Fingerprint::from_stored(&fingerprint)?;
     let present = |name: &str| field(name).filter(|value| !value.is_empty());
     let state = match (required("st")?.as_slice(), present("t"), present("l"), field("p")) {
         (b"0", Some(token), Some(lease), _) => RecordState::InFlight {
@@ -430,11 +428,7 @@ impl Store for RedisStore {
                             |name| if name == "p" { Some(Vec::new()) } else { field(name) },
                         )?;
                     let mut summary = RecordSummary::from_record(
-                        RecordKey::new(
-                            Scope::named(text(&scope, "s")?),
-                            IdempotencyKey::new(key)
-                                .map_err(|error| Error::Corrupt(error.to_string()))?,
-                        ),
+                        RecordKey::from_stored(text(&scope, "s")?, key)?,
                         &record,
                     );
                     if summary.lease_expires_at.is_none() {

@@ -30,9 +30,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey,
-    ListQuery, Record, RecordKey, RecordState, RecordSummary, Result, Scope, StateFilter, Store,
-    Timestamp, decide,
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Record,
+    RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp, decide,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -331,8 +330,7 @@ fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record>> {
     let created_at: i64 = row.get(5)?;
     let expires_at: i64 = row.get(6)?;
     Ok((|| {
-        let fingerprint = Fingerprint::from_slice(&fingerprint)
-            .ok_or_else(|| Error::Corrupt(format!("fingerprint of {} bytes", fingerprint.len())))?;
+        let fingerprint = Fingerprint::from_stored(&fingerprint)?;
         let state = match (state, token, lease_expires_at, payload) {
             (IN_FLIGHT, Some(token), Some(lease), None) => RecordState::InFlight {
                 token: FencingToken::from_u64(token as u64),
@@ -549,12 +547,8 @@ impl Store for SqliteStore {
                 let (scope, key, fingerprint, lease, payload_len, created_at, expires_at) =
                     row.map_err(unavailable)?;
                 summaries.push(RecordSummary {
-                    key: RecordKey::new(
-                        Scope::named(scope),
-                        IdempotencyKey::new(key).map_err(|error| Error::Corrupt(error.to_string()))?,
-                    ),
-                    fingerprint: Fingerprint::from_slice(&fingerprint)
-                        .ok_or_else(|| Error::Corrupt("fingerprint is not 32 bytes".into()))?,
+                    key: RecordKey::from_stored(scope, key)?,
+                    fingerprint: Fingerprint::from_stored(&fingerprint)?,
                     lease_expires_at: lease.map(from_sql),
                     payload_len: payload_len.map(|len| len as u64),
                     created_at: from_sql(created_at),
