@@ -1,0 +1,82 @@
+//! Exactly-once message processing on at-least-once brokers.
+//!
+//! Brokers deliver every message at least once, so a consumer must expect duplicates. The
+//! [inbox](postgres::Inbox) makes a handler's effects happen once per message: the message id
+//! is recorded in the same database transaction as the handler's writes, a unique constraint
+//! detects the duplicate, and the broker is acknowledged only after that transaction commits.
+//!
+//! ```no_run
+//! # async fn handle(client: &mut tokio_postgres::Client, message_id: &str, amount: i64) -> Result<(), Box<dyn std::error::Error>> {
+//! use idem_stream::{Delivery, postgres::Inbox};
+//!
+//! let inbox = Inbox::new("ledger")?;
+//! let tx = client.transaction().await?;
+//! if inbox.record(&tx, message_id).await? == Delivery::First {
+//!     tx.execute("UPDATE balances SET cents = cents + $1 WHERE id = 1", &[&amount]).await?;
+//! }
+//! tx.commit().await?;
+//! // Only now acknowledge the message to the broker.
+//! # Ok(()) }
+//! ```
+//!
+//! The transaction is the unit of exactly-once: if the handler fails, the process dies or the
+//! connection drops before the commit, neither the id nor the effects are stored, and the
+//! redelivered message runs again. Two deliveries of one message processed at once serialise
+//! on the unique index: the second waits for the first transaction and then sees a duplicate
+//! (or, if the first rolled back, runs).
+
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+/// What [`postgres::Inbox::record`] (or the SQLite one) found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The first delivery to commit: apply the message's effects in this transaction.
+    First,
+    /// Already processed by this consumer: apply nothing, commit (or roll back) and acknowledge.
+    Duplicate,
+}
+
+/// The longest message id accepted, in bytes.
+pub const MAX_MESSAGE_ID_LEN: usize = 512;
+/// The longest consumer name accepted, in bytes.
+pub const MAX_CONSUMER_LEN: usize = 200;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid message id: {0}")]
+    InvalidMessageId(String),
+    #[error("invalid consumer name: {0}")]
+    InvalidConsumer(String),
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[cfg(feature = "sqlite")]
+    #[error("SQLite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn check_consumer(consumer: &str) -> Result<()> {
+    if consumer.is_empty() || consumer.len() > MAX_CONSUMER_LEN {
+        return Err(Error::InvalidConsumer(format!(
+            "{} bytes; a consumer name is 1 to {MAX_CONSUMER_LEN} bytes",
+            consumer.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_message_id(message_id: &str) -> Result<()> {
+    if message_id.is_empty() || message_id.len() > MAX_MESSAGE_ID_LEN {
+        return Err(Error::InvalidMessageId(format!(
+            "{} bytes; a message id is 1 to {MAX_MESSAGE_ID_LEN} bytes",
+            message_id.len()
+        )));
+    }
+    Ok(())
+}

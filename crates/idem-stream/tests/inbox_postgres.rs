@@ -1,0 +1,226 @@
+//! The inbox against the real PostgreSQL named by `IDEM_TEST_POSTGRES_URL`: messages delivered
+//! several times, handlers that fail, connections killed before the commit, duplicates
+//! processed at once. Effects are counted in a table with no unique constraint, so a double
+//! application would show.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use idem_core::conformance::service_url;
+use idem_stream::postgres::Inbox;
+use idem_stream::{Delivery, Error};
+use tokio_postgres::{Client, Config, NoTls};
+
+/// A client whose `search_path` is a fresh schema of this test's own, with the inbox table and
+/// a one-row ledger in it.
+async fn fresh(schema: &str) -> Option<(Client, Config)> {
+    let url = service_url("IDEM_TEST_POSTGRES_URL")?;
+    let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let mut config: Config = url.parse().unwrap();
+    config.options(format!("-c search_path={schema}"));
+    let mut client = connect(&config).await;
+    Inbox::migrate(&mut client).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE ledger (id int PRIMARY KEY, cents bigint NOT NULL);
+             INSERT INTO ledger VALUES (1, 0);
+             CREATE TABLE applied (message_id text NOT NULL);",
+        )
+        .await
+        .unwrap();
+    Some((client, config))
+}
+
+async fn connect(config: &Config) -> Client {
+    let (client, connection) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// The handler: credits the ledger once per message, in the transaction that records it.
+async fn deliver(
+    client: &mut Client,
+    inbox: &Inbox,
+    message_id: &str,
+    cents: i64,
+) -> Result<Delivery, Error> {
+    let transaction = client.transaction().await?;
+    let delivery = inbox.record(&transaction, message_id).await?;
+    if delivery == Delivery::First {
+        transaction.execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents]).await?;
+        transaction.execute("INSERT INTO applied VALUES ($1)", &[&message_id]).await?;
+    }
+    transaction.commit().await?;
+    Ok(delivery)
+}
+
+async fn effects(client: &Client) -> (i64, i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT cents FROM ledger WHERE id = 1), count(*), count(DISTINCT message_id) FROM applied",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_message_applies_once_however_often_it_is_delivered() {
+    let Some((client, config)) = fresh("idem_stream_redelivery").await else { return };
+    let inbox = Inbox::new("ledger").unwrap();
+    // 500 payments, each delivered 3 times, shuffled, handled by 4 consumers at once.
+    let mut deliveries: Vec<(String, i64)> =
+        (0..1_500).map(|i| (format!("payment-{}", i % 500), (i % 500) as i64 + 1)).collect();
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for index in (1..deliveries.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        deliveries.swap(index, (seed % (index as u64 + 1)) as usize);
+    }
+    let queue = Arc::new(Mutex::new(deliveries));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (queue, inbox, config) = (Arc::clone(&queue), inbox.clone(), config.clone());
+            tokio::spawn(async move {
+                let mut client = connect(&config).await;
+                let mut firsts = 0;
+                loop {
+                    let Some((id, cents)) = queue.lock().unwrap().pop() else { break };
+                    if deliver(&mut client, &inbox, &id, cents).await.unwrap() == Delivery::First {
+                        firsts += 1;
+                    }
+                }
+                firsts
+            })
+        })
+        .collect();
+    let mut firsts = 0;
+    for worker in workers {
+        firsts += worker.await.unwrap();
+    }
+    assert_eq!(firsts, 500, "one first delivery per message");
+    let expected_cents: i64 = (1..=500).sum();
+    assert_eq!(
+        effects(&client).await,
+        (expected_cents, 500, 500),
+        "balance = sum, each applied once"
+    );
+    println!(
+        "inbox: 1500 deliveries of 500 messages by 4 consumers -> 500 applied, balance {expected_cents}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_handler_or_a_dropped_connection_leaves_nothing_and_the_redelivery_applies() {
+    let Some((mut client, config)) = fresh("idem_stream_failures").await else { return };
+    let inbox = Inbox::new("ledger").unwrap();
+
+    // The handler fails after recording the id: the transaction rolls back, id and all.
+    {
+        let transaction = client.transaction().await.unwrap();
+        assert_eq!(inbox.record(&transaction, "m-1").await.unwrap(), Delivery::First);
+        transaction
+            .execute("UPDATE ledger SET cents = cents + 10 WHERE id = 1", &[])
+            .await
+            .unwrap();
+        let failure = transaction.execute("SELECT 1 / 0", &[]).await;
+        assert!(failure.is_err());
+        // Dropped without commit: rolled back.
+    }
+    assert_eq!(effects(&client).await, (0, 0, 0));
+    assert_eq!(deliver(&mut client, &inbox, "m-1", 10).await.unwrap(), Delivery::First);
+
+    // The connection dies between the writes and the commit.
+    let mut doomed = connect(&config).await;
+    let pid: i32 = doomed.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let transaction = doomed.transaction().await.unwrap();
+    assert_eq!(inbox.record(&transaction, "m-2").await.unwrap(), Delivery::First);
+    transaction.execute("UPDATE ledger SET cents = cents + 20 WHERE id = 1", &[]).await.unwrap();
+    transaction.execute("INSERT INTO applied VALUES ('m-2')", &[]).await.unwrap();
+    client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    assert!(
+        transaction.commit().await.is_err(),
+        "the commit cannot succeed on a killed connection"
+    );
+    assert_eq!(effects(&client).await, (10, 1, 1), "nothing of m-2 was kept");
+    // The broker redelivers m-2 (it was never acknowledged): it applies now, once.
+    assert_eq!(deliver(&mut client, &inbox, "m-2", 20).await.unwrap(), Delivery::First);
+    assert_eq!(deliver(&mut client, &inbox, "m-2", 20).await.unwrap(), Delivery::Duplicate);
+    assert_eq!(effects(&client).await, (30, 2, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_processed_at_the_same_time_waits_for_the_first() {
+    let Some((mut first, config)) = fresh("idem_stream_concurrent").await else { return };
+    let inbox = Inbox::new("ledger").unwrap();
+    for commit_first in [true, false] {
+        let id = format!("m-{commit_first}");
+        let transaction = first.transaction().await.unwrap();
+        assert_eq!(inbox.record(&transaction, &id).await.unwrap(), Delivery::First);
+        let second = {
+            let (inbox, config, id) = (inbox.clone(), config.clone(), id.clone());
+            tokio::spawn(async move {
+                let mut client = connect(&config).await;
+                let transaction = client.transaction().await.unwrap();
+                let delivery = inbox.record(&transaction, &id).await.unwrap();
+                transaction.commit().await.unwrap();
+                delivery
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "the second delivery waits on the first's transaction");
+        if commit_first {
+            transaction.commit().await.unwrap();
+            assert_eq!(second.await.unwrap(), Delivery::Duplicate);
+        } else {
+            transaction.rollback().await.unwrap();
+            assert_eq!(
+                second.await.unwrap(),
+                Delivery::First,
+                "the first rolled back: the second runs"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_are_independent_purging_is_bounded_and_bad_input_is_refused() {
+    let Some((mut client, _)) = fresh("idem_stream_purge").await else { return };
+    let (ledger, audit) = (Inbox::new("ledger").unwrap(), Inbox::new("audit").unwrap());
+    for id in ["a", "b", "c"] {
+        assert_eq!(deliver(&mut client, &ledger, id, 1).await.unwrap(), Delivery::First);
+        assert_eq!(
+            deliver(&mut client, &audit, id, 0).await.unwrap(),
+            Delivery::First,
+            "another consumer"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        ledger.purge(&client, Duration::from_secs(3600), 10).await.unwrap(),
+        0,
+        "nothing that old"
+    );
+    assert_eq!(ledger.purge(&client, Duration::ZERO, 2).await.unwrap(), 2, "a batch is bounded");
+    assert_eq!(ledger.purge(&client, Duration::ZERO, 10).await.unwrap(), 1);
+    assert_eq!(
+        deliver(&mut client, &audit, "a", 0).await.unwrap(),
+        Delivery::Duplicate,
+        "audit kept its ids"
+    );
+
+    let transaction = client.transaction().await.unwrap();
+    assert!(matches!(ledger.record(&transaction, "").await, Err(Error::InvalidMessageId(_))));
+    assert!(matches!(
+        ledger.record(&transaction, &"x".repeat(513)).await,
+        Err(Error::InvalidMessageId(_))
+    ));
+    assert!(matches!(Inbox::new(""), Err(Error::InvalidConsumer(_))));
+}
