@@ -25,8 +25,11 @@
 //! on the unique index: the second waits for the first transaction and then sees a duplicate
 //! (or, if the first rolled back, runs).
 
+#[cfg(feature = "nats")]
+pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod publish;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -51,6 +54,8 @@ pub enum Error {
     InvalidMessageId(String),
     #[error("invalid consumer name: {0}")]
     InvalidConsumer(String),
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
     #[cfg(feature = "postgres")]
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] tokio_postgres::Error),

@@ -91,3 +91,299 @@ impl Inbox {
             .await?)
     }
 }
+
+/// Most bytes in one event's payload.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Most headers on one event.
+pub const MAX_HEADERS: usize = 64;
+
+/// One event to enqueue.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    /// Where it goes: the NATS subject, the RabbitMQ routing key, the stream name.
+    pub topic: &'a str,
+    /// Events with the same key are published in commit order.
+    pub key: &'a str,
+    pub payload: &'a [u8],
+    /// Carried to the broker as message headers: put the trace context here.
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+/// The transactional outbox: events enqueued in the caller's transaction leave exactly when it
+/// commits (a [`Relay`] publishes them), never if it rolls back.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outbox;
+
+impl Outbox {
+    /// Creates the outbox tables if missing; safe to run from several instances at once.
+    pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<()> {
+        let transaction = client.transaction().await?;
+        transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+        transaction
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS idem_outbox_keys (
+                     topic         text   NOT NULL,
+                     key           text   NOT NULL,
+                     enqueued_seq  bigint NOT NULL,
+                     published_seq bigint NOT NULL DEFAULT 0,
+                     PRIMARY KEY (topic, key));
+                 CREATE INDEX IF NOT EXISTS idem_outbox_keys_pending
+                     ON idem_outbox_keys (topic, key) WHERE published_seq < enqueued_seq;
+                 CREATE TABLE IF NOT EXISTS idem_outbox (
+                     id         bigserial   PRIMARY KEY,
+                     topic      text        NOT NULL,
+                     key        text        NOT NULL,
+                     seq        bigint      NOT NULL,
+                     payload    bytea       NOT NULL,
+                     headers    text[]      NOT NULL,
+                     created_at timestamptz NOT NULL DEFAULT now(),
+                     sent_at    timestamptz,
+                     UNIQUE (topic, key, seq));",
+            )
+            .await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Enqueues `event` in the caller's transaction and returns its id. One round trip.
+    ///
+    /// The event's key row is updated in the same statement, so two transactions enqueueing
+    /// for one key serialise on it: sequence numbers follow commit order, and a rolled-back
+    /// transaction leaves no gap.
+    pub async fn enqueue(transaction: &Transaction<'_>, event: Event<'_>) -> Result<i64> {
+        check_event(&event)?;
+        let headers: Vec<&str> =
+            event.headers.iter().flat_map(|(name, value)| [*name, *value]).collect();
+        let row = transaction
+            .query_typed(
+                "WITH k AS (
+                     INSERT INTO idem_outbox_keys AS k (topic, key, enqueued_seq) VALUES ($1, $2, 1)
+                     ON CONFLICT (topic, key) DO UPDATE SET enqueued_seq = k.enqueued_seq + 1
+                     RETURNING enqueued_seq),
+                 wake AS (SELECT pg_notify('idem_outbox', ''))
+                 INSERT INTO idem_outbox (topic, key, seq, payload, headers)
+                 SELECT $1, $2, k.enqueued_seq, $3, $4 FROM k, wake
+                 RETURNING id",
+                &[
+                    (&event.topic, Type::TEXT),
+                    (&event.key, Type::TEXT),
+                    (&event.payload, Type::BYTEA),
+                    (&headers, Type::TEXT_ARRAY),
+                ],
+            )
+            .await?;
+        Ok(row.first().map(|row| row.get(0)).expect("INSERT ... RETURNING gives one row"))
+    }
+}
+
+fn check_event(event: &Event<'_>) -> Result<()> {
+    let name_ok = |text: &str| !text.is_empty() && text.len() <= 255;
+    if !name_ok(event.topic)
+        || !event.topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(crate::Error::InvalidEvent(format!(
+            "topic {:?}: 1 to 255 of A-Z a-z 0-9 . _ -",
+            event.topic
+        )));
+    }
+    if !name_ok(event.key) {
+        return Err(crate::Error::InvalidEvent("the key must be 1 to 255 bytes".into()));
+    }
+    if event.payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(crate::Error::InvalidEvent(format!(
+            "payload of {} bytes; at most {MAX_PAYLOAD_BYTES}",
+            event.payload.len()
+        )));
+    }
+    if event.headers.len() > MAX_HEADERS {
+        return Err(crate::Error::InvalidEvent(format!(
+            "{} headers; at most {MAX_HEADERS}",
+            event.headers.len()
+        )));
+    }
+    Ok(())
+}
+
+/// How much one relay round takes on.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayConfig {
+    /// Keys claimed per round.
+    pub max_keys: i64,
+    /// Events per key per round.
+    pub max_events_per_key: i64,
+    /// A relay whose session stays idle in its transaction this long (stalled mid-publish)
+    /// is disconnected by PostgreSQL, which releases its keys to other relays.
+    pub stall_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self { max_keys: 64, max_events_per_key: 100, stall_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// What one relay round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub keys: usize,
+    pub published: usize,
+    pub failed: usize,
+}
+
+/// Publishes pending outbox events. Several relays may run at once, on several hosts.
+///
+/// A round, in one transaction: claim up to `max_keys` keys with pending events by taking a
+/// transaction-scoped advisory lock on each (keys another relay holds are skipped); read each
+/// key's pending events in sequence order; publish them in layers (the next event of every key
+/// at once, so keys proceed in parallel while each key stays in order), checking before each
+/// layer that the session is still alive (a relay that lost its session may have lost its
+/// keys); mark what was published and commit. A relay that dies after publishing and before
+/// its commit leaves the events unmarked: the next round republishes them with the same
+/// message ids, and the broker's deduplication (and the consumers' inbox) absorbs the repeat.
+#[derive(Debug)]
+pub struct Relay<P> {
+    publisher: P,
+    config: RelayConfig,
+}
+
+impl<P: crate::publish::Publisher> Relay<P> {
+    pub fn new(publisher: P, config: RelayConfig) -> Self {
+        Self { publisher, config }
+    }
+
+    /// One round; see the type's docs.
+    pub async fn run_once(&self, client: &mut tokio_postgres::Client) -> Result<RoundReport> {
+        let transaction = client.transaction().await?;
+        let stall_ms = self.config.stall_timeout.as_millis().max(1) as i64;
+        transaction
+            .batch_execute(&format!("SET LOCAL idle_in_transaction_session_timeout = {stall_ms}"))
+            .await?;
+        // Candidates first (bounded), then the locks: a LIMIT in the inner query keeps the
+        // planner from trying locks on rows it would not return.
+        let keys = transaction
+            .query(
+                "SELECT topic, key FROM (
+                     SELECT topic, key FROM idem_outbox_keys
+                     WHERE published_seq < enqueued_seq LIMIT $1) candidates
+                 WHERE pg_try_advisory_xact_lock(hashtextextended(topic || chr(31) || key, 0))",
+                &[&(self.config.max_keys * 4)],
+            )
+            .await?;
+        let mut report = RoundReport::default();
+        let mut queues = Vec::new();
+        for row in keys.iter().take(self.config.max_keys as usize) {
+            let (topic, key): (String, String) = (row.get(0), row.get(1));
+            // Read after the lock: a relay that held the key before us has committed by now.
+            let events = transaction
+                .query(
+                    "SELECT e.id, e.seq, e.payload, e.headers FROM idem_outbox e
+                     JOIN idem_outbox_keys k ON k.topic = e.topic AND k.key = e.key
+                     WHERE e.topic = $1 AND e.key = $2 AND e.seq > k.published_seq
+                     ORDER BY e.seq LIMIT $3",
+                    &[&topic, &key, &self.config.max_events_per_key],
+                )
+                .await?;
+            let messages: Vec<crate::publish::OutboxMessage> = events
+                .iter()
+                .map(|event| {
+                    let flat: Vec<String> = event.get(3);
+                    crate::publish::OutboxMessage {
+                        id: event.get(0),
+                        topic: topic.clone(),
+                        key: key.clone(),
+                        seq: event.get(1),
+                        payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(2)),
+                        headers: flat
+                            .chunks(2)
+                            .map(|pair| (pair[0].clone(), pair[1].clone()))
+                            .collect(),
+                    }
+                })
+                .collect();
+            if !messages.is_empty() {
+                queues.push(std::collections::VecDeque::from(messages));
+            }
+        }
+        report.keys = queues.len();
+
+        // (topic, key) -> the highest seq published this round, and every id published.
+        let mut published_ids: Vec<i64> = Vec::new();
+        let mut published_seqs: Vec<(String, String, i64)> = Vec::new();
+        while queues.iter().any(|queue| !queue.is_empty()) {
+            // Still ours? A session ended by the stall timeout has given its locks away.
+            transaction.query_one("SELECT 1", &[]).await?;
+            let layer: Vec<crate::publish::OutboxMessage> =
+                queues.iter_mut().filter_map(|queue| queue.front().cloned()).collect();
+            let results = self.publisher.publish(&layer).await;
+            let mut layer_index = 0;
+            for queue in queues.iter_mut() {
+                let Some(message) = queue.front() else { continue };
+                match &results[layer_index] {
+                    Ok(()) => {
+                        published_ids.push(message.id);
+                        match published_seqs
+                            .iter_mut()
+                            .find(|(t, k, _)| *t == message.topic && *k == message.key)
+                        {
+                            Some(entry) => entry.2 = message.seq,
+                            None => published_seqs.push((
+                                message.topic.clone(),
+                                message.key.clone(),
+                                message.seq,
+                            )),
+                        }
+                        queue.pop_front();
+                    }
+                    Err(error) => {
+                        // Stop this key for the round: its later events must not overtake.
+                        tracing::warn!(%error, "publish failed; the key waits for the next round");
+                        report.failed += 1;
+                        queue.clear();
+                    }
+                }
+                layer_index += 1;
+            }
+        }
+        report.published = published_ids.len();
+        if !published_ids.is_empty() {
+            transaction
+                .execute(
+                    "UPDATE idem_outbox SET sent_at = now() WHERE id = ANY($1)",
+                    &[&published_ids],
+                )
+                .await?;
+            let topics: Vec<&str> =
+                published_seqs.iter().map(|(topic, _, _)| topic.as_str()).collect();
+            let keys: Vec<&str> = published_seqs.iter().map(|(_, key, _)| key.as_str()).collect();
+            let seqs: Vec<i64> = published_seqs.iter().map(|(_, _, seq)| *seq).collect();
+            transaction
+                .execute(
+                    "UPDATE idem_outbox_keys k SET published_seq = u.seq
+                     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(topic, key, seq)
+                     WHERE k.topic = u.topic AND k.key = u.key AND k.published_seq < u.seq",
+                    &[&topics, &keys, &seqs],
+                )
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(report)
+    }
+
+    /// Runs rounds until one finds nothing to publish (bounded by `max_rounds`); returns the
+    /// total published.
+    pub async fn run_until_idle(
+        &self,
+        client: &mut tokio_postgres::Client,
+        max_rounds: usize,
+    ) -> Result<usize> {
+        let mut total = 0;
+        for _ in 0..max_rounds {
+            let report = self.run_once(client).await?;
+            total += report.published;
+            if report.keys == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}

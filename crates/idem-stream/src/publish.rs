@@ -1,0 +1,42 @@
+//! What a relay publishes, and the trait a broker adapter implements.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// One outbox event on its way to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// The outbox row's id: unique and stable across republishing.
+    pub id: i64,
+    pub topic: String,
+    /// Events with the same key are published in commit order.
+    pub key: String,
+    /// The event's place among its key's events (1, 2, ...), in commit order.
+    pub seq: i64,
+    pub payload: Bytes,
+    /// The caller's headers (trace context travels here), as enqueued.
+    pub headers: Vec<(String, String)>,
+}
+
+impl OutboxMessage {
+    /// The broker's deduplication id: the same every time this event is published.
+    pub fn message_id(&self) -> String {
+        format!("idem-outbox-{}", self.id)
+    }
+}
+
+/// Why a message was not published.
+#[derive(Debug, thiserror::Error)]
+#[error("publishing outbox event {id} failed: {reason}")]
+pub struct PublishError {
+    pub id: i64,
+    pub reason: String,
+}
+
+/// A broker adapter. `publish` receives at most one message per key and may publish them
+/// concurrently; it returns one result per message, in order, each `Ok` only once the broker
+/// has durably accepted the message (JetStream's ack, RabbitMQ's publisher confirm).
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>>;
+}
