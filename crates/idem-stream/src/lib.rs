@@ -56,6 +56,8 @@ pub enum Error {
     InvalidConsumer(String),
     #[error("invalid event: {0}")]
     InvalidEvent(String),
+    #[error("the database connection was lost")]
+    Disconnected,
     #[cfg(feature = "postgres")]
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] tokio_postgres::Error),

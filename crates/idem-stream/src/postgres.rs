@@ -387,3 +387,127 @@ impl<P: crate::publish::Publisher> Relay<P> {
         Ok(total)
     }
 }
+
+/// How a long-running relay waits for work.
+#[derive(Debug, Clone, Copy)]
+pub struct RunConfig {
+    /// Poll this often even without a notification (a missed NOTIFY, events enqueued by
+    /// something that does not notify).
+    pub poll_interval: Duration,
+    /// Rounds in a row before waiting again, so one relay cannot spin for ever.
+    pub max_rounds_per_wake: usize,
+    /// The longest wait before retrying after an error (it doubles from 100 ms up to this).
+    pub max_backoff: Duration,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(1),
+            max_rounds_per_wake: 1_000,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl<P: crate::publish::Publisher> Relay<P> {
+    /// Runs until `shutdown` resolves: wakes on `NOTIFY idem_outbox` (sent by every enqueue at
+    /// commit) or every `poll_interval`, publishes until idle, and reconnects after errors with
+    /// a bounded backoff. A round in progress when `shutdown` resolves is finished first.
+    pub async fn run(
+        &self,
+        database: &tokio_postgres::Config,
+        run: RunConfig,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let session = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                session = connect_listening(database) => session,
+            };
+            let Listening { mut client, _listening, wake, listener } = match session {
+                Ok(session) => session,
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "relay cannot reach PostgreSQL; retrying");
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(run.max_backoff);
+                    continue;
+                }
+            };
+            let outcome = loop {
+                // Each pass publishes until a round finds nothing (bounded), then waits.
+                match self.run_until_idle(&mut client, run.max_rounds_per_wake).await {
+                    Ok(published) => {
+                        backoff = Duration::from_millis(100);
+                        if published > 0 {
+                            tracing::debug!(published, "relay published");
+                        }
+                    }
+                    Err(error) => break Err(error),
+                }
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(run.poll_interval) => {}
+                }
+                if client.is_closed() {
+                    break Err(crate::Error::Disconnected);
+                }
+            };
+            listener.abort();
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "relay round failed; reconnecting");
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(run.max_backoff);
+                }
+            }
+        }
+    }
+}
+
+/// The connections of a running relay: one for the rounds, one that `LISTEN`s. Its
+/// notifications (and its end) wake `wake`. Dropping it closes both.
+struct Listening {
+    client: tokio_postgres::Client,
+    _listening: tokio_postgres::Client,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+async fn connect_listening(database: &tokio_postgres::Config) -> Result<Listening> {
+    let (client, connection) = database.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "relay connection ended");
+        }
+    });
+    let (listening, mut connection) = database.connect(tokio_postgres::NoTls).await?;
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = std::sync::Arc::clone(&wake);
+    // This task drives the listening connection (so LISTEN below can complete) and turns its
+    // notifications into wake-ups.
+    let listener = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => notify.notify_one(),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    notify.notify_one();
+                    return;
+                }
+            }
+        }
+    });
+    listening.batch_execute("LISTEN idem_outbox").await?;
+    Ok(Listening { client, _listening: listening, wake, listener })
+}

@@ -5,5 +5,6 @@ pub mod admin;
 pub mod config;
 pub mod keys;
 pub mod proxy;
+pub mod relay;
 pub mod serve;
 pub mod store;

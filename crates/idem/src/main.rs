@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use idem::config::ServeArgs;
 use idem::keys::KeysArgs;
+use idem::relay::RelayArgs;
 use tracing_subscriber::EnvFilter;
 
 /// Retries without duplicates: an Idempotency-Key gateway in front of any HTTP service.
@@ -19,6 +20,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Inspect, list and delete stored records (to unstick a key by hand)
     Keys(KeysArgs),
+    /// Publish an application's transactional outbox (PostgreSQL) to NATS JetStream
+    Relay(RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
     let default_log = match cli.command {
         Command::Serve(_) => "info",
         Command::Keys(_) => "warn",
+        Command::Relay(_) => "info",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -64,6 +68,16 @@ fn main() -> ExitCode {
                     eprintln!("idem: error: {error}");
                     ExitCode::from(2)
                 }
+            }
+        }
+        Command::Relay(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => return fail(&error),
+            };
+            match runtime.block_on(idem::relay::run(args, idem::serve::shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&error),
             }
         }
     }

@@ -1,0 +1,83 @@
+//! `idem relay`: publishes an application's transactional outbox (PostgreSQL) to NATS
+//! JetStream. Run as many as you like; they share the work and keep each key in order.
+
+use std::time::Duration;
+
+use clap::Args;
+use idem_stream::nats::JetStreamPublisher;
+use idem_stream::postgres::{Outbox, Relay, RelayConfig, RunConfig};
+
+use crate::config::parse_duration;
+use crate::store::redact;
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// The application's PostgreSQL, where the outbox tables live (libpq URL; add
+    /// `options=-c%20search_path%3DNAME` for another schema)
+    #[arg(long, env = "IDEM_RELAY_DATABASE", value_name = "URL")]
+    pub database: String,
+    /// NATS with JetStream; the streams for the outbox topics must exist
+    #[arg(
+        long,
+        env = "IDEM_RELAY_NATS",
+        value_name = "URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats: String,
+    /// Poll this often even without a NOTIFY
+    #[arg(long, env = "IDEM_RELAY_POLL_INTERVAL", value_name = "DURATION", default_value = "1s")]
+    pub poll_interval: String,
+    /// Keys claimed per round
+    #[arg(long, env = "IDEM_RELAY_MAX_KEYS", default_value_t = 64)]
+    pub max_keys: i64,
+    /// Events per key per round
+    #[arg(long, env = "IDEM_RELAY_MAX_EVENTS_PER_KEY", default_value_t = 100)]
+    pub max_events_per_key: i64,
+    /// A relay stalled this long inside a round loses its keys to the others
+    #[arg(long, env = "IDEM_RELAY_STALL_TIMEOUT", value_name = "DURATION", default_value = "30s")]
+    pub stall_timeout: String,
+    /// Create the outbox tables first if they are missing
+    #[arg(long)]
+    pub migrate: bool,
+}
+
+pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+    let poll_interval =
+        parse_duration("poll-interval", &args.poll_interval).map_err(|e| e.to_string())?;
+    let stall_timeout =
+        parse_duration("stall-timeout", &args.stall_timeout).map_err(|e| e.to_string())?;
+    if !(1..=10_000).contains(&args.max_keys) || !(1..=10_000).contains(&args.max_events_per_key) {
+        return Err("--max-keys and --max-events-per-key must be 1 to 10000".into());
+    }
+    if stall_timeout < Duration::from_secs(1) {
+        return Err("--stall-timeout must be at least 1s".into());
+    }
+    let database: tokio_postgres::Config = args
+        .database
+        .parse()
+        .map_err(|error| format!("--database {}: {error}", redact(&args.database)))?;
+    let nats = async_nats::connect(&args.nats)
+        .await
+        .map_err(|error| format!("--nats {}: {error}", redact(&args.nats)))?;
+    if args.migrate {
+        let (mut client, connection) = database
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|error| format!("--database {}: {error}", redact(&args.database)))?;
+        tokio::spawn(connection);
+        Outbox::migrate(&mut client).await.map_err(|error| error.to_string())?;
+    }
+    let relay = Relay::new(
+        JetStreamPublisher::new(async_nats::jetstream::new(nats)),
+        RelayConfig {
+            max_keys: args.max_keys,
+            max_events_per_key: args.max_events_per_key,
+            stall_timeout,
+        },
+    );
+    println!("idem relay running: {} -> {}", redact(&args.database), redact(&args.nats));
+    relay
+        .run(&database, RunConfig { poll_interval, ..RunConfig::default() }, shutdown)
+        .await
+        .map_err(|error| error.to_string())
+}
