@@ -25,6 +25,7 @@
 //! on the unique index: the second waits for the first transaction and then sees a duplicate
 //! (or, if the first rolled back, runs).
 
+pub mod consume;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "postgres")]

@@ -50,3 +50,103 @@ impl Publisher for JetStreamPublisher {
         results
     }
 }
+
+/// A JetStream durable pull consumer as a [`crate::consume::Subscription`], with explicit acks.
+pub struct JetStreamSubscription {
+    consumer:
+        async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::pull::Config>,
+}
+
+impl std::fmt::Debug for JetStreamSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamSubscription").finish_non_exhaustive()
+    }
+}
+
+impl JetStreamSubscription {
+    /// Binds to (or creates) the durable consumer `durable` on `stream`. `ack_wait` is how long
+    /// the server waits for an ack before redelivering; keep it above the handler's longest run.
+    pub async fn durable(
+        stream: &async_nats::jetstream::stream::Stream,
+        durable: &str,
+        ack_wait: std::time::Duration,
+    ) -> Result<Self, String> {
+        let config = async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some(durable.to_owned()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ack_wait,
+            ..Default::default()
+        };
+        let consumer = stream
+            .get_or_create_consumer(durable, config)
+            .await
+            .map_err(|error| error.to_string())?;
+        Ok(Self { consumer })
+    }
+}
+
+#[async_trait]
+impl crate::consume::Subscription for JetStreamSubscription {
+    type Token = async_nats::jetstream::Message;
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<Vec<(crate::consume::Received, Self::Token)>, String> {
+        use futures_util::StreamExt;
+        let mut batch = self
+            .consumer
+            .fetch()
+            .max_messages(max)
+            .expires(wait)
+            .messages()
+            .await
+            .map_err(|error| error.to_string())?;
+        let mut received = Vec::new();
+        while let Some(message) = batch.next().await {
+            let message = message.map_err(|error| error.to_string())?;
+            let attempt = message.info().map_or(1, |info| info.delivered.max(1) as u64);
+            let headers: Vec<(String, String)> = message
+                .headers
+                .iter()
+                .flat_map(|headers| headers.iter())
+                .flat_map(|(name, values)| {
+                    values.iter().map(move |value| (name.to_string(), value.to_string()))
+                })
+                .collect();
+            let id = headers
+                .iter()
+                .find(|(name, _)| name == "Nats-Msg-Id")
+                .map(|(_, value)| value.clone())
+                .unwrap_or_else(|| {
+                    message.info().map_or_else(
+                        |_| String::new(),
+                        |info| format!("stream-seq-{}", info.stream_sequence),
+                    )
+                });
+            let item = crate::consume::Received {
+                id,
+                subject: message.subject.to_string(),
+                payload: message.payload.clone(),
+                headers,
+                attempt,
+            };
+            received.push((item, message));
+        }
+        Ok(received)
+    }
+
+    async fn settle(
+        &self,
+        token: Self::Token,
+        settle: crate::consume::Settle,
+    ) -> Result<(), String> {
+        use async_nats::jetstream::AckKind;
+        let kind = match settle {
+            crate::consume::Settle::Ack => AckKind::Ack,
+            crate::consume::Settle::Retry(delay) => AckKind::Nak(Some(delay)),
+        };
+        token.ack_with(kind).await.map_err(|error| error.to_string())
+    }
+}

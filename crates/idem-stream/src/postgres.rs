@@ -40,7 +40,18 @@ impl Inbox {
                      message_id  text        NOT NULL,
                      received_at timestamptz NOT NULL DEFAULT now(),
                      PRIMARY KEY (consumer, message_id));
-                 CREATE INDEX IF NOT EXISTS idem_inbox_received_at ON idem_inbox (received_at);",
+                 CREATE INDEX IF NOT EXISTS idem_inbox_received_at ON idem_inbox (received_at);
+                 CREATE TABLE IF NOT EXISTS idem_dead_letters (
+                     id         bigserial   PRIMARY KEY,
+                     consumer   text        NOT NULL,
+                     message_id text        NOT NULL,
+                     subject    text        NOT NULL,
+                     payload    bytea       NOT NULL,
+                     headers    text[]      NOT NULL,
+                     attempts   bigint      NOT NULL,
+                     failure    text        NOT NULL,
+                     buried_at  timestamptz NOT NULL DEFAULT now(),
+                     UNIQUE (consumer, message_id));",
             )
             .await?;
         transaction.commit().await?;
@@ -510,4 +521,63 @@ async fn connect_listening(database: &tokio_postgres::Config) -> Result<Listenin
     });
     listening.batch_execute("LISTEN idem_outbox").await?;
     Ok(Listening { client, _listening: listening, wake, listener })
+}
+
+/// A dead-letter destination in the application's database: a message that failed its last
+/// attempt is kept in `idem_dead_letters` with its failure, once per message id, for a person to
+/// look at (the table is created by [`Inbox::migrate`]).
+pub struct DeadLetters {
+    client: std::sync::Arc<tokio_postgres::Client>,
+    consumer: String,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters").field("consumer", &self.consumer).finish_non_exhaustive()
+    }
+}
+
+impl DeadLetters {
+    pub fn new(
+        client: std::sync::Arc<tokio_postgres::Client>,
+        consumer: impl Into<String>,
+    ) -> Result<Self> {
+        let consumer = consumer.into();
+        check_consumer(&consumer)?;
+        Ok(Self { client, consumer })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::consume::DeadLetter for DeadLetters {
+    async fn bury(
+        &self,
+        message: &crate::consume::Received,
+        failure: &str,
+    ) -> std::result::Result<(), String> {
+        let headers: Vec<&str> = message
+            .headers
+            .iter()
+            .flat_map(|(name, value)| [name.as_str(), value.as_str()])
+            .collect();
+        self.client
+            .execute(
+                // One dead letter per message: a redelivered copy that fails again is not
+                // buried twice.
+                "INSERT INTO idem_dead_letters (consumer, message_id, subject, payload, headers, attempts, failure)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (consumer, message_id) DO NOTHING",
+                &[
+                    &self.consumer,
+                    &message.id,
+                    &message.subject,
+                    &&message.payload[..],
+                    &headers,
+                    &(message.attempt as i64),
+                    &failure,
+                ],
+            )
+            .await
+            .map(drop)
+            .map_err(|error| error.to_string())
+    }
 }

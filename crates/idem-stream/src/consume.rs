@@ -1,0 +1,190 @@
+//! The consumer runner: takes messages from a broker subscription, runs a handler on each with
+//! bounded concurrency, acknowledges only after the handler succeeded (for an inbox handler:
+//! after its transaction committed), retries failures with backoff, and hands a message to a
+//! dead-letter destination after `max_attempts` failures, with the failure recorded.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// A message as the consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The event's id (for outbox events, the `Nats-Msg-Id` the relay set): the inbox key.
+    pub id: String,
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: Vec<(String, String)>,
+    /// 1 on the first delivery, then counted by the broker.
+    pub attempt: u64,
+}
+
+/// What to tell the broker about one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done: do not deliver again.
+    Ack,
+    /// Deliver again after this long.
+    Retry(Duration),
+}
+
+/// A broker subscription the runner pulls from (a JetStream durable pull consumer, a RabbitMQ
+/// queue, a Redis Streams group).
+#[async_trait]
+pub trait Subscription: Send {
+    type Token: Send + 'static;
+    /// Up to `max` messages, waiting at most `wait` for the first.
+    async fn fetch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<(Received, Self::Token)>, String>;
+    async fn settle(&self, token: Self::Token, settle: Settle) -> Result<(), String>;
+}
+
+/// Where a message goes after its last failed attempt.
+#[async_trait]
+pub trait DeadLetter: Send + Sync {
+    async fn bury(&self, message: &Received, failure: &str) -> Result<(), String>;
+}
+
+/// The handler's verdict on one message.
+pub type HandlerResult = Result<(), String>;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerConfig {
+    /// Messages handled at once (and fetched per batch).
+    pub concurrency: usize,
+    /// Failed attempts before a message goes to the dead-letter destination.
+    pub max_attempts: u64,
+    /// The first retry waits this long; each further one twice as long, up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long one fetch waits for messages.
+    pub fetch_wait: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            max_attempts: 5,
+            backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+            fetch_wait: Duration::from_millis(500),
+        }
+    }
+}
+
+impl RunnerConfig {
+    fn retry_delay(&self, attempt: u64) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(20) as u32;
+        self.backoff.saturating_mul(2u32.saturating_pow(doublings)).min(self.max_backoff)
+    }
+}
+
+/// What a runner did, for logs and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunReport {
+    pub handled: u64,
+    pub retried: u64,
+    pub dead_lettered: u64,
+    pub settle_errors: u64,
+}
+
+/// Runs until `shutdown` resolves; messages being handled then are finished and settled.
+pub async fn run<S, H, F, D>(
+    mut subscription: S,
+    handler: H,
+    dead_letter: Arc<D>,
+    config: RunnerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunReport, String>
+where
+    S: Subscription,
+    H: Fn(Received) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = HandlerResult> + Send + 'static,
+    D: DeadLetter + ?Sized + 'static,
+{
+    let mut report = RunReport::default();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let concurrency = config.concurrency.max(1);
+    loop {
+        let batch = tokio::select! {
+            () = &mut shutdown => return Ok(report),
+            batch = subscription.fetch(concurrency, config.fetch_wait) => batch?,
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        // The batch is at most `concurrency` messages, handled at once; the next fetch waits
+        // for all of them, which bounds the work in flight.
+        let mut running = tokio::task::JoinSet::new();
+        for (index, (message, _)) in batch.iter().enumerate() {
+            let work = handler(message.clone());
+            running.spawn(async move { (index, work.await) });
+        }
+        let mut verdicts: Vec<Option<HandlerResult>> = vec![None; batch.len()];
+        while let Some(joined) = running.join_next().await {
+            match joined {
+                Ok((index, verdict)) => verdicts[index] = Some(verdict),
+                Err(panic) => {
+                    tracing::error!(%panic, "a handler panicked; its message will be retried")
+                }
+            }
+        }
+        for ((message, token), verdict) in batch.into_iter().zip(verdicts) {
+            let verdict = verdict.unwrap_or_else(|| Err("the handler panicked".into()));
+            let settle = match verdict {
+                Ok(()) => {
+                    report.handled += 1;
+                    Settle::Ack
+                }
+                Err(failure) if message.attempt >= config.max_attempts => {
+                    tracing::warn!(id = %message.id, attempt = message.attempt, %failure, "giving up: dead letter");
+                    match dead_letter.bury(&message, &failure).await {
+                        Ok(()) => {
+                            report.dead_lettered += 1;
+                            Settle::Ack
+                        }
+                        // Not buried: keep it in the broker rather than lose it.
+                        Err(error) => {
+                            tracing::error!(id = %message.id, %error, "dead-letter destination failed; retrying later");
+                            Settle::Retry(config.max_backoff)
+                        }
+                    }
+                }
+                Err(failure) => {
+                    tracing::debug!(id = %message.id, attempt = message.attempt, %failure, "handler failed; retrying");
+                    report.retried += 1;
+                    Settle::Retry(config.retry_delay(message.attempt))
+                }
+            };
+            if let Err(error) = subscription.settle(token, settle).await {
+                // The broker redelivers an unsettled message after its ack wait: at least once.
+                tracing::warn!(id = %message.id, %error, "could not settle; the broker will redeliver");
+                report.settle_errors += 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap() {
+        let config = RunnerConfig {
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            ..RunnerConfig::default()
+        };
+        let delays: Vec<u128> =
+            (1..=6).map(|attempt| config.retry_delay(attempt).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(config.retry_delay(u64::MAX), Duration::from_secs(1));
+    }
+}

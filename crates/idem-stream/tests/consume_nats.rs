@@ -1,0 +1,286 @@
+//! The consumer path for real: a JetStream durable pull consumer, the runner, and an inbox
+//! handler on PostgreSQL. The broker redelivers (acks dropped on purpose), duplicates are
+//! published on purpose, some handlers fail once, some always: every payment is applied exactly
+//! once, the balance equals the sum, and the hopeless ones are dead-lettered with their failure.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use async_trait::async_trait;
+use bytes::Bytes;
+use idem_core::conformance::service_url;
+use idem_stream::Delivery;
+use idem_stream::consume::{self, Received, RunnerConfig, Settle, Subscription};
+use idem_stream::nats::JetStreamSubscription;
+use idem_stream::postgres::{DeadLetters, Inbox};
+use tokio_postgres::NoTls;
+
+const PAYMENTS: usize = 1_000;
+const REPUBLISHED: usize = 300;
+const POISON: [usize; 5] = [11, 222, 333, 444, 999];
+
+/// Drops the ack of every 7th message on its first delivery: the broker redelivers it after
+/// the ack wait, although its handler committed.
+struct DroppingAcks {
+    inner: JetStreamSubscription,
+    dropped: Arc<Mutex<usize>>,
+}
+
+#[async_trait]
+impl Subscription for DroppingAcks {
+    type Token = (u64, bool, <JetStreamSubscription as Subscription>::Token);
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<(Received, Self::Token)>, String> {
+        let batch = self.inner.fetch(max, wait).await?;
+        Ok(batch
+            .into_iter()
+            .map(|(message, token)| {
+                let drop_ack =
+                    message.attempt == 1 && message.id.bytes().map(u64::from).sum::<u64>() % 7 == 0;
+                (message.clone(), (message.attempt, drop_ack, token))
+            })
+            .collect())
+    }
+
+    async fn settle(
+        &self,
+        (_, drop_ack, token): Self::Token,
+        settle: Settle,
+    ) -> Result<(), String> {
+        if drop_ack && settle == Settle::Ack {
+            *self.dropped.lock().unwrap() += 1;
+            return Ok(());
+        }
+        self.inner.settle(token, settle).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_payment_applies_once_through_redelivery_duplicates_and_failures() {
+    let (Some(postgres), Some(nats)) =
+        (service_url("IDEM_TEST_POSTGRES_URL"), service_url("IDEM_TEST_NATS_URL"))
+    else {
+        return;
+    };
+    let schema = "idem_consume";
+    let (admin, connection) = tokio_postgres::connect(&postgres, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let separator = if postgres.contains('?') { '&' } else { '?' };
+    let database = format!("{postgres}{separator}options=-c%20search_path%3D{schema}");
+    let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    Inbox::migrate(&mut client).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE ledger (id int PRIMARY KEY, cents bigint NOT NULL);
+             INSERT INTO ledger VALUES (1, 0);
+             CREATE TABLE applied (message_id text NOT NULL);",
+        )
+        .await
+        .unwrap();
+
+    // A short duplicate window, so the duplicates published on purpose below reach the stream.
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let _ = jetstream.delete_stream("IDEM_CONSUME").await;
+    let stream = jetstream
+        .create_stream(stream::Config {
+            name: "IDEM_CONSUME".into(),
+            subjects: vec!["idemtest.consume.>".into()],
+            duplicate_window: Duration::from_millis(200),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let publish = |index: usize| {
+        let jetstream = jetstream.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", format!("payment-{index}").as_str());
+            let kind = if POISON.contains(&index) {
+                "poison"
+            } else if index % 50 == 0 {
+                "flaky"
+            } else {
+                "ok"
+            };
+            let payload = Bytes::from(format!("{kind}:{}", index + 1));
+            jetstream
+                .publish_with_headers("idemtest.consume.payments", headers, payload)
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    for index in 0..PAYMENTS {
+        publish(index).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for index in 0..REPUBLISHED {
+        publish(index * 3).await;
+    }
+    assert_eq!(
+        stream.clone().info().await.unwrap().state.messages as usize,
+        PAYMENTS + REPUBLISHED
+    );
+
+    let pool = {
+        let config: tokio_postgres::Config = database.parse().unwrap();
+        let manager = deadpool_postgres::Manager::new(config, NoTls);
+        deadpool_postgres::Pool::builder(manager).max_size(8).build().unwrap()
+    };
+    let inbox = Inbox::new("ledger").unwrap();
+    let failed_once = Arc::new(Mutex::new(HashSet::new()));
+    let handler = {
+        let (pool, inbox, failed_once) = (pool.clone(), inbox.clone(), Arc::clone(&failed_once));
+        move |message: Received| {
+            let (pool, inbox, failed_once) =
+                (pool.clone(), inbox.clone(), Arc::clone(&failed_once));
+            async move {
+                let text =
+                    String::from_utf8(message.payload.to_vec()).map_err(|e| e.to_string())?;
+                let (kind, cents) = text.split_once(':').ok_or("malformed payment")?;
+                if kind == "poison" {
+                    return Err(format!(
+                        "payment {} cannot be applied: account closed",
+                        message.id
+                    ));
+                }
+                if kind == "flaky" && failed_once.lock().unwrap().insert(message.id.clone()) {
+                    return Err("database hiccup".into());
+                }
+                let cents: i64 = cents.parse().map_err(|_| "malformed amount")?;
+                let mut client = pool.get().await.map_err(|e| e.to_string())?;
+                let transaction = client.transaction().await.map_err(|e| e.to_string())?;
+                if inbox.record(&transaction, &message.id).await.map_err(|e| e.to_string())?
+                    == Delivery::First
+                {
+                    transaction
+                        .execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    transaction
+                        .execute("INSERT INTO applied VALUES ($1)", &[&message.id])
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                transaction.commit().await.map_err(|e| e.to_string())
+            }
+        }
+    };
+
+    let dead_letters = Arc::new(DeadLetters::new(Arc::new(client), "ledger").unwrap());
+    let config = RunnerConfig {
+        concurrency: 4,
+        max_attempts: 3,
+        backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+        fetch_wait: Duration::from_millis(200),
+    };
+    let dropped = Arc::new(Mutex::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Two consumer instances on one durable consumer share the messages.
+    let runners: Vec<_> = (0..2)
+        .map(|_| {
+            let subscription = {
+                let stream = stream.clone();
+                let dropped = Arc::clone(&dropped);
+                async move {
+                    let inner =
+                        JetStreamSubscription::durable(&stream, "ledger", Duration::from_secs(1))
+                            .await
+                            .unwrap();
+                    DroppingAcks { inner, dropped }
+                }
+            };
+            let (handler, dead_letters) = (handler.clone(), Arc::clone(&dead_letters));
+            let mut stopped = stopped.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                consume::run(subscription.await, handler, dead_letters, config, shutdown)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+
+    let (observer, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let started = Instant::now();
+    loop {
+        let row = observer
+            .query_one(
+                "SELECT (SELECT count(*) FROM applied), (SELECT count(*) FROM idem_dead_letters)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (applied, buried): (i64, i64) = (row.get(0), row.get(1));
+        if applied as usize == PAYMENTS - POISON.len() && buried as usize == POISON.len() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "stuck at {applied} applied, {buried} dead letters"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the redeliveries of dropped acks come back and be absorbed, then stop.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    stop.send(true).unwrap();
+    let (mut handled, mut retried) = (0, 0);
+    for runner in runners {
+        let report = runner.await.unwrap();
+        handled += report.handled;
+        retried += report.retried;
+    }
+
+    let row = observer
+        .query_one(
+            "SELECT (SELECT cents FROM ledger WHERE id = 1), count(*), count(DISTINCT message_id) FROM applied",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (cents, applied, distinct): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let expected: i64 =
+        (0..PAYMENTS).filter(|index| !POISON.contains(index)).map(|index| index as i64 + 1).sum();
+    assert_eq!((applied, distinct), (995, 995), "each payment applied exactly once");
+    assert_eq!(cents, expected, "the balance equals the sum of the applied payments");
+    let dead = observer
+        .query(
+            "SELECT message_id, attempts, failure FROM idem_dead_letters ORDER BY message_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), POISON.len());
+    for row in &dead {
+        assert_eq!(row.get::<_, i64>(1), 3, "dead-lettered after max_attempts");
+        assert!(row.get::<_, String>(2).contains("account closed"), "the failure is recorded");
+    }
+    let dropped = *dropped.lock().unwrap();
+    assert!(dropped > 50, "acks were dropped on purpose ({dropped})");
+    assert!(
+        handled as usize >= PAYMENTS + REPUBLISHED - POISON.len(),
+        "duplicates were handled (as no-ops)"
+    );
+    println!(
+        "consumer: {} messages on the stream ({REPUBLISHED} published twice on purpose), {dropped} acks dropped, \
+         {handled} handled, {retried} retries; applied {applied} once each, balance {cents}, {} dead letters",
+        PAYMENTS + REPUBLISHED,
+        dead.len()
+    );
+}
