@@ -1,0 +1,224 @@
+//! The whole path for real, with failures: clients retry payments against the payments service
+//! (idem layer + outbox), two relays publish to JetStream, two ledger consumers apply the
+//! payments through the inbox, and midway one relay and one ledger are killed with SIGKILL and
+//! replaced. Afterwards: one payment row per key, every payment applied exactly once, the
+//! balances sum to the total, each account's events in order on the stream, nothing stuck.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use idem_core::conformance::service_url;
+use tokio_postgres::NoTls;
+
+const PAYMENTS: usize = 2_000;
+const ACCOUNTS: usize = 25;
+
+/// Starts one of this package's binaries and returns it with its first stdout line.
+fn start(binary: &str, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(binary)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|error| panic!("start {binary}: {error}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    (child, line.trim().to_owned())
+}
+
+fn kill9(child: &mut Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn payments_apply_exactly_once_through_retries_and_killed_processes() {
+    let (Some(postgres), Some(nats)) =
+        (service_url("IDEM_TEST_POSTGRES_URL"), service_url("IDEM_TEST_NATS_URL"))
+    else {
+        return;
+    };
+    let schema = "idem_e2e_payments";
+    let (admin, connection) = tokio_postgres::connect(&postgres, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
+        .await
+        .unwrap();
+    let separator = if postgres.contains('?') { '&' } else { '?' };
+    let database = format!("{postgres}{separator}options=-c%20search_path%3D{schema}");
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let _ = jetstream.delete_stream("IDEM_E2E_PAYMENTS").await;
+    let mut stream = jetstream
+        .create_stream(stream::Config {
+            name: "IDEM_E2E_PAYMENTS".into(),
+            subjects: vec!["idemtest.e2e.>".into()],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let (payments_bin, relay_bin, ledger_bin) =
+        (env!("CARGO_BIN_EXE_payments"), env!("CARGO_BIN_EXE_relay"), env!("CARGO_BIN_EXE_ledger"));
+    let (mut payments, line) = start(
+        payments_bin,
+        &["--database", &database, "--listen", "127.0.0.1:0", "--topic", "idemtest.e2e.payments"],
+    );
+    let base = line.strip_prefix("payments listening on ").expect("readiness line").to_owned();
+    let relay_args = [
+        "--database",
+        &database,
+        "--nats",
+        &nats,
+        "--poll-interval",
+        "200ms",
+        "--max-events-per-key",
+        "20",
+    ];
+    let ledger_args = [
+        "--database",
+        &database,
+        "--nats",
+        &nats,
+        "--stream",
+        "IDEM_E2E_PAYMENTS",
+        "--concurrency",
+        "8",
+    ];
+    let mut relays = vec![start(relay_bin, &relay_args).0, start(relay_bin, &relay_args).0];
+    let mut ledgers = vec![start(ledger_bin, &ledger_args).0, start(ledger_bin, &ledger_args).0];
+
+    // 16 clients; every 10th payment is retried with the same key, as after a lost response.
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let next = Arc::new(AtomicUsize::new(0));
+    let (retries, replays) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let senders: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, base, next) = (client.clone(), base.clone(), Arc::clone(&next));
+            let (retries, replays) = (Arc::clone(&retries), Arc::clone(&replays));
+            tokio::spawn(async move {
+                loop {
+                    let index = next.fetch_add(1, Ordering::SeqCst);
+                    if index >= PAYMENTS {
+                        return;
+                    }
+                    let body = format!(
+                        "{{\"account\":\"acct-{}\",\"cents\":{}}}",
+                        index % ACCOUNTS,
+                        index + 1
+                    );
+                    let attempts = if index % 10 == 0 { 2 } else { 1 };
+                    for attempt in 0..attempts {
+                        loop {
+                            let request = http::Request::post(format!("{base}/payments"))
+                                .header("idempotency-key", format!("pay-{index}"))
+                                .header("content-type", "application/json")
+                                .body(Full::new(Bytes::from(body.clone())))
+                                .unwrap();
+                            let response = client.request(request).await.unwrap();
+                            let (status, replayed) = (
+                                response.status(),
+                                response.headers().contains_key("idempotent-replayed"),
+                            );
+                            response.into_body().collect().await.unwrap();
+                            if status == 201 {
+                                if attempt > 0 {
+                                    retries.fetch_add(1, Ordering::SeqCst);
+                                    replays.fetch_add(usize::from(replayed), Ordering::SeqCst);
+                                }
+                                break;
+                            }
+                            assert_eq!(status, 409, "only an in-flight duplicate may be refused");
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Midway, SIGKILL one relay and one ledger consumer, and start replacements.
+    let (observer, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    while next.load(Ordering::SeqCst) < PAYMENTS / 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kill9(&mut relays[0]);
+    kill9(&mut ledgers[0]);
+    let applied_at_kill: i64 = observer
+        .query_one("SELECT count(*) FROM ledger_log", &[])
+        .await
+        .map_or(0, |row| row.get(0));
+    relays[0] = start(relay_bin, &relay_args).0;
+    ledgers[0] = start(ledger_bin, &ledger_args).0;
+    for sender in senders {
+        sender.await.unwrap();
+    }
+
+    let started = Instant::now();
+    let applied = loop {
+        let applied: i64 =
+            observer.query_one("SELECT count(*) FROM ledger_log", &[]).await.unwrap().get(0);
+        if applied as usize >= PAYMENTS {
+            break applied;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "only {applied} of {PAYMENTS} applied"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Give redeliveries of the killed consumer's unacked messages time to arrive and be absorbed.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for child in relays.iter_mut().chain(ledgers.iter_mut()).chain(std::iter::once(&mut payments)) {
+        kill9(child);
+    }
+
+    let row = observer
+        .query_one(
+            "SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM ledger_log),
+                    (SELECT count(DISTINCT message_id) FROM ledger_log), (SELECT sum(cents) FROM balances)::bigint,
+                    (SELECT count(*) FROM idem_outbox WHERE sent_at IS NULL), (SELECT count(*) FROM idem_dead_letters)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (payments_rows, applied, distinct, total, unsent, dead): (i64, i64, i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+    let expected: i64 = (1..=PAYMENTS as i64).sum();
+    assert_eq!(payments_rows, PAYMENTS as i64, "one payment per key despite client retries");
+    assert_eq!(
+        (applied, distinct),
+        (PAYMENTS as i64, PAYMENTS as i64),
+        "every payment applied exactly once"
+    );
+    assert_eq!(total, expected, "the balances sum to the total paid");
+    assert_eq!((unsent, dead), (0, 0), "nothing stuck in the outbox, nothing dead-lettered");
+
+    let last = stream.info().await.unwrap().state.last_sequence;
+    assert_eq!(last as usize, PAYMENTS, "each event once on the stream");
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let header = |name: &str| message.headers.get(name).unwrap().to_string();
+        let seq: u64 = header("Idem-Seq").parse().unwrap();
+        let previous = last_seq.insert(header("Idem-Key"), seq).unwrap_or(0);
+        assert_eq!(seq, previous + 1, "each account's events in commit order");
+    }
+    println!(
+        "end to end: {PAYMENTS} payments ({} client retries, {} replayed), relay and ledger SIGKILLed at {applied_at_kill} applied; \
+         {payments_rows} payment rows, {applied} applied once each, balance total {total}, {last} events on the stream in per-account order",
+        retries.load(Ordering::SeqCst),
+        replays.load(Ordering::SeqCst)
+    );
+}
