@@ -95,8 +95,8 @@ async fn payments_apply_exactly_once_through_retries_and_killed_processes() {
         "--concurrency",
         "8",
     ];
-    let mut relays = vec![start(relay_bin, &relay_args).0, start(relay_bin, &relay_args).0];
-    let mut ledgers = vec![start(ledger_bin, &ledger_args).0, start(ledger_bin, &ledger_args).0];
+    let mut relays = [start(relay_bin, &relay_args).0, start(relay_bin, &relay_args).0];
+    let mut ledgers = [start(ledger_bin, &ledger_args).0, start(ledger_bin, &ledger_args).0];
 
     // 16 clients; every 10th payment is retried with the same key, as after a lost response.
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -166,18 +166,18 @@ async fn payments_apply_exactly_once_through_retries_and_killed_processes() {
     }
 
     let started = Instant::now();
-    let applied = loop {
+    loop {
         let applied: i64 =
             observer.query_one("SELECT count(*) FROM ledger_log", &[]).await.unwrap().get(0);
         if applied as usize >= PAYMENTS {
-            break applied;
+            break;
         }
         assert!(
             started.elapsed() < Duration::from_secs(90),
             "only {applied} of {PAYMENTS} applied"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
     // Give redeliveries of the killed consumer's unacked messages time to arrive and be absorbed.
     tokio::time::sleep(Duration::from_secs(6)).await;
     for child in relays.iter_mut().chain(ledgers.iter_mut()).chain(std::iter::once(&mut payments)) {
