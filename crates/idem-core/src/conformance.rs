@@ -37,6 +37,27 @@ pub fn service_url(variable: &str) -> Option<String> {
     }
 }
 
+/// A PostgreSQL URL (from `IDEM_TEST_POSTGRES_URL`) whose connections use the schema
+/// `schema`, dropped and created empty now: tests that share the server never see each
+/// other's tables. `None`, after a SKIPPED line, when the variable is unset.
+pub async fn fresh_postgres_schema(schema: &str) -> Option<String> {
+    assert!(
+        schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+        "a plain lowercase schema name"
+    );
+    let url = service_url("IDEM_TEST_POSTGRES_URL")?;
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("IDEM_TEST_POSTGRES_URL accepts connections");
+    tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
+        .await
+        .expect("the test schema can be made");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(format!("{url}{separator}options=-c%20search_path%3D{schema}"))
+}
+
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 

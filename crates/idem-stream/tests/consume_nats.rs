@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
 use bytes::Bytes;
-use idem_core::conformance::service_url;
+use idem_core::conformance::{fresh_postgres_schema, service_url};
 use idem_stream::Delivery;
 use idem_stream::consume::{self, Received, RunnerConfig, Settle, Subscription};
 use idem_stream::nats::JetStreamSubscription;
@@ -63,20 +63,8 @@ impl Subscription for DroppingAcks {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_payment_applies_once_through_redelivery_duplicates_and_failures() {
-    let (Some(postgres), Some(nats)) =
-        (service_url("IDEM_TEST_POSTGRES_URL"), service_url("IDEM_TEST_NATS_URL"))
-    else {
-        return;
-    };
-    let schema = "idem_consume";
-    let (admin, connection) = tokio_postgres::connect(&postgres, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let separator = if postgres.contains('?') { '&' } else { '?' };
-    let database = format!("{postgres}{separator}options=-c%20search_path%3D{schema}");
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let Some(database) = fresh_postgres_schema("idem_consume").await else { return };
     let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
     tokio::spawn(connection);
     Inbox::migrate(&mut client).await.unwrap();

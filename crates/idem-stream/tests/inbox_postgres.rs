@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_core::conformance::service_url;
+use idem_core::conformance::fresh_postgres_schema;
 use idem_stream::postgres::Inbox;
 use idem_stream::{Delivery, Error};
 use tokio_postgres::{Client, Config, NoTls};
@@ -14,15 +14,8 @@ use tokio_postgres::{Client, Config, NoTls};
 /// A client whose `search_path` is a fresh schema of this test's own, with the inbox table and
 /// a one-row ledger in it.
 async fn fresh(schema: &str) -> Option<(Client, Config)> {
-    let url = service_url("IDEM_TEST_POSTGRES_URL")?;
-    let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let mut config: Config = url.parse().unwrap();
-    config.options(format!("-c search_path={schema}"));
+    let database = fresh_postgres_schema(schema).await?;
+    let config: Config = database.parse().unwrap();
     let mut client = connect(&config).await;
     Inbox::migrate(&mut client).await.unwrap();
     client

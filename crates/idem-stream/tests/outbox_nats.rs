@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
 use async_trait::async_trait;
-use idem_core::conformance::service_url;
+use idem_core::conformance::{fresh_postgres_schema, service_url};
 use idem_stream::nats::JetStreamPublisher;
 use idem_stream::postgres::{Event, Outbox, Relay, RelayConfig};
 use idem_stream::publish::{OutboxMessage, PublishError, Publisher};
@@ -25,17 +25,9 @@ struct Setup {
 
 /// A fresh schema and a fresh stream of this test's own.
 async fn setup(name: &str) -> Option<Setup> {
-    let postgres = service_url("IDEM_TEST_POSTGRES_URL")?;
     let nats = service_url("IDEM_TEST_NATS_URL")?;
-    let schema = format!("idem_outbox_{name}");
-    let (admin, connection) = tokio_postgres::connect(&postgres, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let mut config: Config = postgres.parse().unwrap();
-    config.options(format!("-c search_path={schema}"));
+    let database = fresh_postgres_schema(&format!("idem_outbox_{name}")).await?;
+    let config: Config = database.parse().unwrap();
     let mut client = connect(&config).await;
     Outbox::migrate(&mut client).await.unwrap();
 

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
-use idem_core::conformance::service_url;
+use idem_core::conformance::{fresh_postgres_schema, service_url};
 use idem_stream::postgres::{Event, Outbox};
 use tokio_postgres::NoTls;
 
@@ -32,20 +32,8 @@ fn start_relay(database: &str, nats: &str) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_relay_killed_between_publish_and_mark_sent_leaves_each_event_once_on_the_stream() {
-    let (Some(postgres), Some(nats)) =
-        (service_url("IDEM_TEST_POSTGRES_URL"), service_url("IDEM_TEST_NATS_URL"))
-    else {
-        return;
-    };
-    let schema = "idem_relay_kill";
-    let (admin, connection) = tokio_postgres::connect(&postgres, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let separator = if postgres.contains('?') { '&' } else { '?' };
-    let database = format!("{postgres}{separator}options=-c%20search_path%3D{schema}");
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let Some(database) = fresh_postgres_schema("idem_relay_kill").await else { return };
     let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
     tokio::spawn(connection);
     Outbox::migrate(&mut client).await.unwrap();

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use idem_core::conformance::service_url;
+use idem_core::conformance::{fresh_postgres_schema, service_url};
 use tokio_postgres::NoTls;
 
 const PAYMENTS: usize = 2_000;
@@ -42,20 +42,8 @@ fn kill9(child: &mut Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn payments_apply_exactly_once_through_retries_and_killed_processes() {
-    let (Some(postgres), Some(nats)) =
-        (service_url("IDEM_TEST_POSTGRES_URL"), service_url("IDEM_TEST_NATS_URL"))
-    else {
-        return;
-    };
-    let schema = "idem_e2e_payments";
-    let (admin, connection) = tokio_postgres::connect(&postgres, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"))
-        .await
-        .unwrap();
-    let separator = if postgres.contains('?') { '&' } else { '?' };
-    let database = format!("{postgres}{separator}options=-c%20search_path%3D{schema}");
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let Some(database) = fresh_postgres_schema("idem_e2e_payments").await else { return };
     let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
     let _ = jetstream.delete_stream("IDEM_E2E_PAYMENTS").await;
     let mut stream = jetstream
