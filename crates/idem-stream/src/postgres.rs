@@ -269,20 +269,22 @@ impl<P: crate::publish::Publisher> Relay<P> {
         transaction
             .batch_execute(&format!("SET LOCAL idle_in_transaction_session_timeout = {stall_ms}"))
             .await?;
-        // Candidates first (bounded), then the locks: a LIMIT in the inner query keeps the
-        // planner from trying locks on rows it would not return.
+        // Candidates first (bounded), then the locks. The inner LIMIT keeps the planner from
+        // trying locks on rows it would not return; the outer one stops trying once enough keys
+        // are ours, so no key is locked that this round will not publish.
         let keys = transaction
             .query(
                 "SELECT topic, key FROM (
                      SELECT topic, key FROM idem_outbox_keys
                      WHERE published_seq < enqueued_seq LIMIT $1) candidates
-                 WHERE pg_try_advisory_xact_lock(hashtextextended(topic || chr(31) || key, 0))",
-                &[&(self.config.max_keys * 4)],
+                 WHERE pg_try_advisory_xact_lock(hashtextextended(topic || chr(31) || key, 0))
+                 LIMIT $2",
+                &[&(self.config.max_keys * 4), &self.config.max_keys],
             )
             .await?;
         let mut report = RoundReport::default();
         let mut queues = Vec::new();
-        for row in keys.iter().take(self.config.max_keys as usize) {
+        for row in &keys {
             let (topic, key): (String, String) = (row.get(0), row.get(1));
             // Read after the lock: a relay that held the key before us has committed by now.
             let events = transaction
