@@ -18,7 +18,7 @@ const PER_KEY: usize = 150;
 fn start_relay(database: &str, nats: &str) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_idem"))
         .args(["relay", "--database", database, "--nats", nats, "--poll-interval", "100ms"])
-        .args(["--max-events-per-key", "100"])
+        .args(["--max-events-per-key", "150"])
         .env("IDEM_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -67,8 +67,9 @@ async fn a_relay_killed_between_publish_and_mark_sent_leaves_each_event_once_on_
         transaction.commit().await.unwrap();
     }
 
-    // Kill the relay with SIGKILL while its first round is publishing: its first round
-    // covers 2,000 events and commits their marks only at its end.
+    // Kill the relay with SIGKILL while its first round is publishing: with 150 events per key
+    // that round covers all 3,000 events (150 layers of 20 keys) and commits their marks only
+    // at its end, so the kill lands between publish and mark.
     let mut relay = start_relay(&database, &nats);
     let started = Instant::now();
     loop {
