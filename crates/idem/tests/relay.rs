@@ -130,3 +130,47 @@ async fn a_relay_killed_between_publish_and_mark_sent_leaves_each_event_once_on_
         KEYS * PER_KEY
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_wakes_on_the_commit_notification_not_the_poll() {
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let Some(database) = fresh_postgres_schema("idem_relay_notify").await else { return };
+    let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    Outbox::migrate(&mut client).await.unwrap();
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let _ = jetstream.delete_stream("IDEM_RELAY_NOTIFY").await;
+    let mut stream = jetstream
+        .create_stream(stream::Config {
+            name: "IDEM_RELAY_NOTIFY".into(),
+            subjects: vec!["idemtest.relaynotify.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Polling once a minute: only the NOTIFY sent at commit can deliver the event in time.
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["relay", "--database", &database, "--nats", &nats, "--poll-interval", "60s"])
+        .env("IDEM_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(relay.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // Let it finish its first (empty) round and go to sleep.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let transaction = client.transaction().await.unwrap();
+    let event =
+        Event { topic: "idemtest.relaynotify.one", key: "k", payload: b"wake up", headers: &[] };
+    Outbox::enqueue(&transaction, event).await.unwrap();
+    let committed = Instant::now();
+    transaction.commit().await.unwrap();
+    while stream.info().await.unwrap().state.messages == 0 {
+        assert!(committed.elapsed() < Duration::from_secs(5), "the relay did not wake on NOTIFY");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let latency = committed.elapsed();
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    println!("relay NOTIFY: published {latency:?} after the commit (poll interval 60s)");
+}
