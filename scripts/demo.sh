@@ -22,8 +22,10 @@ cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; w
 trap cleanup EXIT
 
 wait_for() { # url, what
-  for _ in $(seq 1 100); do curl -fs -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
-  echo "demo: $2 did not come up at $1 (is the port taken?)" >&2; exit 1
+  for _ in $(seq 1 300); do curl -fs -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done
+  echo "demo: $2 did not come up at $1 within 30s (is the port taken?)" >&2
+  for log in "$scratch"/*.log "$scratch"/*.out; do [ -s "$log" ] && { echo "--- $log" >&2; tail -20 "$log" >&2; }; done
+  exit 1
 }
 
 "$root/target/debug/orders-upstream" "$UPSTREAM_ADDR" >"$scratch/upstream.log" 2>&1 &
