@@ -7,12 +7,14 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use async_nats::jetstream::{self, stream};
-use async_trait::async_trait;
 use bytes::Bytes;
+use common::DroppingAcks;
 use idem_core::conformance::{fresh_postgres_schema, service_url};
 use idem_stream::Delivery;
-use idem_stream::consume::{self, Received, RunnerConfig, Settle, Subscription};
+use idem_stream::consume::{self, Received, RunnerConfig};
 use idem_stream::nats::JetStreamSubscription;
 use idem_stream::postgres::{DeadLetters, Inbox};
 use tokio_postgres::NoTls;
@@ -20,46 +22,6 @@ use tokio_postgres::NoTls;
 const PAYMENTS: usize = 1_000;
 const REPUBLISHED: usize = 300;
 const POISON: [usize; 5] = [11, 222, 333, 444, 999];
-
-/// Drops the ack of every 7th message on its first delivery: the broker redelivers it after
-/// the ack wait, although its handler committed.
-struct DroppingAcks {
-    inner: JetStreamSubscription,
-    dropped: Arc<Mutex<usize>>,
-}
-
-#[async_trait]
-impl Subscription for DroppingAcks {
-    type Token = (u64, bool, <JetStreamSubscription as Subscription>::Token);
-
-    async fn fetch(
-        &mut self,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<(Received, Self::Token)>, String> {
-        let batch = self.inner.fetch(max, wait).await?;
-        Ok(batch
-            .into_iter()
-            .map(|(message, token)| {
-                let drop_ack =
-                    message.attempt == 1 && message.id.bytes().map(u64::from).sum::<u64>() % 7 == 0;
-                (message.clone(), (message.attempt, drop_ack, token))
-            })
-            .collect())
-    }
-
-    async fn settle(
-        &self,
-        (_, drop_ack, token): Self::Token,
-        settle: Settle,
-    ) -> Result<(), String> {
-        if drop_ack && settle == Settle::Ack {
-            *self.dropped.lock().unwrap() += 1;
-            return Ok(());
-        }
-        self.inner.settle(token, settle).await
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_payment_applies_once_through_redelivery_duplicates_and_failures() {

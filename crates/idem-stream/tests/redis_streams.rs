@@ -1,0 +1,239 @@
+//! The Redis Streams adapter against the real Redis and PostgreSQL: the outbox relay publishes
+//! with XADD, events are republished on purpose (Redis Streams keep duplicates), two consumers
+//! in one group drop acks so entries are reclaimed, and the inbox keeps every payment at
+//! exactly one application.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::DroppingAcks;
+use idem_core::conformance::{fresh_postgres_schema, service_url};
+use idem_stream::Delivery;
+use idem_stream::consume::{self, Received, RunnerConfig};
+use idem_stream::postgres::{DeadLetters, Event, Inbox, Outbox, Relay, RelayConfig};
+use idem_stream::publish::Publisher;
+use idem_stream::redis_streams::{RedisStreamsPublisher, RedisStreamsSubscription};
+use tokio_postgres::NoTls;
+
+const PAYMENTS: usize = 300;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redelivered_and_republished_entries_apply_once() {
+    let Some(redis_url) = service_url("IDEM_TEST_REDIS_URL") else { return };
+    let Some(database) = fresh_postgres_schema("idem_redis_streams").await else { return };
+    let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    Outbox::migrate(&mut client).await.unwrap();
+    Inbox::migrate(&mut client).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE ledger (id int PRIMARY KEY, cents bigint NOT NULL);
+             INSERT INTO ledger VALUES (1, 0);
+             CREATE TABLE applied (message_id text NOT NULL);",
+        )
+        .await
+        .unwrap();
+
+    let redis =
+        redis::Client::open(redis_url.as_str()).unwrap().get_connection_manager().await.unwrap();
+    let stream_key = format!("idemtest.rs.{}", std::process::id());
+    let _: () = redis::cmd("DEL").arg(&stream_key).query_async(&mut redis.clone()).await.unwrap();
+
+    for index in 0..PAYMENTS {
+        let transaction = client.transaction().await.unwrap();
+        let key = format!("acct-{}", index % 10);
+        let payload = (index as i64 + 1).to_string();
+        let event =
+            Event { topic: &stream_key, key: &key, payload: payload.as_bytes(), headers: &[] };
+        Outbox::enqueue(&transaction, event).await.unwrap();
+        transaction.commit().await.unwrap();
+    }
+    let publisher = RedisStreamsPublisher::new(redis.clone(), 100_000);
+    let relay = Relay::new(publisher.clone(), RelayConfig::default());
+    assert_eq!(relay.run_until_idle(&mut client, 100).await.unwrap(), PAYMENTS);
+
+    // Each key's entries are in order on the stream.
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(&stream_key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut redis.clone())
+        .await
+        .unwrap();
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for entry in &entries.ids {
+        let field = |name: &str| match entry.map.get(name) {
+            Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+            other => panic!("field {name}: {other:?}"),
+        };
+        let seq: i64 = field("seq").parse().unwrap();
+        let previous = last_seq.insert(field("key"), seq).unwrap_or(0);
+        assert_eq!(seq, previous + 1, "per-key order on the stream");
+    }
+
+    // A relay that died before marking sent republishes: Redis keeps the second copies.
+    let rows = client
+        .query("SELECT id, key, seq, payload FROM idem_outbox ORDER BY id LIMIT 100", &[])
+        .await
+        .unwrap();
+    let again: Vec<_> = rows
+        .iter()
+        .map(|row| idem_stream::publish::OutboxMessage {
+            id: row.get(0),
+            topic: stream_key.clone(),
+            key: row.get(1),
+            seq: row.get(2),
+            payload: bytes::Bytes::from(row.get::<_, Vec<u8>>(3)),
+            headers: Vec::new(),
+        })
+        .collect();
+    for message in &again {
+        publisher
+            .publish(std::slice::from_ref(message))
+            .await
+            .into_iter()
+            .for_each(|result| result.unwrap());
+    }
+    let length: usize =
+        redis::cmd("XLEN").arg(&stream_key).query_async(&mut redis.clone()).await.unwrap();
+    assert_eq!(length, PAYMENTS + 100, "Redis Streams keep duplicates: the inbox must absorb them");
+
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+        database.parse().unwrap(),
+        NoTls,
+    ))
+    .max_size(8)
+    .build()
+    .unwrap();
+    let inbox = Inbox::new("ledger").unwrap();
+    let handler = move |message: Received| {
+        let (pool, inbox) = (pool.clone(), inbox.clone());
+        async move {
+            let cents: i64 =
+                String::from_utf8_lossy(&message.payload).parse().map_err(|_| "bad amount")?;
+            let mut client = pool.get().await.map_err(|e| e.to_string())?;
+            let transaction = client.transaction().await.map_err(|e| e.to_string())?;
+            if inbox.record(&transaction, &message.id).await.map_err(|e| e.to_string())?
+                == Delivery::First
+            {
+                transaction
+                    .execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                transaction
+                    .execute("INSERT INTO applied VALUES ($1)", &[&message.id])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            transaction.commit().await.map_err(|e| e.to_string())
+        }
+    };
+    let (observer, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let dead_letters = Arc::new(DeadLetters::new(Arc::new(observer), "ledger").unwrap());
+    let config = RunnerConfig {
+        concurrency: 8,
+        fetch_wait: Duration::from_millis(100),
+        ..RunnerConfig::default()
+    };
+    let dropped = Arc::new(Mutex::new(0));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Join (creating the group) before anything watches it.
+    let mut subscriptions = Vec::new();
+    for name in ["c1", "c2"] {
+        let joined = RedisStreamsSubscription::join(
+            redis.clone(),
+            &stream_key,
+            "ledger",
+            name,
+            Duration::from_millis(300),
+        );
+        subscriptions.push(joined.await.unwrap());
+    }
+    let consumers: Vec<_> = subscriptions
+        .into_iter()
+        .map(|inner| {
+            let handler = handler.clone();
+            let (dead_letters, dropped, mut stopped) =
+                (Arc::clone(&dead_letters), Arc::clone(&dropped), stopped.clone());
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                consume::run(
+                    DroppingAcks { inner, dropped },
+                    handler,
+                    dead_letters,
+                    config,
+                    shutdown,
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    loop {
+        let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+            .arg(&stream_key)
+            .arg("ledger")
+            .query_async(&mut redis.clone())
+            .await
+            .unwrap();
+        let applied: i64 =
+            client.query_one("SELECT count(*) FROM applied", &[]).await.unwrap().get(0);
+        let read: usize = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream_key)
+            .query_async::<Vec<HashMap<String, redis::Value>>>(&mut redis.clone())
+            .await
+            .unwrap()
+            .first()
+            .and_then(|group| match group.get("entries-read") {
+                Some(redis::Value::Int(read)) => Some(*read as usize),
+                _ => None,
+            })
+            .unwrap_or(0);
+        if applied as usize == PAYMENTS && pending.count() == 0 && read == PAYMENTS + 100 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "stuck: {applied} applied, {} pending",
+            pending.count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.send(true).unwrap();
+    let mut handled = 0;
+    for consumer in consumers {
+        handled += consumer.await.unwrap().handled;
+    }
+    let row = client
+        .query_one("SELECT (SELECT cents FROM ledger WHERE id = 1), count(*), count(DISTINCT message_id) FROM applied", &[])
+        .await
+        .unwrap();
+    let (cents, applied, distinct): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let dropped = *dropped.lock().unwrap();
+    assert_eq!(
+        (applied, distinct),
+        (PAYMENTS as i64, PAYMENTS as i64),
+        "each payment applied once"
+    );
+    assert_eq!(cents, (1..=PAYMENTS as i64).sum::<i64>());
+    assert!(dropped > 10, "acks were dropped on purpose ({dropped})");
+    assert!(
+        handled as usize >= PAYMENTS + 100 + dropped,
+        "every entry and every reclaimed one was handled"
+    );
+    let _: () = redis::cmd("DEL").arg(&stream_key).query_async(&mut redis.clone()).await.unwrap();
+    println!(
+        "redis streams: {} entries ({PAYMENTS} + 100 republished), {dropped} acks dropped and reclaimed, {handled} handled; \
+         {applied} applied once each, balance {cents}, nothing pending",
+        PAYMENTS + 100
+    );
+}
