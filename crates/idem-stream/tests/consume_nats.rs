@@ -12,7 +12,7 @@ mod common;
 use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use common::DroppingAcks;
-use idem_core::conformance::{fresh_postgres_schema, service_url};
+use idem_core::conformance::service_url;
 use idem_stream::Delivery;
 use idem_stream::consume::{self, Received, RunnerConfig};
 use idem_stream::nats::JetStreamSubscription;
@@ -26,18 +26,7 @@ const POISON: [usize; 5] = [11, 222, 333, 444, 999];
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_payment_applies_once_through_redelivery_duplicates_and_failures() {
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
-    let Some(database) = fresh_postgres_schema("idem_consume").await else { return };
-    let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    Inbox::migrate(&mut client).await.unwrap();
-    client
-        .batch_execute(
-            "CREATE TABLE ledger (id int PRIMARY KEY, cents bigint NOT NULL);
-             INSERT INTO ledger VALUES (1, 0);
-             CREATE TABLE applied (message_id text NOT NULL);",
-        )
-        .await
-        .unwrap();
+    let Some((client, database)) = common::ledger_database("idem_consume").await else { return };
 
     // A short duplicate window, so the duplicates published on purpose below reach the stream.
     let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());

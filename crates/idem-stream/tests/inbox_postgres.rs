@@ -3,30 +3,20 @@
 //! processed at once. Effects are counted in a table with no unique constraint, so a double
 //! application would show.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use idem_core::conformance::fresh_postgres_schema;
 use idem_stream::postgres::Inbox;
 use idem_stream::{Delivery, Error};
 use tokio_postgres::{Client, Config, NoTls};
 
 /// A client whose `search_path` is a fresh schema of this test's own, with the inbox table and
-/// a one-row ledger in it.
+/// a one-row ledger in it, and the config to open more connections like it.
 async fn fresh(schema: &str) -> Option<(Client, Config)> {
-    let database = fresh_postgres_schema(schema).await?;
-    let config: Config = database.parse().unwrap();
-    let mut client = connect(&config).await;
-    Inbox::migrate(&mut client).await.unwrap();
-    client
-        .batch_execute(
-            "CREATE TABLE ledger (id int PRIMARY KEY, cents bigint NOT NULL);
-             INSERT INTO ledger VALUES (1, 0);
-             CREATE TABLE applied (message_id text NOT NULL);",
-        )
-        .await
-        .unwrap();
-    Some((client, config))
+    let (client, database) = common::ledger_database(schema).await?;
+    Some((client, database.parse().unwrap()))
 }
 
 async fn connect(config: &Config) -> Client {

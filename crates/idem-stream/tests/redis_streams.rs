@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::DroppingAcks;
-use idem_core::conformance::{fresh_postgres_schema, service_url};
+use idem_core::conformance::service_url;
 use idem_stream::Delivery;
 use idem_stream::consume::{self, Received, RunnerConfig};
 use idem_stream::postgres::{DeadLetters, Event, Inbox, Outbox, Relay, RelayConfig};
@@ -23,19 +23,9 @@ const PAYMENTS: usize = 300;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redelivered_and_republished_entries_apply_once() {
     let Some(redis_url) = service_url("IDEM_TEST_REDIS_URL") else { return };
-    let Some(database) = fresh_postgres_schema("idem_redis_streams").await else { return };
-    let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    Outbox::migrate(&mut client).await.unwrap();
-    Inbox::migrate(&mut client).await.unwrap();
-    client
-        .batch_execute(
-            "CREATE TABLE ledger (id int PRIMARY KEY, cents bigint NOT NULL);
-             INSERT INTO ledger VALUES (1, 0);
-             CREATE TABLE applied (message_id text NOT NULL);",
-        )
-        .await
-        .unwrap();
+    let Some((mut client, database)) = common::ledger_database("idem_redis_streams").await else {
+        return;
+    };
 
     let redis =
         redis::Client::open(redis_url.as_str()).unwrap().get_connection_manager().await.unwrap();

@@ -43,3 +43,24 @@ impl<S: Subscription + Sync> Subscription for DroppingAcks<S> {
         self.inner.settle(token, settle).await
     }
 }
+
+/// A fresh schema of the test's own (see `fresh_postgres_schema`) holding the outbox and
+/// inbox tables, a one-row `ledger` and an `applied` log with no unique constraint (so a
+/// double application would show). Returns a client on it and its URL.
+pub async fn ledger_database(schema: &str) -> Option<(tokio_postgres::Client, String)> {
+    let database = idem_core::conformance::fresh_postgres_schema(schema).await?;
+    let (mut client, connection) =
+        tokio_postgres::connect(&database, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    idem_stream::postgres::Outbox::migrate(&mut client).await.unwrap();
+    idem_stream::postgres::Inbox::migrate(&mut client).await.unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE ledger (id int PRIMARY KEY, cents bigint NOT NULL);
+             INSERT INTO ledger VALUES (1, 0);
+             CREATE TABLE applied (message_id text NOT NULL);",
+        )
+        .await
+        .unwrap();
+    Some((client, database))
+}
