@@ -40,6 +40,7 @@ pub fn service_url(variable: &str) -> Option<String> {
 /// A PostgreSQL URL (from `IDEM_TEST_POSTGRES_URL`) whose connections use the schema
 /// `schema`, dropped and created empty now: tests that share the server never see each
 /// other's tables. `None`, after a SKIPPED line, when the variable is unset.
+#[cfg(feature = "conformance")]
 pub async fn fresh_postgres_schema(schema: &str) -> Option<String> {
     assert!(
         schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),

@@ -222,6 +222,9 @@ async fn timed<T>(operation: &'static str, call: impl Future<Output = Result<T>>
     result
 }
 
+/// Most attempts to store an outcome while the store is unavailable.
+const COMPLETE_ATTEMPTS: u32 = 20;
+
 /// Ownership of a key while its operation runs. Finish it with [`Claim::complete`] or
 /// [`Claim::release`]; a claim dropped unfinished (a panic, a cancelled task) is released in
 /// the background so a retry can run.
@@ -258,16 +261,38 @@ impl Claim {
 
     /// Stores `payload` as the outcome to replay. Fails with [`Error::Fenced`] if the lease was
     /// lost to another owner, in which case the newer owner's record stands.
+    ///
+    /// An unavailable store is retried (backoff from 50 ms, doubling to 1 s, at most 20 tries)
+    /// for as long as the lease holds: the operation has run, and an outcome not stored would
+    /// let a retry after the lease run it again. A store back within the lease loses nothing.
     pub async fn complete(mut self, payload: Bytes) -> Result<()> {
         self.finished = true;
         let engine = &self.engine;
-        let now = engine.now();
-        let expires_at = now.saturating_add(engine.inner.config.ttl);
-        timed(
-            "complete",
-            engine.inner.store.complete(&self.key, self.token, payload, now, expires_at),
-        )
-        .await
+        let mut backoff = Duration::from_millis(50);
+        for attempt in 1.. {
+            let now = engine.now();
+            let expires_at = now.saturating_add(engine.inner.config.ttl);
+            let stored = engine.inner.store.complete(
+                &self.key,
+                self.token,
+                payload.clone(),
+                now,
+                expires_at,
+            );
+            match timed("complete", stored).await {
+                Err(error)
+                    if error.is_unavailable()
+                        && attempt < COMPLETE_ATTEMPTS
+                        && engine.now().saturating_add(backoff) < self.lease_expires_at =>
+                {
+                    tracing::warn!(key = %self.key.key, %error, attempt, "could not store the outcome yet; retrying within the lease");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                result => return result,
+            }
+        }
+        unreachable!("the loop returns by its last attempt")
     }
 
     /// Gives the key up so that a retry runs again.
@@ -346,7 +371,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::{IdempotencyKey, ManualClock, MemoryStore, Scope};
+    use crate::{IdempotencyKey, ManualClock, MemoryStore, Scope, Store};
 
     fn key(name: &str) -> RecordKey {
         RecordKey::new(Scope::named("test"), IdempotencyKey::new(name).unwrap())
@@ -480,6 +505,94 @@ mod tests {
         assert_eq!(engine.sweep_expired(10, 100).await.unwrap(), 0);
         assert!(engine.store().get(&key("live")).await.unwrap().is_some());
         assert!(engine.store().get(&key("old-0")).await.unwrap().is_none());
+    }
+
+    /// A store whose first `failures` completions find it unavailable.
+    struct Flaky {
+        inner: MemoryStore,
+        failures: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Flaky {
+        async fn claim(&self, request: crate::ClaimRequest<'_>) -> Result<crate::Decision> {
+            self.inner.claim(request).await
+        }
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            token: FencingToken,
+            payload: Bytes,
+            now: Timestamp,
+            expires_at: Timestamp,
+        ) -> Result<()> {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                return Err(Error::unavailable("connection refused"));
+            }
+            self.inner.complete(key, token, payload, now, expires_at).await
+        }
+        async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
+            self.inner.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: FencingToken,
+            now: Timestamp,
+            lease: Timestamp,
+            expires_at: Timestamp,
+        ) -> Result<()> {
+            self.inner.renew(key, token, now, lease, expires_at).await
+        }
+        async fn get(&self, key: &RecordKey) -> Result<Option<crate::Record>> {
+            self.inner.get(key).await
+        }
+        async fn delete(&self, key: &RecordKey) -> Result<bool> {
+            self.inner.delete(key).await
+        }
+        async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
+            self.inner.sweep(now, limit).await
+        }
+        async fn list(&self, query: &crate::ListQuery) -> Result<Vec<crate::RecordSummary>> {
+            self.inner.list(query).await
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+        fn capabilities(&self) -> crate::Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn completion_rides_out_a_brief_store_outage_within_the_lease() {
+        let engine = Engine::new(
+            Flaky { inner: MemoryStore::new(), failures: AtomicUsize::new(3) },
+            crate::SystemClock,
+            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
+        );
+        let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        claim.complete(Bytes::from_static(b"paid")).await.unwrap();
+        let Begin::Replay(payload) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("the outcome was stored after the outage");
+        };
+        assert_eq!(payload, "paid");
+
+        // An outage that outlasts the attempts: the error comes back, nothing is pretended.
+        let engine = Engine::new(
+            Flaky { inner: MemoryStore::new(), failures: AtomicUsize::new(1_000) },
+            crate::SystemClock,
+            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
+        );
+        let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        let failed = claim.complete(Bytes::from_static(b"paid")).await;
+        assert!(matches!(failed, Err(ref error) if error.is_unavailable()), "{failed:?}");
     }
 
     #[tokio::test]
