@@ -13,7 +13,6 @@ use async_nats::jetstream::{self, stream};
 use bytes::Bytes;
 use common::DroppingAcks;
 use idem_core::conformance::service_url;
-use idem_stream::Delivery;
 use idem_stream::consume::{self, Received, RunnerConfig};
 use idem_stream::nats::JetStreamSubscription;
 use idem_stream::postgres::{DeadLetters, Inbox};
@@ -100,20 +99,10 @@ async fn every_payment_applies_once_through_redelivery_duplicates_and_failures()
                 }
                 let cents: i64 = cents.parse().map_err(|_| "malformed amount")?;
                 let mut client = pool.get().await.map_err(|e| e.to_string())?;
-                let transaction = client.transaction().await.map_err(|e| e.to_string())?;
-                if inbox.record(&transaction, &message.id).await.map_err(|e| e.to_string())?
-                    == Delivery::First
-                {
-                    transaction
-                        .execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    transaction
-                        .execute("INSERT INTO applied VALUES ($1)", &[&message.id])
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                transaction.commit().await.map_err(|e| e.to_string())
+                common::credit(&mut client, &inbox, &message.id, cents)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             }
         }
     };

@@ -25,23 +25,6 @@ async fn connect(config: &Config) -> Client {
     client
 }
 
-/// The handler: credits the ledger once per message, in the transaction that records it.
-async fn deliver(
-    client: &mut Client,
-    inbox: &Inbox,
-    message_id: &str,
-    cents: i64,
-) -> Result<Delivery, Error> {
-    let transaction = client.transaction().await?;
-    let delivery = inbox.record(&transaction, message_id).await?;
-    if delivery == Delivery::First {
-        transaction.execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents]).await?;
-        transaction.execute("INSERT INTO applied VALUES ($1)", &[&message_id]).await?;
-    }
-    transaction.commit().await?;
-    Ok(delivery)
-}
-
 async fn effects(client: &Client) -> (i64, i64, i64) {
     let row = client
         .query_one(
@@ -76,7 +59,9 @@ async fn every_message_applies_once_however_often_it_is_delivered() {
                 let mut firsts = 0;
                 loop {
                     let Some((id, cents)) = queue.lock().unwrap().pop() else { break };
-                    if deliver(&mut client, &inbox, &id, cents).await.unwrap() == Delivery::First {
+                    if common::credit(&mut client, &inbox, &id, cents).await.unwrap()
+                        == Delivery::First
+                    {
                         firsts += 1;
                     }
                 }
@@ -118,7 +103,7 @@ async fn a_failed_handler_or_a_dropped_connection_leaves_nothing_and_the_redeliv
         // Dropped without commit: rolled back.
     }
     assert_eq!(effects(&client).await, (0, 0, 0));
-    assert_eq!(deliver(&mut client, &inbox, "m-1", 10).await.unwrap(), Delivery::First);
+    assert_eq!(common::credit(&mut client, &inbox, "m-1", 10).await.unwrap(), Delivery::First);
 
     // The connection dies between the writes and the commit.
     let mut doomed = connect(&config).await;
@@ -134,8 +119,8 @@ async fn a_failed_handler_or_a_dropped_connection_leaves_nothing_and_the_redeliv
     );
     assert_eq!(effects(&client).await, (10, 1, 1), "nothing of m-2 was kept");
     // The broker redelivers m-2 (it was never acknowledged): it applies now, once.
-    assert_eq!(deliver(&mut client, &inbox, "m-2", 20).await.unwrap(), Delivery::First);
-    assert_eq!(deliver(&mut client, &inbox, "m-2", 20).await.unwrap(), Delivery::Duplicate);
+    assert_eq!(common::credit(&mut client, &inbox, "m-2", 20).await.unwrap(), Delivery::First);
+    assert_eq!(common::credit(&mut client, &inbox, "m-2", 20).await.unwrap(), Delivery::Duplicate);
     assert_eq!(effects(&client).await, (30, 2, 2));
 }
 
@@ -178,9 +163,9 @@ async fn consumers_are_independent_purging_is_bounded_and_bad_input_is_refused()
     let Some((mut client, _)) = fresh("idem_stream_purge").await else { return };
     let (ledger, audit) = (Inbox::new("ledger").unwrap(), Inbox::new("audit").unwrap());
     for id in ["a", "b", "c"] {
-        assert_eq!(deliver(&mut client, &ledger, id, 1).await.unwrap(), Delivery::First);
+        assert_eq!(common::credit(&mut client, &ledger, id, 1).await.unwrap(), Delivery::First);
         assert_eq!(
-            deliver(&mut client, &audit, id, 0).await.unwrap(),
+            common::credit(&mut client, &audit, id, 0).await.unwrap(),
             Delivery::First,
             "another consumer"
         );
@@ -194,7 +179,7 @@ async fn consumers_are_independent_purging_is_bounded_and_bad_input_is_refused()
     assert_eq!(ledger.purge(&client, Duration::ZERO, 2).await.unwrap(), 2, "a batch is bounded");
     assert_eq!(ledger.purge(&client, Duration::ZERO, 10).await.unwrap(), 1);
     assert_eq!(
-        deliver(&mut client, &audit, "a", 0).await.unwrap(),
+        common::credit(&mut client, &audit, "a", 0).await.unwrap(),
         Delivery::Duplicate,
         "audit kept its ids"
     );

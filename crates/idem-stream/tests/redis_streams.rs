@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::DroppingAcks;
 use idem_core::conformance::service_url;
-use idem_stream::Delivery;
 use idem_stream::consume::{self, Received, RunnerConfig};
 use idem_stream::postgres::{DeadLetters, Event, Inbox, Outbox, Relay, RelayConfig};
 use idem_stream::publish::Publisher;
@@ -105,20 +104,10 @@ async fn redelivered_and_republished_entries_apply_once() {
             let cents: i64 =
                 String::from_utf8_lossy(&message.payload).parse().map_err(|_| "bad amount")?;
             let mut client = pool.get().await.map_err(|e| e.to_string())?;
-            let transaction = client.transaction().await.map_err(|e| e.to_string())?;
-            if inbox.record(&transaction, &message.id).await.map_err(|e| e.to_string())?
-                == Delivery::First
-            {
-                transaction
-                    .execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                transaction
-                    .execute("INSERT INTO applied VALUES ($1)", &[&message.id])
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            transaction.commit().await.map_err(|e| e.to_string())
+            common::credit(&mut client, &inbox, &message.id, cents)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
         }
     };
     let (observer, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();

@@ -64,3 +64,21 @@ pub async fn ledger_database(schema: &str) -> Option<(tokio_postgres::Client, St
         .unwrap();
     Some((client, database))
 }
+
+/// The handler of the ledger fixture: credits `cents` once per message, in the transaction
+/// that records the message in `inbox`.
+pub async fn credit(
+    client: &mut tokio_postgres::Client,
+    inbox: &idem_stream::postgres::Inbox,
+    message_id: &str,
+    cents: i64,
+) -> Result<idem_stream::Delivery, idem_stream::Error> {
+    let transaction = client.transaction().await?;
+    let delivery = inbox.record(&transaction, message_id).await?;
+    if delivery == idem_stream::Delivery::First {
+        transaction.execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents]).await?;
+        transaction.execute("INSERT INTO applied VALUES ($1)", &[&message_id]).await?;
+    }
+    transaction.commit().await?;
+    Ok(delivery)
+}
