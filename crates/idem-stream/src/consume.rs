@@ -92,9 +92,12 @@ pub struct RunReport {
     pub retried: u64,
     pub dead_lettered: u64,
     pub settle_errors: u64,
+    /// Fetches that failed (the broker was unreachable) and were retried after a backoff.
+    pub fetch_errors: u64,
 }
 
 /// Runs until `shutdown` resolves; messages being handled then are finished and settled.
+/// A failed fetch (the broker unreachable) is logged and retried with backoff, not returned.
 pub async fn run<S, H, F, D>(
     mut subscription: S,
     handler: H,
@@ -111,10 +114,29 @@ where
     let mut report = RunReport::default();
     let mut shutdown = std::pin::pin!(shutdown);
     let concurrency = config.concurrency.max(1);
+    let mut failed_fetches = 0;
     loop {
-        let batch = tokio::select! {
+        let fetched = tokio::select! {
             () = &mut shutdown => return Ok(report),
-            batch = subscription.fetch(concurrency, config.fetch_wait) => batch?,
+            fetched = subscription.fetch(concurrency, config.fetch_wait) => fetched,
+        };
+        let batch = match fetched {
+            Ok(batch) => {
+                failed_fetches = 0;
+                batch
+            }
+            // A broker outage: wait (doubling, up to `max_backoff`) and try again; the
+            // adapters reconnect on the next fetch.
+            Err(error) => {
+                failed_fetches += 1;
+                report.fetch_errors += 1;
+                let delay = config.retry_delay(failed_fetches);
+                tracing::error!(%error, retry_in = ?delay, "fetching from the broker failed");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(report),
+                    () = tokio::time::sleep(delay) => continue,
+                }
+            }
         };
         if batch.is_empty() {
             continue;

@@ -31,6 +31,8 @@ pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod publish;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis_streams;
 #[cfg(feature = "sqlite")]

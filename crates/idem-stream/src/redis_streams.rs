@@ -53,16 +53,31 @@ impl Publisher for RedisStreamsPublisher {
             }
             pipeline.add_command(command);
         }
+        // Each entry's own result: one refused XADD (a key of the wrong type, say) fails only
+        // its own message.
+        pipeline.ignore_errors();
         let mut connection = self.connection.clone();
-        match pipeline.query_async::<Vec<String>>(&mut connection).await {
-            Ok(_) => messages.iter().map(|_| Ok(())).collect(),
-            Err(error) => messages
+        let failed =
+            |message: &OutboxMessage, reason: String| PublishError { id: message.id, reason };
+        match pipeline.query_async::<Vec<redis::RedisResult<String>>>(&mut connection).await {
+            Ok(replies) if replies.len() == messages.len() => messages
                 .iter()
-                .map(|message| Err(PublishError { id: message.id, reason: error.to_string() }))
+                .zip(replies)
+                .map(|(message, reply)| reply.map(drop).map_err(|e| failed(message, e.to_string())))
                 .collect(),
+            Ok(replies) => {
+                let reason = format!("{} replies to {} XADDs", replies.len(), messages.len());
+                messages.iter().map(|message| Err(failed(message, reason.clone()))).collect()
+            }
+            Err(error) => {
+                messages.iter().map(|message| Err(failed(message, error.to_string()))).collect()
+            }
         }
     }
 }
+
+/// The longest a fetch blocks in `XREADGROUP`; a longer wait returns empty after this long.
+pub const MAX_BLOCK: Duration = Duration::from_secs(30);
 
 /// One consumer in a Redis Streams consumer group.
 #[derive(Clone)]
@@ -87,13 +102,23 @@ impl std::fmt::Debug for RedisStreamsSubscription {
 
 impl RedisStreamsSubscription {
     /// Joins (creating if needed, from the stream's start) the group `group` as `consumer`.
+    ///
+    /// The subscription opens a connection of its own: a blocking `XREADGROUP` holds its
+    /// connection for the whole wait, which must neither stall other commands nor trip the
+    /// client's response timeout.
     pub async fn join(
-        connection: ConnectionManager,
+        client: &redis::Client,
         stream: &str,
         group: &str,
         consumer: &str,
         claim_idle: Duration,
     ) -> Result<Self, String> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(MAX_BLOCK + Duration::from_secs(5)));
+        let connection = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|error| error.to_string())?;
         let mut connection_for_setup = connection.clone();
         let created: redis::RedisResult<String> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -199,7 +224,7 @@ impl Subscription for RedisStreamsSubscription {
             let options = StreamReadOptions::default()
                 .group(&self.group, &self.consumer)
                 .count(max - batch.len())
-                .block(wait.as_millis() as usize);
+                .block(wait.min(MAX_BLOCK).as_millis().max(1) as usize);
             let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
                 &mut connection,
                 &[&self.stream],

@@ -26,8 +26,8 @@ async fn redelivered_and_republished_entries_apply_once() {
         return;
     };
 
-    let redis =
-        redis::Client::open(redis_url.as_str()).unwrap().get_connection_manager().await.unwrap();
+    let redis_client = redis::Client::open(redis_url.as_str()).unwrap();
+    let redis = redis_client.get_connection_manager().await.unwrap();
     let stream_key = format!("idemtest.rs.{}", std::process::id());
     let _: () = redis::cmd("DEL").arg(&stream_key).query_async(&mut redis.clone()).await.unwrap();
 
@@ -124,7 +124,7 @@ async fn redelivered_and_republished_entries_apply_once() {
     let mut subscriptions = Vec::new();
     for name in ["c1", "c2"] {
         let joined = RedisStreamsSubscription::join(
-            redis.clone(),
+            &redis_client,
             &stream_key,
             "ledger",
             name,

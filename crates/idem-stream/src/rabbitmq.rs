@@ -1,0 +1,361 @@
+//! The RabbitMQ adapter (AMQP 0-9-1, through lapin): publishes with publisher confirms, as
+//! persistent and mandatory messages whose `message-id` is the outbox id; consumes with manual
+//! acks and a prefetch limit.
+//!
+//! RabbitMQ does not deduplicate: a republished event is a second message, which the
+//! consumer's inbox absorbs by its `message-id`. Use quorum queues ([`declare_queue`] declares
+//! one): they survive a broker restart and count deliveries (`x-delivery-count`), which is how
+//! the consumer runner knows an attempt's number and when to dead-letter. On a classic queue a
+//! redelivery is only flagged, so every redelivery counts as attempt 2.
+//!
+//! Both sides connect lazily and reconnect after the connection or channel is lost; a message
+//! delivered on a lost channel and not yet acknowledged goes back to its queue.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+use crate::consume::{Received, Settle, Subscription};
+use crate::publish::{OutboxMessage, PublishError, Publisher};
+
+/// The most messages a consumer may hold unacknowledged, whatever its prefetch asks.
+pub const MAX_PREFETCH: u16 = 10_000;
+
+async fn open_channel(uri: &str, name: &str) -> Result<(Connection, Channel), String> {
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    let connection = Connection::connect(uri, properties)
+        .await
+        .map_err(|error| format!("connecting to RabbitMQ: {error}"))?;
+    let channel = connection.create_channel().await.map_err(|error| error.to_string())?;
+    Ok((connection, channel))
+}
+
+fn short(text: &str, what: &str) -> Result<ShortString, String> {
+    ShortString::try_new(text).map_err(|error| format!("{what} {text:?}: {error}"))
+}
+
+/// Declares a durable quorum queue `queue` and, unless `exchange` is empty (the default
+/// exchange routes by queue name), binds it to `exchange` with `routing_key`.
+pub async fn declare_queue(
+    uri: &str,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), String> {
+    let (connection, channel) = open_channel(uri, "idem-declare").await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let error = |error: lapin::Error| error.to_string();
+    channel
+        .queue_declare(short(queue, "queue")?, QueueDeclareOptions::durable(), arguments)
+        .await
+        .map_err(error)?;
+    if !exchange.is_empty() {
+        channel
+            .queue_bind(
+                short(queue, "queue")?,
+                short(exchange, "exchange")?,
+                short(routing_key, "routing key")?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(error)?;
+    }
+    connection.close(200, "declared".into()).await.map_err(error)
+}
+
+/// Publishes outbox events to `exchange` with the event's topic as routing key (with the
+/// default exchange `""`, the topic is the queue's name). Each message is persistent and
+/// mandatory, and counts as published only once RabbitMQ confirmed it; a message no queue
+/// takes is returned by the broker and reported as a failure, so the relay keeps it pending
+/// instead of marking it sent.
+pub struct RabbitPublisher {
+    uri: String,
+    exchange: ShortString,
+    /// The connection and its confirm-mode channel, opened on first use and again after a loss.
+    link: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl std::fmt::Debug for RabbitPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitPublisher").field("exchange", &self.exchange).finish_non_exhaustive()
+    }
+}
+
+impl RabbitPublisher {
+    /// Connects to `uri` (`amqp://user:password@host:5672/%2f`) and checks the link works.
+    pub async fn connect(uri: &str, exchange: &str) -> Result<Self, String> {
+        let publisher = Self {
+            uri: uri.to_owned(),
+            exchange: short(exchange, "exchange")?,
+            link: Mutex::new(None),
+        };
+        publisher.channel().await?;
+        Ok(publisher)
+    }
+
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut link = self.link.lock().await;
+        if let Some((connection, channel)) = link.as_ref() {
+            if connection.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+        }
+        *link = None;
+        let (connection, channel) = open_channel(&self.uri, "idem-relay").await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|error| error.to_string())?;
+        *link = Some((connection, channel.clone()));
+        Ok(channel)
+    }
+
+    fn properties(message: &OutboxMessage) -> Result<BasicProperties, String> {
+        let mut headers = FieldTable::default();
+        headers.insert("Idem-Key".into(), AMQPValue::LongString(message.key.as_str().into()));
+        headers.insert("Idem-Seq".into(), AMQPValue::LongLongInt(message.seq));
+        for (name, value) in &message.headers {
+            headers
+                .insert(short(name, "header name")?, AMQPValue::LongString(value.as_str().into()));
+        }
+        Ok(BasicProperties::default()
+            .with_message_id(short(&message.message_id(), "message id")?)
+            .with_delivery_mode(2)
+            .with_headers(headers))
+    }
+}
+
+#[async_trait]
+impl Publisher for RabbitPublisher {
+    async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        let failed =
+            |message: &OutboxMessage, reason: String| PublishError { id: message.id, reason };
+        let channel = match self.channel().await {
+            Ok(channel) => channel,
+            Err(reason) => {
+                return messages.iter().map(|m| Err(failed(m, reason.clone()))).collect();
+            }
+        };
+        // Send every message first, then wait for the confirms: one key each, so order within
+        // a key is not at stake, and the round trips overlap.
+        let mut pending = Vec::with_capacity(messages.len());
+        for message in messages {
+            let sent = match (Self::properties(message), short(&message.topic, "topic")) {
+                (Ok(properties), Ok(routing_key)) => channel
+                    .basic_publish(
+                        self.exchange.clone(),
+                        routing_key,
+                        BasicPublishOptions { mandatory: true, immediate: false },
+                        &message.payload,
+                        properties,
+                    )
+                    .await
+                    .map_err(|error| error.to_string()),
+                (Err(reason), _) | (_, Err(reason)) => Err(reason),
+            };
+            pending.push(sent);
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        for (message, sent) in messages.iter().zip(pending) {
+            let confirmed = match sent {
+                Ok(confirm) => match confirm.await {
+                    Ok(Confirmation::Ack(None)) => Ok(()),
+                    Ok(Confirmation::Ack(Some(returned))) => Err(format!(
+                        "no queue took it (returned: {} {})",
+                        returned.reply_code, returned.reply_text
+                    )),
+                    Ok(Confirmation::Nack(_)) => Err("RabbitMQ refused it (nack)".to_owned()),
+                    Ok(Confirmation::NotRequested) => {
+                        Err("publisher confirms are off on this channel".to_owned())
+                    }
+                    Err(error) => Err(error.to_string()),
+                },
+                Err(reason) => Err(reason),
+            };
+            results.push(confirmed.map_err(|reason| failed(message, reason)));
+        }
+        results
+    }
+}
+
+/// A consumer on one RabbitMQ queue, with manual acks. Several subscriptions on one queue share
+/// its messages.
+pub struct RabbitSubscription {
+    uri: String,
+    queue: ShortString,
+    prefetch: u16,
+    consumer: Option<(Connection, Channel, lapin::Consumer)>,
+}
+
+impl std::fmt::Debug for RabbitSubscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitSubscription")
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RabbitSubscription {
+    /// Consumes from the existing queue `queue`, holding at most `prefetch` messages
+    /// unacknowledged (the runner's concurrency, plus room for messages waiting out a retry
+    /// delay). Fails at once if the queue does not exist.
+    pub async fn consume(uri: &str, queue: &str, prefetch: u16) -> Result<Self, String> {
+        let mut subscription = Self {
+            uri: uri.to_owned(),
+            queue: short(queue, "queue")?,
+            prefetch: prefetch.clamp(1, MAX_PREFETCH),
+            consumer: None,
+        };
+        subscription.connect().await?;
+        Ok(subscription)
+    }
+
+    async fn connect(&mut self) -> Result<&mut lapin::Consumer, String> {
+        let usable = self.consumer.as_ref().is_some_and(|(connection, channel, _)| {
+            connection.status().connected() && channel.status().connected()
+        });
+        if !usable {
+            self.consumer = None;
+            let (connection, channel) = open_channel(&self.uri, "idem-consumer").await?;
+            let error = |error: lapin::Error| error.to_string();
+            channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(error)?;
+            let consumer = channel
+                .basic_consume(
+                    self.queue.clone(),
+                    "".into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|error| format!("consuming from queue {}: {error}", self.queue))?;
+            self.consumer = Some((connection, channel, consumer));
+        }
+        Ok(&mut self.consumer.as_mut().expect("connected above").2)
+    }
+
+    fn received(&self, delivery: &lapin::message::Delivery) -> Received {
+        let properties = &delivery.properties;
+        let mut headers = Vec::new();
+        let mut delivery_count = None;
+        for (name, value) in properties.headers().iter().flat_map(|table| table.inner()) {
+            let text = match value {
+                AMQPValue::LongString(text) => {
+                    String::from_utf8_lossy(text.as_bytes()).into_owned()
+                }
+                AMQPValue::ShortString(text) => text.as_str().to_owned(),
+                AMQPValue::LongLongInt(number) => number.to_string(),
+                AMQPValue::LongInt(number) => number.to_string(),
+                _ => continue,
+            };
+            if name.as_str() == "x-delivery-count" {
+                delivery_count = text.parse::<u64>().ok();
+            } else {
+                headers.push((name.as_str().to_owned(), text));
+            }
+        }
+        // Quorum queues count earlier deliveries; a classic queue only flags a redelivery.
+        let attempt = match delivery_count {
+            Some(count) => count.saturating_add(1),
+            None => 1 + u64::from(delivery.redelivered),
+        };
+        Received {
+            // A message published without a message-id has no stable id: the inbox refuses the
+            // empty id, so such a message fails and ends in the dead-letter destination.
+            id: properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default(),
+            subject: delivery.routing_key.as_str().to_owned(),
+            payload: Bytes::from(delivery.data.clone()),
+            headers,
+            attempt,
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for RabbitSubscription {
+    type Token = lapin::Acker;
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<(Received, Self::Token)>, String> {
+        let consumer = self.connect().await?;
+        let mut deliveries = Vec::new();
+        // Wait for the first message, then take whatever else has already arrived.
+        let first = match tokio::time::timeout(wait, consumer.next()).await {
+            Err(_elapsed) => return Ok(Vec::new()),
+            Ok(first) => first,
+        };
+        let mut next = first;
+        loop {
+            match next {
+                Some(Ok(delivery)) => deliveries.push(delivery),
+                Some(Err(error)) => {
+                    self.consumer = None;
+                    if deliveries.is_empty() {
+                        return Err(error.to_string());
+                    }
+                    break;
+                }
+                None => {
+                    self.consumer = None;
+                    if deliveries.is_empty() {
+                        return Err(format!("the consumer on queue {} was cancelled", self.queue));
+                    }
+                    break;
+                }
+            }
+            if deliveries.len() >= max {
+                break;
+            }
+            match self.consumer.as_mut().and_then(|(_, _, consumer)| consumer.next().now_or_never())
+            {
+                Some(more) => next = more,
+                None => break,
+            }
+        }
+        Ok(deliveries
+            .into_iter()
+            .map(|delivery| (self.received(&delivery), delivery.acker))
+            .collect())
+    }
+
+    async fn settle(&self, acker: Self::Token, settle: Settle) -> Result<(), String> {
+        match settle {
+            Settle::Ack => acker
+                .ack(BasicAckOptions::default())
+                .await
+                .map(drop)
+                .map_err(|error| error.to_string()),
+            // RabbitMQ has no delayed requeue: hold the message (it counts against the
+            // prefetch limit) for the delay, then return it to the queue. Should the
+            // connection drop meanwhile, the broker requeues it anyway.
+            Settle::Retry(delay) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let requeue = BasicNackOptions { multiple: false, requeue: true };
+                    if let Err(error) = acker.nack(requeue).await {
+                        tracing::debug!(%error, "could not requeue; RabbitMQ requeues it when the channel closes");
+                    }
+                });
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! One conformance suite for every broker adapter, run against the real servers: NATS
+//! JetStream, Redis Streams and RabbitMQ. Each case states what the relay and the consumer
+//! runner rely on from an adapter:
+//! - every published message arrives with its id, key, sequence, headers and payload, and a
+//!   single consumer sees each key's events in the order they were published;
+//! - `publish` answers each message on its own: a refused one fails alone, in its place;
+//! - `Retry` brings the message back with its attempt counted;
+//! - a consumer that vanishes without settling loses nothing: another one gets its messages;
+//! - consumers in one group share the work, an acknowledged message going to one of them only.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use idem_core::conformance::service_url;
+use idem_stream::consume::{Received, Settle, Subscription};
+use idem_stream::publish::{OutboxMessage, Publisher};
+
+/// One broker under test. Each case gets a fresh, empty topic of its own.
+#[async_trait]
+trait Broker: Send + Sync {
+    type Sub: Subscription + Sync;
+    /// Creates an empty topic for `case` (stream, queue, ...), with one consumer group on it.
+    async fn topic(&self, case: &str) -> String;
+    /// A topic the broker refuses to take a message on.
+    async fn refused_topic(&self, case: &str) -> String;
+    async fn publisher(&self) -> Arc<dyn Publisher>;
+    /// A new consumer in the topic's group.
+    async fn subscribe(&self, topic: &str) -> Self::Sub;
+    /// How long a message held by a vanished consumer waits before it is delivered again.
+    fn redelivery_after(&self) -> Duration;
+}
+
+fn message(topic: &str, id: i64, key: &str, seq: i64) -> OutboxMessage {
+    OutboxMessage {
+        id,
+        topic: topic.to_owned(),
+        key: key.to_owned(),
+        seq,
+        payload: Bytes::from(format!("payload of {id}: {}", "x".repeat(id as usize % 50))),
+        headers: vec![
+            ("traceparent".into(), format!("00-{id:032x}-{seq:016x}-01")),
+            ("content-type".into(), "text/plain".into()),
+        ],
+    }
+}
+
+fn header<'a>(received: &'a Received, name: &str) -> Option<&'a str> {
+    received.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+/// Publishes `messages` as one layer and asserts every one was confirmed.
+async fn publish_all(publisher: &dyn Publisher, messages: &[OutboxMessage]) {
+    for result in publisher.publish(messages).await {
+        result.unwrap();
+    }
+}
+
+/// Fetches until `count` messages arrived (settling none) or `within` passed.
+async fn fetch_at_least<S: Subscription>(
+    subscription: &mut S,
+    count: usize,
+    within: Duration,
+) -> Vec<(Received, S::Token)> {
+    let started = Instant::now();
+    let mut received = Vec::new();
+    while received.len() < count && started.elapsed() < within {
+        received.extend(
+            subscription.fetch(count - received.len(), Duration::from_millis(300)).await.unwrap(),
+        );
+    }
+    received
+}
+
+async fn ack_all<S: Subscription>(subscription: &S, batch: Vec<(Received, S::Token)>) {
+    for (_, token) in batch {
+        subscription.settle(token, Settle::Ack).await.unwrap();
+    }
+}
+
+async fn delivers_every_message_whole_and_in_key_order<B: Broker>(broker: &B) {
+    let topic = broker.topic("whole").await;
+    let publisher = broker.publisher().await;
+    let (keys, per_key) = (["a", "b", "c"], 10);
+    let mut published = HashMap::new();
+    for seq in 1..=per_key {
+        // One layer: the next event of every key.
+        let layer: Vec<_> = keys
+            .iter()
+            .enumerate()
+            .map(|(k, key)| message(&topic, seq * 10 + k as i64, key, seq))
+            .collect();
+        publish_all(publisher.as_ref(), &layer).await;
+        published.extend(layer.into_iter().map(|m| (m.message_id(), m)));
+    }
+
+    let mut subscription = broker.subscribe(&topic).await;
+    let batch = fetch_at_least(&mut subscription, published.len(), Duration::from_secs(10)).await;
+    assert_eq!(batch.len(), published.len(), "every published message arrives");
+    let mut last_seq: HashMap<String, i64> = HashMap::new();
+    for (received, _) in &batch {
+        let sent =
+            published.get(&received.id).unwrap_or_else(|| panic!("unknown id {}", received.id));
+        assert_eq!(received.payload, sent.payload, "payload of {}", received.id);
+        assert_eq!(received.attempt, 1, "a first delivery is attempt 1");
+        assert_eq!(header(received, "Idem-Key"), Some(sent.key.as_str()));
+        for (name, value) in &sent.headers {
+            assert_eq!(header(received, name), Some(value.as_str()), "header {name} travels");
+        }
+        let seq: i64 = header(received, "Idem-Seq").unwrap().parse().unwrap();
+        assert_eq!(seq, sent.seq);
+        let previous = last_seq.insert(sent.key.clone(), seq).unwrap_or(0);
+        assert_eq!(seq, previous + 1, "key {}'s events in publish order", sent.key);
+    }
+    let ids: HashSet<_> = batch.iter().map(|(received, _)| received.id.clone()).collect();
+    assert_eq!(ids.len(), published.len(), "no message twice");
+    ack_all(&subscription, batch).await;
+    // Acknowledged messages do not come back, even after the redelivery window.
+    tokio::time::sleep(broker.redelivery_after()).await;
+    let again = subscription.fetch(10, Duration::from_millis(500)).await.unwrap();
+    let again: Vec<_> = again.iter().map(|(received, _)| &received.id).collect();
+    assert!(again.is_empty(), "acknowledged messages came back: {again:?}");
+}
+
+async fn answers_each_message_on_its_own<B: Broker>(broker: &B) {
+    let topic = broker.topic("each").await;
+    let refused = broker.refused_topic("each").await;
+    let publisher = broker.publisher().await;
+    let layer =
+        [message(&topic, 1, "a", 1), message(&refused, 2, "b", 1), message(&topic, 3, "c", 1)];
+    let results = publisher.publish(&layer).await;
+    assert_eq!(results.len(), 3, "one result per message");
+    assert!(results[0].is_ok() && results[2].is_ok(), "the accepted ones: {results:?}");
+    let refusal = results[1].as_ref().expect_err("the refused one fails");
+    assert_eq!(refusal.id, 2, "the failure names its message");
+    let mut subscription = broker.subscribe(&topic).await;
+    let batch = fetch_at_least(&mut subscription, 2, Duration::from_secs(10)).await;
+    let mut ids: Vec<_> = batch.iter().map(|(received, _)| received.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["idem-outbox-1", "idem-outbox-3"]);
+    ack_all(&subscription, batch).await;
+}
+
+async fn retry_brings_the_message_back_with_its_attempt_counted<B: Broker>(broker: &B) {
+    let topic = broker.topic("retry").await;
+    publish_all(broker.publisher().await.as_ref(), &[message(&topic, 7, "k", 1)]).await;
+    let mut subscription = broker.subscribe(&topic).await;
+    for attempt in 1..=3 {
+        let mut batch = fetch_at_least(&mut subscription, 1, Duration::from_secs(15)).await;
+        assert_eq!(batch.len(), 1, "attempt {attempt} arrives");
+        let (received, token) = batch.pop().unwrap();
+        assert_eq!((received.id.as_str(), received.attempt), ("idem-outbox-7", attempt));
+        let settle =
+            if attempt < 3 { Settle::Retry(Duration::from_millis(200)) } else { Settle::Ack };
+        subscription.settle(token, settle).await.unwrap();
+    }
+    tokio::time::sleep(broker.redelivery_after()).await;
+    assert!(subscription.fetch(1, Duration::from_millis(500)).await.unwrap().is_empty());
+}
+
+async fn a_vanished_consumer_loses_nothing<B: Broker>(broker: &B) {
+    let topic = broker.topic("vanish").await;
+    let messages: Vec<_> = (1..=6).map(|id| message(&topic, id, &format!("k{id}"), 1)).collect();
+    publish_all(broker.publisher().await.as_ref(), &messages).await;
+    let mut doomed = broker.subscribe(&topic).await;
+    let taken = fetch_at_least(&mut doomed, 6, Duration::from_secs(10)).await;
+    let taken_ids: HashSet<String> = taken.iter().map(|(r, _)| r.id.clone()).collect();
+    assert_eq!(taken_ids.len(), 6);
+    // The consumer goes away holding all six, unsettled.
+    drop(taken);
+    drop(doomed);
+
+    let mut survivor = broker.subscribe(&topic).await;
+    let within = broker.redelivery_after() + Duration::from_secs(15);
+    let batch = fetch_at_least(&mut survivor, 6, within).await;
+    let ids: HashSet<String> = batch.iter().map(|(r, _)| r.id.clone()).collect();
+    assert_eq!(ids, taken_ids, "every message the vanished consumer held is delivered again");
+    assert!(batch.iter().all(|(r, _)| r.attempt >= 2), "redeliveries count as later attempts");
+    ack_all(&survivor, batch).await;
+}
+
+async fn consumers_in_a_group_share_the_work<B: Broker>(broker: &B) {
+    let topic = broker.topic("share").await;
+    let messages: Vec<_> = (1..=40).map(|id| message(&topic, id, &format!("k{id}"), 1)).collect();
+    let publisher = broker.publisher().await;
+    for layer in messages.chunks(8) {
+        publish_all(publisher.as_ref(), layer).await;
+    }
+    let mut consumers = [broker.subscribe(&topic).await, broker.subscribe(&topic).await];
+    let mut seen: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let started = Instant::now();
+    while seen[0].len() + seen[1].len() < messages.len()
+        && started.elapsed() < Duration::from_secs(15)
+    {
+        for (consumer, seen) in consumers.iter_mut().zip(seen.iter_mut()) {
+            let batch = consumer.fetch(5, Duration::from_millis(200)).await.unwrap();
+            seen.extend(batch.iter().map(|(r, _)| r.id.clone()));
+            ack_all(consumer, batch).await;
+        }
+    }
+    let all: HashSet<_> = seen.iter().flatten().cloned().collect();
+    assert_eq!(all.len(), messages.len(), "every message to some consumer");
+    assert_eq!(seen[0].len() + seen[1].len(), messages.len(), "none to both");
+    assert!(
+        !seen[0].is_empty() && !seen[1].is_empty(),
+        "both took a share: {} and {}",
+        seen[0].len(),
+        seen[1].len()
+    );
+}
+
+macro_rules! adapter_suite {
+    ($module:ident, $broker:expr) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn delivers_every_message_whole_and_in_key_order() {
+                let Some(broker) = $broker.await else { return };
+                super::delivers_every_message_whole_and_in_key_order(&broker).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn answers_each_message_on_its_own() {
+                let Some(broker) = $broker.await else { return };
+                super::answers_each_message_on_its_own(&broker).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn retry_brings_the_message_back_with_its_attempt_counted() {
+                let Some(broker) = $broker.await else { return };
+                super::retry_brings_the_message_back_with_its_attempt_counted(&broker).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_vanished_consumer_loses_nothing() {
+                let Some(broker) = $broker.await else { return };
+                super::a_vanished_consumer_loses_nothing(&broker).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn consumers_in_a_group_share_the_work() {
+                let Some(broker) = $broker.await else { return };
+                super::consumers_in_a_group_share_the_work(&broker).await;
+            }
+        }
+    };
+}
+
+adapter_suite!(jetstream, Nats::new());
+adapter_suite!(redis_streams, RedisStreams::new());
+adapter_suite!(rabbitmq, Rabbit::new());
+
+/// Names unique to this test process, so parallel runs and earlier runs do not meet.
+fn unique(case: &str) -> String {
+    format!("idemtest.adapters.{case}.{}", std::process::id())
+}
+
+struct Nats {
+    jetstream: async_nats::jetstream::Context,
+}
+
+impl Nats {
+    async fn new() -> Option<Self> {
+        let url = service_url("IDEM_TEST_NATS_URL")?;
+        let client = async_nats::connect(&url).await.unwrap();
+        Some(Self { jetstream: async_nats::jetstream::new(client) })
+    }
+
+    fn stream_name(topic: &str) -> String {
+        topic.replace('.', "_").to_uppercase()
+    }
+}
+
+#[async_trait]
+impl Broker for Nats {
+    type Sub = idem_stream::nats::JetStreamSubscription;
+
+    async fn topic(&self, case: &str) -> String {
+        let topic = unique(case);
+        let name = Self::stream_name(&topic);
+        let _ = self.jetstream.delete_stream(&name).await;
+        let config = async_nats::jetstream::stream::Config {
+            name,
+            subjects: vec![topic.clone()],
+            ..Default::default()
+        };
+        self.jetstream.create_stream(config).await.unwrap();
+        topic
+    }
+
+    async fn refused_topic(&self, case: &str) -> String {
+        // No stream captures this subject: JetStream answers "no responders".
+        format!("{}.nowhere", unique(case))
+    }
+
+    async fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(idem_stream::nats::JetStreamPublisher::new(self.jetstream.clone()))
+    }
+
+    async fn subscribe(&self, topic: &str) -> Self::Sub {
+        let stream = self.jetstream.get_stream(Self::stream_name(topic)).await.unwrap();
+        let ack_wait = self.redelivery_after();
+        idem_stream::nats::JetStreamSubscription::durable(&stream, "group", ack_wait).await.unwrap()
+    }
+
+    fn redelivery_after(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+}
+
+struct RedisStreams {
+    client: redis::Client,
+    connection: redis::aio::ConnectionManager,
+}
+
+impl RedisStreams {
+    async fn new() -> Option<Self> {
+        let url = service_url("IDEM_TEST_REDIS_URL")?;
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let connection = client.get_connection_manager().await.unwrap();
+        Some(Self { client, connection })
+    }
+}
+
+#[async_trait]
+impl Broker for RedisStreams {
+    type Sub = idem_stream::redis_streams::RedisStreamsSubscription;
+
+    async fn topic(&self, case: &str) -> String {
+        let topic = unique(case);
+        let _: () =
+            redis::cmd("DEL").arg(&topic).query_async(&mut self.connection.clone()).await.unwrap();
+        // The group exists before anything is published.
+        self.subscribe(&topic).await;
+        topic
+    }
+
+    async fn refused_topic(&self, case: &str) -> String {
+        // A key holding a plain string: XADD on it fails with WRONGTYPE.
+        let key = format!("{}.string", unique(case));
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("not a stream")
+            .query_async(&mut self.connection.clone())
+            .await
+            .unwrap();
+        key
+    }
+
+    async fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(idem_stream::redis_streams::RedisStreamsPublisher::new(
+            self.connection.clone(),
+            10_000,
+        ))
+    }
+
+    async fn subscribe(&self, topic: &str) -> Self::Sub {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let consumer =
+            format!("consumer-{}", NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
+        idem_stream::redis_streams::RedisStreamsSubscription::join(
+            &self.client,
+            topic,
+            "group",
+            &consumer,
+            self.redelivery_after(),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn redelivery_after(&self) -> Duration {
+        Duration::from_millis(500)
+    }
+}
+
+struct Rabbit {
+    url: String,
+}
+
+impl Rabbit {
+    async fn new() -> Option<Self> {
+        Some(Self { url: service_url("IDEM_TEST_AMQP_URL")? })
+    }
+}
+
+#[async_trait]
+impl Broker for Rabbit {
+    type Sub = idem_stream::rabbitmq::RabbitSubscription;
+
+    async fn topic(&self, case: &str) -> String {
+        let topic = unique(case);
+        let connection = lapin::Connection::connect(&self.url, Default::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        let options = lapin::options::QueueDeleteOptions::default();
+        channel.queue_delete(topic.as_str().into(), options).await.unwrap();
+        idem_stream::rabbitmq::declare_queue(&self.url, &topic, "", "").await.unwrap();
+        topic
+    }
+
+    async fn refused_topic(&self, case: &str) -> String {
+        // No queue of that name: the default exchange cannot route the mandatory message.
+        format!("{}.nowhere", unique(case))
+    }
+
+    async fn publisher(&self) -> Arc<dyn Publisher> {
+        Arc::new(idem_stream::rabbitmq::RabbitPublisher::connect(&self.url, "").await.unwrap())
+    }
+
+    async fn subscribe(&self, topic: &str) -> Self::Sub {
+        idem_stream::rabbitmq::RabbitSubscription::consume(&self.url, topic, 32).await.unwrap()
+    }
+
+    fn redelivery_after(&self) -> Duration {
+        // RabbitMQ returns a closed channel's unacknowledged messages at once.
+        Duration::from_millis(300)
+    }
+}
