@@ -40,3 +40,17 @@ pub struct PublishError {
 pub trait Publisher: Send + Sync {
     async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>>;
 }
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for Box<P> {
+    async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        (**self).publish(messages).await
+    }
+}
+
+#[async_trait]
+impl<P: Publisher + ?Sized> Publisher for std::sync::Arc<P> {
+    async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        (**self).publish(messages).await
+    }
+}

@@ -1,11 +1,15 @@
 //! `idem relay`: publishes an application's transactional outbox (PostgreSQL) to NATS
-//! JetStream. Run as many as you like; they share the work and keep each key in order.
+//! JetStream, RabbitMQ or Redis Streams. Run as many as you like; they share the work and keep
+//! each key in order.
 
 use std::time::Duration;
 
 use clap::Args;
 use idem_stream::nats::JetStreamPublisher;
 use idem_stream::postgres::{Outbox, Relay, RelayConfig, RunConfig};
+use idem_stream::publish::Publisher;
+use idem_stream::rabbitmq::RabbitPublisher;
+use idem_stream::redis_streams::RedisStreamsPublisher;
 
 use crate::config::parse_duration;
 use crate::store::redact;
@@ -16,14 +20,24 @@ pub struct RelayArgs {
     /// `options=-c%20search_path%3DNAME` for another schema)
     #[arg(long, env = "IDEM_RELAY_DATABASE", value_name = "URL")]
     pub database: String,
-    /// NATS with JetStream; the streams for the outbox topics must exist
+    /// The broker, by scheme: `nats://` (JetStream; the streams for the outbox topics must
+    /// exist), `amqp://` (RabbitMQ; the topic is the routing key on `--exchange`) or `redis://`
+    /// (Redis Streams; the topic is the stream's key)
     #[arg(
         long,
-        env = "IDEM_RELAY_NATS",
+        alias = "nats",
+        env = "IDEM_RELAY_BROKER",
         value_name = "URL",
         default_value = "nats://127.0.0.1:4222"
     )]
-    pub nats: String,
+    pub broker: String,
+    /// RabbitMQ only: the exchange to publish to; the default exchange ("") routes each event
+    /// to the queue named by its topic
+    #[arg(long, env = "IDEM_RELAY_EXCHANGE", default_value = "")]
+    pub exchange: String,
+    /// Redis Streams only: keep each stream at about this many entries (XADD MAXLEN ~)
+    #[arg(long, env = "IDEM_RELAY_STREAM_MAX_LEN", default_value_t = 1_000_000)]
+    pub stream_max_len: usize,
     /// Poll this often even without a NOTIFY
     #[arg(long, env = "IDEM_RELAY_POLL_INTERVAL", value_name = "DURATION", default_value = "1s")]
     pub poll_interval: String,
@@ -56,9 +70,8 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
         .database
         .parse()
         .map_err(|error| format!("--database {}: {error}", redact(&args.database)))?;
-    let nats = async_nats::connect(&args.nats)
-        .await
-        .map_err(|error| format!("--nats {}: {error}", redact(&args.nats)))?;
+    let publisher =
+        publisher(&args).await.map_err(|e| format!("--broker {}: {e}", redact(&args.broker)))?;
     if args.migrate {
         let (mut client, connection) = database
             .connect(tokio_postgres::NoTls)
@@ -68,16 +81,39 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
         Outbox::migrate(&mut client).await.map_err(|error| error.to_string())?;
     }
     let relay = Relay::new(
-        JetStreamPublisher::new(async_nats::jetstream::new(nats)),
+        publisher,
         RelayConfig {
             max_keys: args.max_keys,
             max_events_per_key: args.max_events_per_key,
             stall_timeout,
         },
     );
-    println!("idem relay running: {} -> {}", redact(&args.database), redact(&args.nats));
+    println!("idem relay running: {} -> {}", redact(&args.database), redact(&args.broker));
     relay
         .run(&database, RunConfig { poll_interval, ..RunConfig::default() }, shutdown)
         .await
         .map_err(|error| error.to_string())
+}
+
+/// The publisher for `--broker`, chosen by the URL's scheme.
+async fn publisher(args: &RelayArgs) -> Result<Box<dyn Publisher>, String> {
+    let scheme = args.broker.split_once("://").map_or("", |(scheme, _)| scheme);
+    match scheme {
+        "nats" | "tls" => {
+            let client = async_nats::connect(&args.broker).await.map_err(|e| e.to_string())?;
+            Ok(Box::new(JetStreamPublisher::new(async_nats::jetstream::new(client))))
+        }
+        "amqp" | "amqps" => {
+            Ok(Box::new(RabbitPublisher::connect(&args.broker, &args.exchange).await?))
+        }
+        "redis" | "rediss" => {
+            if args.stream_max_len == 0 {
+                return Err("--stream-max-len must be at least 1".into());
+            }
+            let client = redis::Client::open(args.broker.as_str()).map_err(|e| e.to_string())?;
+            let connection = client.get_connection_manager().await.map_err(|e| e.to_string())?;
+            Ok(Box::new(RedisStreamsPublisher::new(connection, args.stream_max_len)))
+        }
+        _ => Err("the scheme must be nats://, amqp:// or redis://".into()),
+    }
 }
