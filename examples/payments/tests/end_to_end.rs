@@ -210,3 +210,125 @@ async fn payments_apply_exactly_once_through_retries_and_killed_processes() {
         replays.load(Ordering::SeqCst)
     );
 }
+
+/// The consumer side alone: the ledger SIGKILLed three times while it holds a batch (messages
+/// delivered and not acknowledged, some of them committed, some blocked mid-transaction),
+/// restarted each time.
+/// Afterwards every payment is applied once, and nothing is left pending or unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ledger_killed_mid_batch_applies_every_payment_once() {
+    const EVENTS: usize = 6_000;
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let Some(database) = fresh_postgres_schema("idem_e2e_ledger_kill").await else { return };
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let _ = jetstream.delete_stream("IDEM_E2E_LEDGER_KILL").await;
+    let stream = jetstream
+        .create_stream(stream::Config {
+            name: "IDEM_E2E_LEDGER_KILL".into(),
+            subjects: vec!["idemtest.ledgerkill.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The events as the relay publishes them: the message id is the inbox key.
+    let mut acks = Vec::with_capacity(500);
+    for index in 0..EVENTS {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("idem-outbox-{index}").as_str());
+        let body = format!("{{\"account\":\"acct-{}\",\"cents\":{}}}", index % ACCOUNTS, index + 1);
+        let subject = "idemtest.ledgerkill.payments";
+        acks.push(jetstream.publish_with_headers(subject, headers, body.into()).await.unwrap());
+        // The client holds a bounded number of unanswered publishes: collect the acks.
+        if acks.len() == 500 || index + 1 == EVENTS {
+            for ack in acks.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+
+    let ledger_args = [
+        "--database",
+        &database,
+        "--nats",
+        &nats,
+        "--stream",
+        "IDEM_E2E_LEDGER_KILL",
+        "--concurrency",
+        "32",
+        "--ack-wait-secs",
+        "1",
+    ];
+    // The ledger's tables, made first so each account's balance row exists from the start.
+    let (observer, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let (mut locker, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    observer
+        .batch_execute(
+            "CREATE TABLE balances (account text PRIMARY KEY, cents bigint NOT NULL);
+             CREATE TABLE ledger_log (message_id text NOT NULL);
+             INSERT INTO balances SELECT 'acct-' || n, 0 FROM generate_series(0, 24) n;",
+        )
+        .await
+        .unwrap();
+    let ledger_bin = env!("CARGO_BIN_EXE_ledger");
+    let (mut ledger, _) = start(ledger_bin, &ledger_args);
+    let applied = || async {
+        let sql = "SELECT count(*) FROM ledger_log";
+        observer.query_one(sql, &[]).await.map_or(0, |row| row.get::<_, i64>(0)) as usize
+    };
+    // Three times: lock one account's balance row, so the handlers of that account's payments
+    // block inside their transactions while the rest of their batch commits; the runner
+    // acknowledges a batch only once all of it is done, so the ledger now holds committed and
+    // uncommitted messages, none acknowledged. Kill it there, release the lock, restart it.
+    let mut kills = Vec::new();
+    for round in 1..=3 {
+        while applied().await < EVENTS * round / 4 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let lock = locker.transaction().await.unwrap();
+        let sql = "SELECT 1 FROM balances WHERE account = $1 FOR UPDATE";
+        lock.execute(sql, &[&format!("acct-{round}")]).await.unwrap();
+        let blocked = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+        while observer.query_one(blocked, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let waiting: i64 = observer.query_one(blocked, &[]).await.unwrap().get(0);
+        kill9(&mut ledger);
+        lock.rollback().await.unwrap();
+        let held = stream.consumer_info("ledger").await.unwrap().num_ack_pending;
+        kills.push((applied().await, held, waiting));
+        assert!(held > 0, "kill {round} landed mid-batch: the ledger held unacknowledged messages");
+        ledger = start(ledger_bin, &ledger_args).0;
+    }
+
+    let started = Instant::now();
+    while applied().await < EVENTS {
+        assert!(started.elapsed() < Duration::from_secs(60), "only {} applied", applied().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the ack wait, so any redelivery of the killed ledgers' batches has come and gone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let info = stream.consumer_info("ledger").await.unwrap();
+    kill9(&mut ledger);
+    assert_eq!((info.num_pending, info.num_ack_pending), (0, 0), "nothing left on the stream");
+    let row = observer
+        .query_one(
+            "SELECT count(*), count(DISTINCT message_id), (SELECT sum(cents) FROM balances)::bigint,
+                    (SELECT count(*) FROM idem_dead_letters) FROM ledger_log",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (applied, distinct, total, dead): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!((applied, distinct), (EVENTS as i64, EVENTS as i64), "each payment applied once");
+    assert_eq!(total, (1..=EVENTS as i64).sum::<i64>(), "the balances sum to the total paid");
+    assert_eq!(dead, 0, "nothing dead-lettered");
+    println!(
+        "ledger SIGKILL mid-batch: {EVENTS} events; (applied, held unacknowledged, of which blocked uncommitted) at each kill: {kills:?}; \
+         afterwards {applied} applied once each, balance total {total}, {} redeliveries in all",
+        info.delivered.consumer_sequence - EVENTS as u64
+    );
+}

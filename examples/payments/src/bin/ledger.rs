@@ -26,6 +26,9 @@ struct Args {
     durable: String,
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
+    /// JetStream redelivers a message not acknowledged within this many seconds
+    #[arg(long, default_value_t = 5)]
+    ack_wait_secs: u64,
 }
 
 async fn apply(
@@ -80,8 +83,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .build()?;
     let jetstream = async_nats::jetstream::new(async_nats::connect(&args.nats).await?);
     let stream = jetstream.get_stream(&args.stream).await?;
-    let subscription =
-        JetStreamSubscription::durable(&stream, &args.durable, Duration::from_secs(5)).await?;
+    let subscription = JetStreamSubscription::durable(
+        &stream,
+        &args.durable,
+        Duration::from_secs(args.ack_wait_secs),
+    )
+    .await?;
     let inbox = Inbox::new("ledger")?;
     let dead_letters = Arc::new(DeadLetters::new(Arc::new(client), "ledger")?);
     let handler = move |message: Received| apply(pool.clone(), inbox.clone(), message);
