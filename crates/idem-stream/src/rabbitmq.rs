@@ -338,11 +338,14 @@ impl Subscription for RabbitSubscription {
 
     async fn settle(&self, acker: Self::Token, settle: Settle) -> Result<(), String> {
         match settle {
-            Settle::Ack => acker
-                .ack(BasicAckOptions::default())
-                .await
-                .map(drop)
-                .map_err(|error| error.to_string()),
+            Settle::Ack => match acker.ack(BasicAckOptions::default()).await {
+                Ok(true) => Ok(()),
+                // The channel it came on is gone: RabbitMQ requeues the message.
+                Ok(false) => {
+                    Err("the channel closed before the ack; it will be redelivered".into())
+                }
+                Err(error) => Err(error.to_string()),
+            },
             // RabbitMQ has no delayed requeue: hold the message (it counts against the
             // prefetch limit) for the delay, then return it to the queue. Should the
             // connection drop meanwhile, the broker requeues it anyway.
@@ -350,8 +353,10 @@ impl Subscription for RabbitSubscription {
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let requeue = BasicNackOptions { multiple: false, requeue: true };
-                    if let Err(error) = acker.nack(requeue).await {
-                        tracing::debug!(%error, "could not requeue; RabbitMQ requeues it when the channel closes");
+                    if !matches!(acker.nack(requeue).await, Ok(true)) {
+                        tracing::debug!(
+                            "could not requeue; RabbitMQ requeues it as its channel closed"
+                        );
                     }
                 });
                 Ok(())

@@ -1,0 +1,119 @@
+//! The consumer runner on RabbitMQ when the broker drops its connection mid-stream
+//! (`rabbitmqctl close_all_connections`, as on a broker restart or a network cut): the runner
+//! backs off, the subscription reconnects, the messages delivered on the lost channel and not
+//! acknowledged come back, and every message is handled.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use idem_core::conformance::service_url;
+use idem_stream::consume::{self, DeadLetter, Received, RunnerConfig};
+use idem_stream::publish::{OutboxMessage, Publisher};
+use idem_stream::rabbitmq::{RabbitPublisher, RabbitSubscription, declare_queue};
+
+const MESSAGES: i64 = 600;
+
+struct NoDeadLetters;
+
+#[async_trait::async_trait]
+impl DeadLetter for NoDeadLetters {
+    async fn bury(&self, message: &Received, failure: &str) -> Result<(), String> {
+        panic!("nothing fails here, yet {} was buried: {failure}", message.id)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_rides_out_a_dropped_broker_connection() {
+    let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
+    let queue = format!("idemtest.consume.rabbit.{}", std::process::id());
+    let connection = lapin::Connection::connect(&url, Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    connection.close(200, "done".into()).await.unwrap();
+    declare_queue(&url, &queue, "", "").await.unwrap();
+    let publisher = RabbitPublisher::connect(&url, "").await.unwrap();
+    let messages: Vec<_> = (1..=MESSAGES)
+        .map(|id| OutboxMessage {
+            id,
+            topic: queue.clone(),
+            key: format!("k{}", id % 10),
+            seq: id,
+            payload: bytes::Bytes::from(id.to_string()),
+            headers: Vec::new(),
+        })
+        .collect();
+    for layer in messages.chunks(50) {
+        for result in publisher.publish(layer).await {
+            result.unwrap();
+        }
+    }
+
+    let handled: Arc<Mutex<(HashSet<String>, usize)>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let handler = move |message: Received| {
+        let seen = Arc::clone(&seen);
+        async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let mut seen = seen.lock().unwrap();
+            seen.0.insert(message.id);
+            seen.1 += 1;
+            Ok(())
+        }
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let subscription = RabbitSubscription::consume(&url, &queue, 16).await.unwrap();
+    let config = RunnerConfig {
+        concurrency: 8,
+        backoff: Duration::from_millis(100),
+        fetch_wait: Duration::from_millis(200),
+        ..RunnerConfig::default()
+    };
+    let runner =
+        tokio::spawn(consume::run(subscription, handler, Arc::new(NoDeadLetters), config, async {
+            let _ = stopped.await;
+        }));
+
+    let started = Instant::now();
+    while handled.lock().unwrap().0.len() < MESSAGES as usize / 4 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the runner is not consuming");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let closed = Command::new("rabbitmqctl")
+        .args(["close_all_connections", "idem test: connection dropped on purpose"])
+        .output()
+        .expect("run rabbitmqctl");
+    let said = String::from_utf8_lossy(&closed.stdout);
+    assert!(closed.status.success(), "rabbitmqctl: {}", String::from_utf8_lossy(&closed.stderr));
+    // Ours are two: the publisher's and the consumer's.
+    let closed_count: usize = said
+        .split("Closed ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or(0);
+    assert!(closed_count >= 2, "the consumer's connection was closed: {said}");
+    let handled_at_drop = handled.lock().unwrap().0.len();
+    assert!(handled_at_drop < MESSAGES as usize, "the connection dropped mid-stream");
+
+    while handled.lock().unwrap().0.len() < MESSAGES as usize {
+        let count = handled.lock().unwrap().0.len();
+        assert!(started.elapsed() < Duration::from_secs(60), "only {count} of {MESSAGES} handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(()).unwrap();
+    let report = runner.await.unwrap().unwrap();
+    let (distinct, runs) = {
+        let handled = handled.lock().unwrap();
+        (handled.0.len(), handled.1)
+    };
+    assert_eq!(distinct, MESSAGES as usize, "every message handled");
+    println!(
+        "RabbitMQ connection dropped after {handled_at_drop} of {MESSAGES} handled: all {distinct} handled \
+         ({runs} handler runs, {} redelivered), {} failed fetches, {} failed settles",
+        runs - distinct,
+        report.fetch_errors,
+        report.settle_errors
+    );
+}
