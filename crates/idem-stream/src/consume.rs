@@ -96,10 +96,11 @@ pub struct RunReport {
     pub fetch_errors: u64,
 }
 
-/// Runs until `shutdown` resolves; messages being handled then are finished and settled.
-/// A failed fetch (the broker unreachable) is logged and retried with backoff, not returned.
+/// Runs until `shutdown` resolves, `handler` on each message; messages being handled then are
+/// finished and settled. A failed fetch (the broker unreachable) is logged and retried with
+/// backoff, not returned.
 pub async fn run<S, H, F, D>(
-    mut subscription: S,
+    subscription: S,
     handler: H,
     dead_letter: Arc<D>,
     config: RunnerConfig,
@@ -109,6 +110,90 @@ where
     S: Subscription,
     H: Fn(Received) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = HandlerResult> + Send + 'static,
+    D: DeadLetter + ?Sized + 'static,
+{
+    let handler = Arc::new(handler);
+    let work = move |batch: Vec<Received>| one_by_one(Arc::clone(&handler), batch);
+    drive(subscription, work, dead_letter, config, shutdown).await
+}
+
+/// Like [`run`], but `handler` receives each fetched batch (up to `concurrency` messages)
+/// whole, to apply it in one transaction (see [`crate::postgres::Inbox::record_many`]): one
+/// commit per batch instead of one per message. If the batch fails, its messages are handled
+/// again one at a time, each as a batch of one, so only the failing ones are retried and,
+/// after `max_attempts`, dead-lettered.
+pub async fn run_batches<S, H, F, D>(
+    subscription: S,
+    handler: H,
+    dead_letter: Arc<D>,
+    config: RunnerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunReport, String>
+where
+    S: Subscription,
+    H: Fn(Vec<Received>) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = HandlerResult> + Send + 'static,
+    D: DeadLetter + ?Sized + 'static,
+{
+    let handler = Arc::new(handler);
+    let work = move |batch: Vec<Received>| {
+        let handler = Arc::clone(&handler);
+        async move {
+            let count = batch.len();
+            let verdict = match tokio::spawn(handler(batch.clone())).await {
+                Ok(verdict) => verdict,
+                Err(panic) => Err(format!("the handler panicked: {panic}")),
+            };
+            match verdict {
+                Ok(()) => vec![Ok(()); count],
+                Err(failure) if count == 1 => vec![Err(failure)],
+                Err(failure) => {
+                    tracing::debug!(count, %failure, "batch failed; handling its messages one by one");
+                    let single = move |message: Received| handler(vec![message]);
+                    one_by_one(Arc::new(single), batch).await
+                }
+            }
+        }
+    };
+    drive(subscription, work, dead_letter, config, shutdown).await
+}
+
+/// Runs `handler` on every message of `batch` at once; one verdict per message, in order.
+async fn one_by_one<H, F>(handler: Arc<H>, batch: Vec<Received>) -> Vec<HandlerResult>
+where
+    H: Fn(Received) -> F + Send + Sync + 'static,
+    F: std::future::Future<Output = HandlerResult> + Send + 'static,
+{
+    let mut running = tokio::task::JoinSet::new();
+    let count = batch.len();
+    for (index, message) in batch.into_iter().enumerate() {
+        let work = handler(message);
+        running.spawn(async move { (index, work.await) });
+    }
+    let mut verdicts: Vec<HandlerResult> = vec![Err("the handler panicked".into()); count];
+    while let Some(joined) = running.join_next().await {
+        match joined {
+            Ok((index, verdict)) => verdicts[index] = verdict,
+            Err(panic) => {
+                tracing::error!(%panic, "a handler panicked; its message will be retried")
+            }
+        }
+    }
+    verdicts
+}
+
+/// The runner's loop: fetch a batch, let `work` decide on each message, settle each.
+async fn drive<S, W, WF, D>(
+    mut subscription: S,
+    work: W,
+    dead_letter: Arc<D>,
+    config: RunnerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<RunReport, String>
+where
+    S: Subscription,
+    W: Fn(Vec<Received>) -> WF,
+    WF: std::future::Future<Output = Vec<HandlerResult>>,
     D: DeadLetter + ?Sized + 'static,
 {
     let mut report = RunReport::default();
@@ -143,22 +228,9 @@ where
         }
         // The batch is at most `concurrency` messages, handled at once; the next fetch waits
         // for all of them, which bounds the work in flight.
-        let mut running = tokio::task::JoinSet::new();
-        for (index, (message, _)) in batch.iter().enumerate() {
-            let work = handler(message.clone());
-            running.spawn(async move { (index, work.await) });
-        }
-        let mut verdicts: Vec<Option<HandlerResult>> = vec![None; batch.len()];
-        while let Some(joined) = running.join_next().await {
-            match joined {
-                Ok((index, verdict)) => verdicts[index] = Some(verdict),
-                Err(panic) => {
-                    tracing::error!(%panic, "a handler panicked; its message will be retried")
-                }
-            }
-        }
+        let messages: Vec<Received> = batch.iter().map(|(message, _)| message.clone()).collect();
+        let verdicts = work(messages).await;
         for ((message, token), verdict) in batch.into_iter().zip(verdicts) {
-            let verdict = verdict.unwrap_or_else(|| Err("the handler panicked".into()));
             let settle = match verdict {
                 Ok(()) => {
                     report.handled += 1;

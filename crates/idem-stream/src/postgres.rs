@@ -81,6 +81,54 @@ impl Inbox {
         Ok(if inserted == 1 { Delivery::First } else { Delivery::Duplicate })
     }
 
+    /// Records a batch of message ids in the caller's transaction with one statement; returns
+    /// one [`Delivery`] per id, in order. Apply the effects of the `First` ones in the same
+    /// transaction; commit; then acknowledge the whole batch. An id twice in the batch (a
+    /// redelivery arriving with the original) is `First` once and then `Duplicate`.
+    ///
+    /// Ids are inserted in sorted order, so two batches that overlap wait for each other
+    /// instead of deadlocking. At most [`MAX_BATCH`] ids.
+    pub async fn record_many(
+        &self,
+        transaction: &Transaction<'_>,
+        message_ids: &[&str],
+    ) -> Result<Vec<Delivery>> {
+        if message_ids.len() > MAX_BATCH {
+            return Err(crate::Error::InvalidMessageId(format!(
+                "{} ids in one batch; at most {MAX_BATCH}",
+                message_ids.len()
+            )));
+        }
+        for id in message_ids {
+            check_message_id(id)?;
+        }
+        let mut sorted: Vec<&str> = message_ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        let inserted: std::collections::HashSet<String> = transaction
+            .query_typed(
+                "INSERT INTO idem_inbox (consumer, message_id)
+                 SELECT $1, id FROM unnest($2::text[]) WITH ORDINALITY AS batch(id, n) ORDER BY n
+                 ON CONFLICT DO NOTHING RETURNING message_id",
+                &[(&self.consumer, Type::TEXT), (&sorted, Type::TEXT_ARRAY)],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        let mut seen = std::collections::HashSet::with_capacity(message_ids.len());
+        Ok(message_ids
+            .iter()
+            .map(|id| {
+                if inserted.contains(*id) && seen.insert(*id) {
+                    Delivery::First
+                } else {
+                    Delivery::Duplicate
+                }
+            })
+            .collect())
+    }
+
     /// Deletes at most `batch` of this consumer's ids received more than `older_than` ago;
     /// returns how many. Keep `older_than` well past the broker's longest redelivery window:
     /// a message redelivered after its id is purged runs again.
@@ -102,6 +150,9 @@ impl Inbox {
             .await?)
     }
 }
+
+/// Most ids [`Inbox::record_many`] takes at once.
+pub const MAX_BATCH: usize = 10_000;
 
 /// Most bytes in one event's payload.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;

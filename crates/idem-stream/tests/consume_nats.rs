@@ -24,23 +24,40 @@ const POISON: [usize; 5] = [11, 222, 333, 444, 999];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_payment_applies_once_through_redelivery_duplicates_and_failures() {
+    scenario(false).await;
+}
+
+/// The same with `run_batches`: each batch in one transaction through `Inbox::record_many`;
+/// a batch holding a poison or flaky payment fails whole and is split into single messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_apply_each_payment_once_through_redelivery_duplicates_and_failures() {
+    scenario(true).await;
+}
+
+async fn scenario(batched: bool) {
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
-    let Some((client, database)) = common::ledger_database("idem_consume").await else { return };
+    let name = if batched { "batches" } else { "single" };
+    let Some((client, database)) = common::ledger_database(&format!("idem_consume_{name}")).await
+    else {
+        return;
+    };
 
     // A short duplicate window, so the duplicates published on purpose below reach the stream.
     let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
-    let _ = jetstream.delete_stream("IDEM_CONSUME").await;
+    let stream_name = format!("IDEM_CONSUME_{}", name.to_uppercase());
+    let subject = format!("idemtest.consume.{name}.payments");
+    let _ = jetstream.delete_stream(&stream_name).await;
     let stream = jetstream
         .create_stream(stream::Config {
-            name: "IDEM_CONSUME".into(),
-            subjects: vec!["idemtest.consume.>".into()],
+            name: stream_name.clone(),
+            subjects: vec![subject.clone()],
             duplicate_window: Duration::from_millis(200),
             ..Default::default()
         })
         .await
         .unwrap();
     let publish = |index: usize| {
-        let jetstream = jetstream.clone();
+        let (jetstream, subject) = (jetstream.clone(), subject.clone());
         async move {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", format!("payment-{index}").as_str());
@@ -52,12 +69,7 @@ async fn every_payment_applies_once_through_redelivery_duplicates_and_failures()
                 "ok"
             };
             let payload = Bytes::from(format!("{kind}:{}", index + 1));
-            jetstream
-                .publish_with_headers("idemtest.consume.payments", headers, payload)
-                .await
-                .unwrap()
-                .await
-                .unwrap();
+            jetstream.publish_with_headers(subject, headers, payload).await.unwrap().await.unwrap();
         }
     };
     for index in 0..PAYMENTS {
@@ -107,6 +119,40 @@ async fn every_payment_applies_once_through_redelivery_duplicates_and_failures()
         }
     };
 
+    // The batch handler: one transaction for the whole batch.
+    let batch_handler = {
+        let (pool, inbox, failed_once) = (pool.clone(), inbox.clone(), Arc::clone(&failed_once));
+        move |batch: Vec<Received>| {
+            let (pool, inbox, failed_once) =
+                (pool.clone(), inbox.clone(), Arc::clone(&failed_once));
+            async move {
+                let mut credits = Vec::new();
+                for message in &batch {
+                    let text = String::from_utf8_lossy(&message.payload).into_owned();
+                    let (kind, cents) = text.split_once(':').ok_or("malformed payment")?;
+                    if kind == "poison" {
+                        return Err(format!(
+                            "payment {} cannot be applied: account closed",
+                            message.id
+                        ));
+                    }
+                    if kind == "flaky" && failed_once.lock().unwrap().insert(message.id.clone()) {
+                        return Err("database hiccup".into());
+                    }
+                    credits.push((
+                        message.id.as_str(),
+                        cents.parse().map_err(|_| "malformed amount")?,
+                    ));
+                }
+                let mut client = pool.get().await.map_err(|e| e.to_string())?;
+                common::credit_many(&mut client, &inbox, &credits)
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        }
+    };
+
     let dead_letters = Arc::new(DeadLetters::new(Arc::new(client), "ledger").unwrap());
     let config = RunnerConfig {
         concurrency: 4,
@@ -132,14 +178,27 @@ async fn every_payment_applies_once_through_redelivery_duplicates_and_failures()
                 }
             };
             let (handler, dead_letters) = (handler.clone(), Arc::clone(&dead_letters));
+            let batch_handler = batch_handler.clone();
             let mut stopped = stopped.clone();
             tokio::spawn(async move {
                 let shutdown = async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
-                consume::run(subscription.await, handler, dead_letters, config, shutdown)
+                let subscription = subscription.await;
+                let report = if batched {
+                    let config = RunnerConfig { concurrency: 20, ..config };
+                    consume::run_batches(
+                        subscription,
+                        batch_handler,
+                        dead_letters,
+                        config,
+                        shutdown,
+                    )
                     .await
-                    .unwrap()
+                } else {
+                    consume::run(subscription, handler, dead_letters, config, shutdown).await
+                };
+                report.unwrap()
             })
         })
         .collect();
@@ -206,7 +265,7 @@ async fn every_payment_applies_once_through_redelivery_duplicates_and_failures()
         "duplicates were handled (as no-ops)"
     );
     println!(
-        "consumer: {} messages on the stream ({REPUBLISHED} published twice on purpose), {dropped} acks dropped, \
+        "consumer ({name}): {} messages on the stream ({REPUBLISHED} published twice on purpose), {dropped} acks dropped, \
          {handled} handled, {retried} retries; applied {applied} once each, balance {cents}, {} dead letters",
         PAYMENTS + REPUBLISHED,
         dead.len()

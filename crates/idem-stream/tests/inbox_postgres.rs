@@ -192,3 +192,56 @@ async fn consumers_are_independent_purging_is_bounded_and_bad_input_is_refused()
     ));
     assert!(matches!(Inbox::new(""), Err(Error::InvalidConsumer(_))));
 }
+
+/// `record_many`: 8 overlapping batches of 1,000 at once, half of them in reverse order, each
+/// in one transaction: every id applies once and nothing deadlocks. Within one batch a repeated
+/// id is a duplicate, and a batch over the limit is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn overlapping_batches_apply_each_message_once_without_deadlock() {
+    let Some((mut client, config)) = fresh("idem_inbox_batches").await else { return };
+    let inbox = Inbox::new("ledger").unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8)
+        .map(|task| {
+            let (config, inbox, start) = (config.clone(), inbox.clone(), Arc::clone(&start));
+            tokio::spawn(async move {
+                let mut client = connect(&config).await;
+                // Ids 0..3000 in windows of 1,000 that overlap, every other one reversed.
+                let first = (task % 3) * 1_000;
+                let mut ids: Vec<String> =
+                    (first..first + 1_000).map(|n| format!("m{n:04}")).collect();
+                if task % 2 == 1 {
+                    ids.reverse();
+                }
+                let credits: Vec<(&str, i64)> = ids.iter().map(|id| (id.as_str(), 1)).collect();
+                start.wait().await;
+                common::credit_many(&mut client, &inbox, &credits).await.unwrap()
+            })
+        })
+        .collect();
+    let mut applied_per_batch = Vec::new();
+    for task in tasks {
+        let applied = tokio::time::timeout(Duration::from_secs(30), task).await.unwrap().unwrap();
+        applied_per_batch.push(applied);
+    }
+    let (cents, applied, distinct) = effects(&client).await;
+    assert_eq!((applied, distinct, cents), (3_000, 3_000, 3_000), "each id applied once");
+    assert_eq!(applied_per_batch.iter().sum::<usize>(), 3_000, "{applied_per_batch:?}");
+
+    let transaction = client.transaction().await.unwrap();
+    let deliveries = inbox.record_many(&transaction, &["new-1", "m0001", "new-1"]).await.unwrap();
+    use Delivery::{Duplicate, First};
+    assert_eq!(
+        deliveries,
+        [First, Duplicate, Duplicate],
+        "an id twice in one batch, and a known one"
+    );
+    let too_many: Vec<String> =
+        (0..=idem_stream::postgres::MAX_BATCH).map(|n| n.to_string()).collect();
+    let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    let refused = inbox.record_many(&transaction, &refs).await;
+    assert!(
+        matches!(refused, Err(Error::InvalidMessageId(_))),
+        "a batch over the limit is refused"
+    );
+}

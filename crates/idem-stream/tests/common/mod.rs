@@ -82,3 +82,27 @@ pub async fn credit(
     transaction.commit().await?;
     Ok(delivery)
 }
+
+/// The batch form of [`credit`]: one transaction for the whole batch, its ids recorded with
+/// one statement; returns how many were applied (the rest were duplicates).
+pub async fn credit_many(
+    client: &mut tokio_postgres::Client,
+    inbox: &idem_stream::postgres::Inbox,
+    credits: &[(&str, i64)],
+) -> Result<usize, idem_stream::Error> {
+    let transaction = client.transaction().await?;
+    let ids: Vec<&str> = credits.iter().map(|(id, _)| *id).collect();
+    let deliveries = inbox.record_many(&transaction, &ids).await?;
+    let mut applied = 0;
+    for ((id, cents), delivery) in credits.iter().zip(deliveries) {
+        if delivery == idem_stream::Delivery::First {
+            transaction
+                .execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[cents])
+                .await?;
+            transaction.execute("INSERT INTO applied VALUES ($1)", &[id]).await?;
+            applied += 1;
+        }
+    }
+    transaction.commit().await?;
+    Ok(applied)
+}
