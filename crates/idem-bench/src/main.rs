@@ -8,6 +8,7 @@
 //! (writes docs/BENCHMARKS.md), or `--quick` for a smoke run in well under a minute.
 
 mod load;
+mod messaging;
 mod procs;
 mod report;
 mod upstream;
@@ -48,6 +49,13 @@ struct Args {
     /// Also measure idem on this Redis (keys prefixed `idem_bench`)
     #[arg(long, env = "IDEM_BENCH_REDIS_URL")]
     redis: Option<String>,
+    /// With --postgres: also measure the messaging side (inbox consumer, outbox relay) on
+    /// this NATS JetStream
+    #[arg(long, env = "IDEM_BENCH_NATS_URL")]
+    nats: Option<String>,
+    /// Messages per messaging run [default: 20000, 1000 with --quick]
+    #[arg(long)]
+    messages: Option<usize>,
     /// The idem binary [default: beside this one]
     #[arg(long)]
     idem: Option<PathBuf>,
@@ -404,6 +412,21 @@ async fn run(args: Args) -> Result<(), String> {
     drop(held);
     drop(fresh);
 
+    let messaging = match (&args.postgres, &args.nats) {
+        (Some(postgres), Some(nats)) => {
+            let messages = args.messages.unwrap_or(if quick { 1_000 } else { 20_000 }).max(1);
+            eprintln!(
+                "messaging: {messages} messages per run, batches of {}, {rounds} rounds",
+                messaging::BATCH
+            );
+            Some(messaging::run(postgres, nats, messages, rounds).await)
+        }
+        _ => {
+            eprintln!("messaging skipped: it needs both --postgres and --nats");
+            None
+        }
+    };
+
     let mut report = report::Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         configs: &mut configs,
@@ -420,8 +443,12 @@ async fn run(args: Args) -> Result<(), String> {
             .iter()
             .map(|(name, gateway)| (*name, procs::memory_kib(gateway.pid(), "VmHWM:")))
             .collect(),
+        messaging: messaging.as_ref().and_then(|result| result.as_ref().ok()),
     };
-    let problems = report.harness_problems();
+    let mut problems = report.harness_problems();
+    if let Some(Err(error)) = &messaging {
+        problems.push(format!("messaging: {error}"));
+    }
     let markdown = report.markdown();
     let svg = report.svg();
     match args.output.clone().or_else(|| (!quick).then(|| PathBuf::from("docs/BENCHMARKS.md"))) {

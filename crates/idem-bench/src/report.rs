@@ -19,6 +19,7 @@ pub struct Report<'a> {
     pub peak_rss_kib: u64,
     pub nginx_found: bool,
     pub gateways: Vec<(&'static str, u64)>,
+    pub messaging: Option<&'a crate::messaging::Results>,
 }
 
 fn rps(config: &Config) -> f64 {
@@ -324,11 +325,28 @@ impl Report<'_> {
             " MiB",
             &|m| m < 64.0,
         );
+        let inbox_ratio = self.messaging.map(|m| m.inbox_batch.median() / m.plain_batch.median());
+        target(
+            &mut out,
+            "inbox consumer ≥ 0.9 × plain consumer (batches of 100, a transaction per batch)",
+            inbox_ratio,
+            "×",
+            &|r| r >= 0.9,
+        );
         if !self.nginx_found {
             let _ = writeln!(
                 out,
                 "\nnginx was not installed, so the nginx row and its target are missing."
             );
+        }
+        match self.messaging {
+            Some(messaging) => out.push_str(&messaging_section(messaging)),
+            None => {
+                let _ = writeln!(
+                    out,
+                    "\nThe messaging rows were not measured: they need both `--postgres` and `--nats`."
+                );
+            }
         }
         let _ = writeln!(out, "\n![requests per second by configuration](BENCHMARKS.svg)");
         out
@@ -374,4 +392,42 @@ impl Report<'_> {
         svg.push_str("</svg>\n");
         svg
     }
+}
+
+fn messaging_section(results: &crate::messaging::Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## Messaging: PostgreSQL and NATS JetStream\n\n{} messages per run, {} rounds; each round runs every variant once, alternating which goes first. \
+         The consumers apply each payment to one of 1,000 account balances, through the consumer runner at batches of {} (a pool of 32 connections): \
+         either each payment in a transaction of its own (`consume::run`; the inbox adds one INSERT to each transaction) or each batch in one transaction \
+         (`consume::run_batches`; the inbox adds one INSERT of the batch's ids, `Inbox::record_many`). The publishers send events over 100 keys, a layer of one event per key at a time; \
+         the relay also claims the keys, reads the events and marks them sent. Each ratio compares a row with the first row of its kind.\n",
+        results.messages,
+        results.rounds,
+        crate::messaging::BATCH,
+    );
+    let _ = writeln!(
+        out,
+        "| variant | msg/s per round | median msg/s | ratio |\n| --- | --- | ---: | ---: |"
+    );
+    for (row, base) in [
+        (&results.plain, &results.plain),
+        (&results.inbox, &results.plain),
+        (&results.plain_batch, &results.plain_batch),
+        (&results.inbox_batch, &results.plain_batch),
+        (&results.direct, &results.direct),
+        (&results.relay, &results.direct),
+    ] {
+        let rounds: Vec<String> = row.per_round.iter().map(|rate| format!("{rate:.0}")).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.2} |",
+            row.name,
+            rounds.join(" / "),
+            row.median(),
+            row.median() / base.median()
+        );
+    }
+    out
 }
