@@ -140,7 +140,9 @@ where
         let handler = Arc::clone(&handler);
         async move {
             let count = batch.len();
-            let verdict = match tokio::spawn(handler(batch.clone())).await {
+            let span = tracing::debug_span!("consume_batch", messages = count);
+            let work = tracing::Instrument::instrument(handler(batch.clone()), span);
+            let verdict = match tokio::spawn(work).await {
                 Ok(verdict) => verdict,
                 Err(panic) => Err(format!("the handler panicked: {panic}")),
             };
@@ -167,7 +169,13 @@ where
     let mut running = tokio::task::JoinSet::new();
     let count = batch.len();
     for (index, message) in batch.into_iter().enumerate() {
-        let work = handler(message);
+        let span = tracing::debug_span!(
+            "consume_message",
+            id = %message.id,
+            subject = %message.subject,
+            attempt = message.attempt
+        );
+        let work = tracing::Instrument::instrument(handler(message), span);
         running.spawn(async move { (index, work.await) });
     }
     let mut verdicts: Vec<HandlerResult> = vec![Err("the handler panicked".into()); count];

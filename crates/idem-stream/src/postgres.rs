@@ -313,8 +313,24 @@ impl<P: crate::publish::Publisher> Relay<P> {
         Self { publisher, config }
     }
 
-    /// One round; see the type's docs.
+    /// One round; see the type's docs. Traced as the span `relay_round`, with the keys
+    /// claimed and the events published and failed.
     pub async fn run_once(&self, client: &mut tokio_postgres::Client) -> Result<RoundReport> {
+        use tracing::Instrument;
+        let span = tracing::debug_span!(
+            "relay_round",
+            keys = tracing::field::Empty,
+            published = tracing::field::Empty,
+            failed = tracing::field::Empty
+        );
+        let report = self.round(client).instrument(span.clone()).await?;
+        span.record("keys", report.keys);
+        span.record("published", report.published);
+        span.record("failed", report.failed);
+        Ok(report)
+    }
+
+    async fn round(&self, client: &mut tokio_postgres::Client) -> Result<RoundReport> {
         let transaction = client.transaction().await?;
         let stall_ms = self.config.stall_timeout.as_millis().max(1) as i64;
         transaction
@@ -334,38 +350,43 @@ impl<P: crate::publish::Publisher> Relay<P> {
             )
             .await?;
         let mut report = RoundReport::default();
-        let mut queues = Vec::new();
-        for row in &keys {
-            let (topic, key): (String, String) = (row.get(0), row.get(1));
-            // Read after the lock: a relay that held the key before us has committed by now.
-            let events = transaction
-                .query(
-                    "SELECT e.id, e.seq, e.payload, e.headers FROM idem_outbox e
-                     JOIN idem_outbox_keys k ON k.topic = e.topic AND k.key = e.key
-                     WHERE e.topic = $1 AND e.key = $2 AND e.seq > k.published_seq
-                     ORDER BY e.seq LIMIT $3",
-                    &[&topic, &key, &self.config.max_events_per_key],
-                )
-                .await?;
-            let messages: Vec<crate::publish::OutboxMessage> = events
-                .iter()
-                .map(|event| {
-                    let flat: Vec<String> = event.get(3);
-                    crate::publish::OutboxMessage {
-                        id: event.get(0),
-                        topic: topic.clone(),
-                        key: key.clone(),
-                        seq: event.get(1),
-                        payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(2)),
-                        headers: flat
-                            .chunks(2)
-                            .map(|pair| (pair[0].clone(), pair[1].clone()))
-                            .collect(),
-                    }
-                })
-                .collect();
-            if !messages.is_empty() {
-                queues.push(std::collections::VecDeque::from(messages));
+        let (topics, names): (Vec<String>, Vec<String>) =
+            keys.iter().map(|row| (row.get::<_, String>(0), row.get::<_, String>(1))).unzip();
+        // Every claimed key's pending events in one query. Read after the locks: a relay that
+        // held a key before us has committed by now.
+        let events = transaction
+            .query(
+                "SELECT k.topic, k.key, e.id, e.seq, e.payload, e.headers
+                 FROM unnest($1::text[], $2::text[]) AS claimed(topic, key)
+                 JOIN idem_outbox_keys k ON k.topic = claimed.topic AND k.key = claimed.key
+                 CROSS JOIN LATERAL (
+                     SELECT id, seq, payload, headers FROM idem_outbox
+                     WHERE topic = k.topic AND key = k.key AND seq > k.published_seq
+                     ORDER BY seq LIMIT $3) e
+                 ORDER BY k.topic, k.key, e.seq",
+                &[&topics, &names, &self.config.max_events_per_key],
+            )
+            .await?;
+        let mut queues: Vec<std::collections::VecDeque<crate::publish::OutboxMessage>> = Vec::new();
+        for event in &events {
+            let flat: Vec<String> = event.get(5);
+            let message = crate::publish::OutboxMessage {
+                topic: event.get(0),
+                key: event.get(1),
+                id: event.get(2),
+                seq: event.get(3),
+                payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(4)),
+                headers: flat.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect(),
+            };
+            match queues.last_mut() {
+                Some(queue)
+                    if queue.back().is_some_and(|last| {
+                        last.topic == message.topic && last.key == message.key
+                    }) =>
+                {
+                    queue.push_back(message)
+                }
+                _ => queues.push(std::collections::VecDeque::from([message])),
             }
         }
         report.keys = queues.len();
