@@ -97,19 +97,7 @@ async fn scenario(batched: bool) {
             let (pool, inbox, failed_once) =
                 (pool.clone(), inbox.clone(), Arc::clone(&failed_once));
             async move {
-                let text =
-                    String::from_utf8(message.payload.to_vec()).map_err(|e| e.to_string())?;
-                let (kind, cents) = text.split_once(':').ok_or("malformed payment")?;
-                if kind == "poison" {
-                    return Err(format!(
-                        "payment {} cannot be applied: account closed",
-                        message.id
-                    ));
-                }
-                if kind == "flaky" && failed_once.lock().unwrap().insert(message.id.clone()) {
-                    return Err("database hiccup".into());
-                }
-                let cents: i64 = cents.parse().map_err(|_| "malformed amount")?;
+                let cents = amount(&message, &failed_once)?;
                 let mut client = pool.get().await.map_err(|e| e.to_string())?;
                 common::credit(&mut client, &inbox, &message.id, cents)
                     .await
@@ -128,21 +116,7 @@ async fn scenario(batched: bool) {
             async move {
                 let mut credits = Vec::new();
                 for message in &batch {
-                    let text = String::from_utf8_lossy(&message.payload).into_owned();
-                    let (kind, cents) = text.split_once(':').ok_or("malformed payment")?;
-                    if kind == "poison" {
-                        return Err(format!(
-                            "payment {} cannot be applied: account closed",
-                            message.id
-                        ));
-                    }
-                    if kind == "flaky" && failed_once.lock().unwrap().insert(message.id.clone()) {
-                        return Err("database hiccup".into());
-                    }
-                    credits.push((
-                        message.id.as_str(),
-                        cents.parse().map_err(|_| "malformed amount")?,
-                    ));
+                    credits.push((message.id.as_str(), amount(message, &failed_once)?));
                 }
                 let mut client = pool.get().await.map_err(|e| e.to_string())?;
                 common::credit_many(&mut client, &inbox, &credits)
@@ -270,4 +244,18 @@ async fn scenario(batched: bool) {
         PAYMENTS + REPUBLISHED,
         dead.len()
     );
+}
+
+/// A payment's amount, or the failure its kind calls for: `poison` always fails, `flaky` fails
+/// on its first attempt.
+fn amount(message: &Received, failed_once: &Mutex<HashSet<String>>) -> Result<i64, String> {
+    let text = String::from_utf8_lossy(&message.payload);
+    let (kind, cents) = text.split_once(':').ok_or("malformed payment")?;
+    if kind == "poison" {
+        return Err(format!("payment {} cannot be applied: account closed", message.id));
+    }
+    if kind == "flaky" && failed_once.lock().unwrap().insert(message.id.clone()) {
+        return Err("database hiccup".into());
+    }
+    cents.parse().map_err(|_| "malformed amount".into())
 }
