@@ -129,11 +129,13 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // The workers, found before their master dies (then they belong to init): a killed
+        // master does not take its workers with it.
+        let workers = children(self.child.id());
         let _ = self.child.kill();
         let _ = self.child.wait();
-        // The workers follow their master; make sure.
-        for child in children(self.child.id()) {
-            let _ = Command::new("kill").arg("-9").arg(child.to_string()).status();
+        for worker in workers {
+            let _ = Command::new("kill").arg("-9").arg(worker.to_string()).status();
         }
     }
 }
