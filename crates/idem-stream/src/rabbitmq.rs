@@ -8,6 +8,10 @@
 //! the consumer runner knows an attempt's number and when to dead-letter. On a classic queue a
 //! redelivery is only flagged, so every redelivery counts as attempt 2.
 //!
+//! A message published without a `message-id` (by another producer) gets an id derived from
+//! its routing key, headers and payload, stable across redeliveries: identical messages then
+//! count as one, as in content-based deduplication.
+//!
 //! Both sides connect lazily and reconnect after the connection or channel is lost; a message
 //! delivered on a lost channel and not yet acknowledged goes back to its queue.
 
@@ -41,6 +45,26 @@ async fn open_channel(uri: &str, name: &str) -> Result<(Connection, Channel), St
 
 fn short(text: &str, what: &str) -> Result<ShortString, String> {
     ShortString::try_new(text).map_err(|error| format!("{what} {text:?}: {error}"))
+}
+
+/// `rabbitmq-sha256-<hex>` of a message's routing key, headers and payload.
+fn content_id(routing_key: &ShortString, headers: &[(String, String)], payload: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    // Each part prefixed by its length, so no two different messages hash the same input.
+    let mut part = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    };
+    part(routing_key.as_str().as_bytes());
+    for (name, value) in headers {
+        part(name.as_bytes());
+        part(value.as_bytes());
+    }
+    part(payload);
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("rabbitmq-sha256-{hex}")
 }
 
 /// Declares a durable quorum queue `queue` and, unless `exchange` is empty (the default
@@ -270,14 +294,15 @@ impl RabbitSubscription {
             Some(count) => count.saturating_add(1),
             None => 1 + u64::from(delivery.redelivered),
         };
+        let id = match properties.message_id() {
+            Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
+            // Published without a message-id: the id is derived from the content, which a
+            // redelivery repeats, so messages with identical routing key, headers and payload
+            // count as one (content-based deduplication).
+            _ => content_id(&delivery.routing_key, &headers, &delivery.data),
+        };
         Received {
-            // A message published without a message-id has no stable id: the inbox refuses the
-            // empty id, so such a message fails and ends in the dead-letter destination.
-            id: properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str().to_owned())
-                .unwrap_or_default(),
+            id,
             subject: delivery.routing_key.as_str().to_owned(),
             payload: Bytes::from(delivery.data.clone()),
             headers,

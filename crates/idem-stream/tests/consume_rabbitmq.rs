@@ -9,11 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use idem_core::conformance::service_url;
-use idem_stream::consume::{self, DeadLetter, Received, RunnerConfig};
+use idem_stream::consume::{self, DeadLetter, Received, RunnerConfig, Subscription};
 use idem_stream::publish::{OutboxMessage, Publisher};
 use idem_stream::rabbitmq::{RabbitPublisher, RabbitSubscription, declare_queue};
 
 const MESSAGES: i64 = 600;
+
+/// One test at a time: `rabbitmqctl close_all_connections` would cut the other's connections.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct NoDeadLetters;
 
@@ -27,6 +30,7 @@ impl DeadLetter for NoDeadLetters {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_rides_out_a_dropped_broker_connection() {
     let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
+    let _serial = SERIAL.lock().await;
     let queue = format!("idemtest.consume.rabbit.{}", std::process::id());
     let connection = lapin::Connection::connect(&url, Default::default()).await.unwrap();
     let channel = connection.create_channel().await.unwrap();
@@ -116,4 +120,52 @@ async fn the_runner_rides_out_a_dropped_broker_connection() {
         report.fetch_errors,
         report.settle_errors
     );
+}
+
+/// Messages another producer published without a `message-id` still get a stable id (from their
+/// content), so a redelivery or a republished copy meets the inbox under the same id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_a_message_id_gets_one_from_its_content() {
+    let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
+    let _serial = SERIAL.lock().await;
+    let queue = format!("idemtest.consume.rabbit.noid.{}", std::process::id());
+    let connection = lapin::Connection::connect(&url, Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    declare_queue(&url, &queue, "", "").await.unwrap();
+    channel.confirm_select(Default::default()).await.unwrap();
+    for (payload, message_id) in [("a", None), ("b", None), ("a", None), ("a", Some("given"))] {
+        let mut properties = lapin::BasicProperties::default();
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(id.into());
+        }
+        let options = Default::default();
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                options,
+                payload.as_bytes(),
+                properties,
+            )
+            .await
+            .unwrap();
+        assert!(confirm.await.unwrap().is_ack());
+    }
+    let mut subscription = RabbitSubscription::consume(&url, &queue, 16).await.unwrap();
+    let mut batch = Vec::new();
+    let started = Instant::now();
+    while batch.len() < 4 && started.elapsed() < Duration::from_secs(10) {
+        batch
+            .extend(subscription.fetch(4 - batch.len(), Duration::from_millis(300)).await.unwrap());
+    }
+    let ids: Vec<&str> = batch.iter().map(|(message, _)| message.id.as_str()).collect();
+    assert_eq!(ids.len(), 4);
+    assert!(ids[0].starts_with("rabbitmq-sha256-") && ids[1].starts_with("rabbitmq-sha256-"));
+    assert_eq!(ids[0], ids[2], "the same content, the same id");
+    assert_ne!(ids[0], ids[1], "different content, different ids");
+    assert_eq!(ids[3], "given", "a message-id is used as it is");
+    for (_, token) in batch {
+        subscription.settle(token, idem_stream::consume::Settle::Ack).await.unwrap();
+    }
 }
