@@ -27,16 +27,22 @@ impl DeadLetter for NoDeadLetters {
     }
 }
 
+/// An empty quorum queue named for `case` and this process, and a connection and channel.
+async fn fresh_queue(url: &str, case: &str) -> (String, lapin::Connection, lapin::Channel) {
+    let queue = format!("idemtest.consume.rabbit.{case}.{}", std::process::id());
+    let connection = lapin::Connection::connect(url, Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    declare_queue(url, &queue, "", "").await.unwrap();
+    (queue, connection, channel)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runner_rides_out_a_dropped_broker_connection() {
     let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
     let _serial = SERIAL.lock().await;
-    let queue = format!("idemtest.consume.rabbit.{}", std::process::id());
-    let connection = lapin::Connection::connect(&url, Default::default()).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+    let (queue, connection, _) = fresh_queue(&url, "drop").await;
     connection.close(200, "done".into()).await.unwrap();
-    declare_queue(&url, &queue, "", "").await.unwrap();
     let publisher = RabbitPublisher::connect(&url, "").await.unwrap();
     let messages: Vec<_> = (1..=MESSAGES)
         .map(|id| OutboxMessage {
@@ -128,11 +134,7 @@ async fn the_runner_rides_out_a_dropped_broker_connection() {
 async fn a_message_without_a_message_id_gets_one_from_its_content() {
     let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
     let _serial = SERIAL.lock().await;
-    let queue = format!("idemtest.consume.rabbit.noid.{}", std::process::id());
-    let connection = lapin::Connection::connect(&url, Default::default()).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
-    declare_queue(&url, &queue, "", "").await.unwrap();
+    let (queue, _connection, channel) = fresh_queue(&url, "noid").await;
     channel.confirm_select(Default::default()).await.unwrap();
     for (payload, message_id) in [("a", None), ("b", None), ("a", None), ("a", Some("given"))] {
         let mut properties = lapin::BasicProperties::default();
