@@ -41,7 +41,7 @@ async fn fresh_queue(url: &str, case: &str) -> (String, lapin::Connection, lapin
 async fn the_runner_rides_out_a_dropped_broker_connection() {
     let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
     let _serial = SERIAL.lock().await;
-    let (queue, connection, _) = fresh_queue(&url, "drop").await;
+    let (queue, connection, _channel) = fresh_queue(&url, "drop").await;
     connection.close(200, "done".into()).await.unwrap();
     let publisher = RabbitPublisher::connect(&url, "").await.unwrap();
     let messages: Vec<_> = (1..=MESSAGES)
