@@ -141,14 +141,17 @@ where
         async move {
             let count = batch.len();
             let span = tracing::debug_span!("consume_batch", messages = count);
+            // The batch stays here, for settling and for the fallback below.
             let work = tracing::Instrument::instrument(handler(batch.clone()), span);
             let verdict = match tokio::spawn(work).await {
                 Ok(verdict) => verdict,
                 Err(panic) => Err(format!("the handler panicked: {panic}")),
             };
             match verdict {
-                Ok(()) => vec![Ok(()); count],
-                Err(failure) if count == 1 => vec![Err(failure)],
+                Ok(()) => batch.into_iter().map(|message| (message, Ok(()))).collect(),
+                Err(failure) if count == 1 => {
+                    batch.into_iter().map(|message| (message, Err(failure.clone()))).collect()
+                }
                 Err(failure) => {
                     tracing::debug!(count, %failure, "batch failed; handling its messages one by one");
                     let single = move |message: Received| handler(vec![message]);
@@ -160,22 +163,23 @@ where
     drive(subscription, work, dead_letter, config, shutdown).await
 }
 
-/// Runs `handler` on every message of `batch` at once; one verdict per message, in order.
-async fn one_by_one<H, F>(handler: Arc<H>, batch: Vec<Received>) -> Vec<HandlerResult>
+/// Runs `handler` on every message of `batch` at once; returns each message with its verdict,
+/// in order.
+async fn one_by_one<H, F>(handler: Arc<H>, batch: Vec<Received>) -> Vec<(Received, HandlerResult)>
 where
     H: Fn(Received) -> F + Send + Sync + 'static,
     F: std::future::Future<Output = HandlerResult> + Send + 'static,
 {
     let mut running = tokio::task::JoinSet::new();
     let count = batch.len();
-    for (index, message) in batch.into_iter().enumerate() {
+    for (index, message) in batch.iter().enumerate() {
         let span = tracing::debug_span!(
             "consume_message",
             id = %message.id,
             subject = %message.subject,
             attempt = message.attempt
         );
-        let work = tracing::Instrument::instrument(handler(message), span);
+        let work = tracing::Instrument::instrument(handler(message.clone()), span);
         running.spawn(async move { (index, work.await) });
     }
     let mut verdicts: Vec<HandlerResult> = vec![Err("the handler panicked".into()); count];
@@ -187,10 +191,11 @@ where
             }
         }
     }
-    verdicts
+    batch.into_iter().zip(verdicts).collect()
 }
 
-/// The runner's loop: fetch a batch, let `work` decide on each message, settle each.
+/// The runner's loop: fetch a batch, let `work` handle its messages (it hands each back with
+/// its verdict, in order), settle each.
 async fn drive<S, W, WF, D>(
     mut subscription: S,
     work: W,
@@ -201,7 +206,7 @@ async fn drive<S, W, WF, D>(
 where
     S: Subscription,
     W: Fn(Vec<Received>) -> WF,
-    WF: std::future::Future<Output = Vec<HandlerResult>>,
+    WF: std::future::Future<Output = Vec<(Received, HandlerResult)>>,
     D: DeadLetter + ?Sized + 'static,
 {
     let mut report = RunReport::default();
@@ -236,9 +241,9 @@ where
         }
         // The batch is at most `concurrency` messages, handled at once; the next fetch waits
         // for all of them, which bounds the work in flight.
-        let messages: Vec<Received> = batch.iter().map(|(message, _)| message.clone()).collect();
-        let verdicts = work(messages).await;
-        for ((message, token), verdict) in batch.into_iter().zip(verdicts) {
+        let (messages, tokens): (Vec<Received>, Vec<S::Token>) = batch.into_iter().unzip();
+        let outcomes = work(messages).await;
+        for ((message, verdict), token) in outcomes.into_iter().zip(tokens) {
             let settle = match verdict {
                 Ok(()) => {
                     report.handled += 1;

@@ -7,8 +7,18 @@ use tokio_postgres::{GenericClient, Transaction};
 
 use crate::{Delivery, Result, check_consumer, check_message_id};
 
-/// An arbitrary constant: the advisory lock that serialises creating the table.
+/// An arbitrary constant: the advisory lock that serialises creating the tables.
 const MIGRATION_LOCK: i64 = 0x6964_656d_696e_6278;
+
+/// Runs `ddl` in one transaction under the migration lock, so instances starting at once do
+/// not race to create the same tables.
+async fn migrate_locked(client: &mut tokio_postgres::Client, ddl: &str) -> Result<()> {
+    let transaction = client.transaction().await?;
+    transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
+    transaction.batch_execute(ddl).await?;
+    transaction.commit().await?;
+    Ok(())
+}
 
 /// The inbox of one consumer. Consumers are independent: the same message id is a first
 /// delivery for each of them.
@@ -31,11 +41,9 @@ impl Inbox {
     /// Creates the inbox table if it is missing (in the current `search_path`); safe to run
     /// from several instances at once.
     pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<()> {
-        let transaction = client.transaction().await?;
-        transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-        transaction
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS idem_inbox (
+        migrate_locked(
+            client,
+            "CREATE TABLE IF NOT EXISTS idem_inbox (
                      consumer    text        NOT NULL,
                      message_id  text        NOT NULL,
                      received_at timestamptz NOT NULL DEFAULT now(),
@@ -52,10 +60,8 @@ impl Inbox {
                      failure    text        NOT NULL,
                      buried_at  timestamptz NOT NULL DEFAULT now(),
                      UNIQUE (consumer, message_id));",
-            )
-            .await?;
-        transaction.commit().await?;
-        Ok(())
+        )
+        .await
     }
 
     /// Records `message_id` in the caller's transaction. Apply the message's effects in the
@@ -179,11 +185,9 @@ pub struct Outbox;
 impl Outbox {
     /// Creates the outbox tables if missing; safe to run from several instances at once.
     pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<()> {
-        let transaction = client.transaction().await?;
-        transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
-        transaction
-            .batch_execute(
-                "CREATE TABLE IF NOT EXISTS idem_outbox_keys (
+        migrate_locked(
+            client,
+            "CREATE TABLE IF NOT EXISTS idem_outbox_keys (
                      topic         text   NOT NULL,
                      key           text   NOT NULL,
                      enqueued_seq  bigint NOT NULL,
@@ -201,10 +205,8 @@ impl Outbox {
                      created_at timestamptz NOT NULL DEFAULT now(),
                      sent_at    timestamptz,
                      UNIQUE (topic, key, seq));",
-            )
-            .await?;
-        transaction.commit().await?;
-        Ok(())
+        )
+        .await
     }
 
     /// Enqueues `event` in the caller's transaction and returns its id. One round trip.
