@@ -279,17 +279,15 @@ impl Bench {
     }
 
     async fn publish_payments(&self, round: usize, messages: usize) -> Result<(), String> {
+        let all = events("idembench.consume.payments", messages, round * messages, |index| {
+            format!("{}:{}", index as i32 % ACCOUNTS, index + 1)
+        });
+        self.publish_layers(&all).await
+    }
+
+    /// Publishes `all` a layer of one event per key at a time, as the relay does.
+    async fn publish_layers(&self, all: &[OutboxMessage]) -> Result<(), String> {
         let publisher = JetStreamPublisher::new(self.jetstream.clone());
-        let all: Vec<OutboxMessage> = (0..messages)
-            .map(|index| OutboxMessage {
-                id: (round * messages + index) as i64,
-                topic: "idembench.consume.payments".into(),
-                key: format!("k{}", index % KEYS),
-                seq: (index / KEYS) as i64 + 1,
-                payload: format!("{}:{}", index as i32 % ACCOUNTS, index + 1).into(),
-                headers: Vec::new(),
-            })
-            .collect();
         for layer in all.chunks(KEYS) {
             for result in publisher.publish(layer).await {
                 result.map_err(error("publish"))?;
@@ -377,23 +375,9 @@ impl Bench {
     /// Publishes `messages` events from memory, a layer of one per key at a time.
     async fn direct(&self, messages: usize) -> Result<f64, String> {
         let stream = self.stream("IDEM_BENCH_PUBLISH", "idembench.publish.>").await?;
-        let publisher = JetStreamPublisher::new(self.jetstream.clone());
-        let all: Vec<OutboxMessage> = (0..messages)
-            .map(|index| OutboxMessage {
-                id: index as i64,
-                topic: "idembench.publish.events".into(),
-                key: format!("k{}", index % KEYS),
-                seq: (index / KEYS) as i64 + 1,
-                payload: format!("event {index}").into(),
-                headers: Vec::new(),
-            })
-            .collect();
+        let all = events("idembench.publish.events", messages, 0, |index| format!("event {index}"));
         let started = Instant::now();
-        for layer in all.chunks(KEYS) {
-            for result in publisher.publish(layer).await {
-                result.map_err(error("publish"))?;
-            }
-        }
+        self.publish_layers(&all).await?;
         let elapsed = started.elapsed();
         check_stream(stream, messages).await?;
         Ok(messages as f64 / elapsed.as_secs_f64())
@@ -431,6 +415,25 @@ impl Bench {
         check_stream(stream, messages).await?;
         Ok(messages as f64 / elapsed.as_secs_f64())
     }
+}
+
+/// `count` events on `topic` over `KEYS` keys, numbered from `first_id`, each key's in order.
+fn events(
+    topic: &str,
+    count: usize,
+    first_id: usize,
+    payload: impl Fn(usize) -> String,
+) -> Vec<OutboxMessage> {
+    (0..count)
+        .map(|index| OutboxMessage {
+            id: (first_id + index) as i64,
+            topic: topic.into(),
+            key: format!("k{}", index % KEYS),
+            seq: (index / KEYS) as i64 + 1,
+            payload: payload(index).into(),
+            headers: Vec::new(),
+        })
+        .collect()
 }
 
 async fn check_stream(mut stream: stream::Stream, messages: usize) -> Result<(), String> {

@@ -8,6 +8,8 @@
 //! - a consumer that vanishes without settling loses nothing: another one gets its messages;
 //! - consumers in one group share the work, an acknowledged message going to one of them only.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -393,11 +395,7 @@ impl Broker for Rabbit {
 
     async fn topic(&self, case: &str) -> String {
         let topic = unique(case);
-        let connection = lapin::Connection::connect(&self.url, Default::default()).await.unwrap();
-        let channel = connection.create_channel().await.unwrap();
-        let options = lapin::options::QueueDeleteOptions::default();
-        channel.queue_delete(topic.as_str().into(), options).await.unwrap();
-        idem_stream::rabbitmq::declare_queue(&self.url, &topic, "", "").await.unwrap();
+        common::fresh_rabbit_queue(&self.url, &topic).await;
         topic
     }
 

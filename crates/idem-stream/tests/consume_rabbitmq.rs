@@ -3,6 +3,8 @@
 //! backs off, the subscription reconnects, the messages delivered on the lost channel and not
 //! acknowledged come back, and every message is handled.
 
+mod common;
+
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use idem_core::conformance::service_url;
 use idem_stream::consume::{self, DeadLetter, Received, RunnerConfig, Subscription};
 use idem_stream::publish::{OutboxMessage, Publisher};
-use idem_stream::rabbitmq::{RabbitPublisher, RabbitSubscription, declare_queue};
+use idem_stream::rabbitmq::{RabbitPublisher, RabbitSubscription};
 
 const MESSAGES: i64 = 600;
 
@@ -30,10 +32,7 @@ impl DeadLetter for NoDeadLetters {
 /// An empty quorum queue named for `case` and this process, and a connection and channel.
 async fn fresh_queue(url: &str, case: &str) -> (String, lapin::Connection, lapin::Channel) {
     let queue = format!("idemtest.consume.rabbit.{case}.{}", std::process::id());
-    let connection = lapin::Connection::connect(url, Default::default()).await.unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
-    declare_queue(url, &queue, "", "").await.unwrap();
+    let (connection, channel) = common::fresh_rabbit_queue(url, &queue).await;
     (queue, connection, channel)
 }
 

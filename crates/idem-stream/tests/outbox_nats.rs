@@ -75,6 +75,12 @@ async fn enqueue(client: &mut Client, topic: &str, keys: usize, per_key: usize) 
 }
 
 /// Every message in the stream, in stream order: (outbox message id, key, seq).
+/// Events not yet marked sent.
+async fn unsent(client: &Client) -> i64 {
+    let sql = "SELECT count(*) FROM idem_outbox WHERE sent_at IS NULL";
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 async fn read_stream(stream: &mut stream::Stream) -> Vec<(String, String, i64)> {
     let last = stream.info().await.unwrap().state.last_sequence;
     let mut messages = Vec::new();
@@ -123,12 +129,7 @@ async fn events_leave_exactly_when_their_transaction_commits_in_key_order() {
     assert_eq!(relay.run_until_idle(&mut setup.client, 100).await.unwrap(), 0, "nothing left");
     let messages = read_stream(&mut setup.stream).await;
     assert_once_and_in_order(&messages, 5, 40);
-    let unsent: i64 = setup
-        .client
-        .query_one("SELECT count(*) FROM idem_outbox WHERE sent_at IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let unsent = unsent(&setup.client).await;
     assert_eq!(unsent, 0);
     println!("outbox: 200 events over 5 keys -> 200 on the stream, per-key order held");
 }
@@ -199,12 +200,7 @@ async fn a_relay_that_dies_before_marking_sent_is_absorbed_by_broker_deduplicati
     assert!(crashed.await.is_err(), "the first relay died mid-round");
     let before_recovery = setup.stream.info().await.unwrap().state.messages;
     assert_eq!(before_recovery, 12, "3 layers of 4 keys reached the broker before the crash");
-    let unsent: i64 = setup
-        .client
-        .query_one("SELECT count(*) FROM idem_outbox WHERE sent_at IS NULL", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let unsent = unsent(&setup.client).await;
     assert_eq!(unsent, 40, "nothing was marked: the crash came before the commit");
 
     // A healthy relay republishes from the start with the same ids; JetStream drops the repeats.

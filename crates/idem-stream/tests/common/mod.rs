@@ -106,3 +106,13 @@ pub async fn credit_many(
     transaction.commit().await?;
     Ok(applied)
 }
+
+/// Deletes the RabbitMQ queue `queue` if it exists and declares it afresh (durable, quorum);
+/// returns the connection and channel used, still open.
+pub async fn fresh_rabbit_queue(url: &str, queue: &str) -> (lapin::Connection, lapin::Channel) {
+    let connection = lapin::Connection::connect(url, Default::default()).await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel.queue_delete(queue.into(), Default::default()).await.unwrap();
+    idem_stream::rabbitmq::declare_queue(url, queue, "", "").await.unwrap();
+    (connection, channel)
+}
