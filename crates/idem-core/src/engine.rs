@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::{
-    ClaimRequest, Clock, Decision, Error, FencingToken, Fingerprint, RecordKey, Result, Store,
-    Timestamp,
+    ClaimRequest, Clock, Decision, Error, FencingToken, Fingerprint, Notifies, RecordKey,
+    RecordState, Result, Store, Timestamp,
 };
 
 /// How long claims and records live.
@@ -61,7 +61,16 @@ struct EngineInner {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: EngineConfig,
+    /// Bounds the failed claims cleaned up at once (see `release_orphan`).
+    cleanups: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most releases tried for one failed claim (backoff from 250 ms to 5 s: about a minute).
+const ORPHAN_RELEASE_ATTEMPTS: u32 = 16;
+
+/// Most failed claims cleaned up at once; past it, a failed claim that landed anyway frees
+/// itself when its lease expires.
+const MAX_CLEANUPS: usize = 4096;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -104,7 +113,8 @@ impl Engine {
 
     pub fn from_shared(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: EngineConfig) -> Self {
         assert!(!config.lease.is_zero(), "the lease must be longer than zero");
-        Self { inner: Arc::new(EngineInner { store, clock, config }) }
+        let cleanups = Arc::new(tokio::sync::Semaphore::new(MAX_CLEANUPS));
+        Self { inner: Arc::new(EngineInner { store, clock, config, cleanups }) }
     }
 
     pub fn config(&self) -> EngineConfig {
@@ -120,12 +130,113 @@ impl Engine {
     }
 
     /// Claims `key` for a request with `fingerprint`, or says why the caller must not run.
+    ///
+    /// The claim is decided on a task of its own, so a caller that goes away meanwhile (a
+    /// client hanging up while the store answers) cannot strand the key: a claim won for
+    /// nobody is released at once, since nothing ran under it. A claim that failed on this
+    /// side (the store did not answer in time) may still land in the store later; its token
+    /// is released in the background until its lease would have ended.
     pub async fn begin(&self, key: RecordKey, fingerprint: Fingerprint) -> Result<Begin> {
-        let now = self.now();
-        let token = FencingToken::generate();
-        let lease_expires_at = now.saturating_add(self.inner.config.lease);
+        let begun = self.begin_uncounted(key, fingerprint).await;
+        if let Ok(begun) = &begun {
+            count(begun);
+        }
+        begun
+    }
+
+    /// Like [`Engine::begin`], but a key in flight is waited for, up to `wait`: the answer is
+    /// the first run's stored outcome, or [`Begin::Run`] if it was released (or its owner's
+    /// lease ran out), or [`Begin::InFlight`] if it still runs when `wait` is over. Waiters
+    /// hear of the change from the store where it announces changes, and poll it briefly
+    /// where it cannot.
+    pub async fn begin_waiting(
+        &self,
+        key: RecordKey,
+        fingerprint: Fingerprint,
+        wait: Duration,
+    ) -> Result<Begin> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let store = &self.inner.store;
+        // Subscribed before the first look, so no change between a look and the wait is missed.
+        let mut changes = store.subscribe();
+        let capabilities = store.capabilities();
+        let heard_everywhere = match capabilities.notifies {
+            Notifies::AllProcesses => true,
+            Notifies::ThisProcess => !capabilities.shared_by_processes,
+            Notifies::Nobody => false,
+        };
+        // A safety re-check even with announcements (one may be lost on a reconnect).
+        let poll = if heard_everywhere && changes.is_some() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_millis(200)
+        };
+        let mut watched = false;
+        loop {
+            let begun = self.begin_uncounted(key.clone(), fingerprint).await?;
+            let Begin::InFlight { retry_after } = begun else {
+                count(&begun);
+                return Ok(begun);
+            };
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                count(&begun);
+                return Ok(begun);
+            }
+            if !watched && changes.is_some() {
+                watched = true;
+                match store.watch(&key).await {
+                    // Look again: the first run may have finished before the watch took.
+                    Ok(()) => continue,
+                    Err(error) => {
+                        tracing::debug!(key = %key.key, %error, "cannot watch the key; polling");
+                        changes = None;
+                    }
+                }
+            }
+            let step = (deadline - now).min(retry_after).min(poll);
+            wait_for_change(&mut changes, key.change_id(), step).await;
+        }
+    }
+
+    async fn begin_uncounted(&self, key: RecordKey, fingerprint: Fingerprint) -> Result<Begin> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let engine = self.clone();
+        tokio::spawn(async move {
+            let token = FencingToken::generate();
+            let now = engine.now();
+            let lease_expires_at = now.saturating_add(engine.inner.config.lease);
+            let result = engine.claim(&key, fingerprint, token, now, lease_expires_at).await;
+            let failed = result.as_ref().is_err_and(Error::is_unavailable);
+            match sender.send(result) {
+                Ok(()) => {}
+                Err(Ok(Begin::Run(claim))) => {
+                    metrics::counter!("idem_orphan_claims_released_total", "cause" => "caller-gone")
+                        .increment(1);
+                    tracing::info!(key = %key.key, scope = %key.scope, "the caller left while its claim was decided; released the key it won (nothing ran)");
+                    if let Err(error) = claim.release().await {
+                        tracing::warn!(key = %key.key, %error, "could not release a claim nobody runs; it frees itself when its lease expires");
+                    }
+                }
+                Err(_) => {}
+            }
+            if failed {
+                engine.release_orphan(key, token, lease_expires_at).await;
+            }
+        });
+        receiver.await.unwrap_or_else(|_| Err(Error::unavailable("the claim task stopped")))
+    }
+
+    async fn claim(
+        &self,
+        key: &RecordKey,
+        fingerprint: Fingerprint,
+        token: FencingToken,
+        now: Timestamp,
+        lease_expires_at: Timestamp,
+    ) -> Result<Begin> {
         let request = ClaimRequest {
-            key: &key,
+            key,
             fingerprint: &fingerprint,
             token,
             now,
@@ -134,29 +245,45 @@ impl Engine {
         };
         let decision = timed("claim", self.inner.store.claim(request)).await?;
         Ok(match decision {
-            Decision::Acquire => {
-                metrics::counter!("idem_executions_total").increment(1);
-                Begin::Run(Claim {
-                    engine: self.clone(),
-                    key,
-                    token,
-                    lease_expires_at,
-                    finished: false,
-                })
-            }
-            Decision::Replay(payload) => {
-                metrics::counter!("idem_replays_total").increment(1);
-                Begin::Replay(payload)
-            }
-            Decision::Mismatch => {
-                metrics::counter!("idem_mismatches_total").increment(1);
-                Begin::Mismatch
-            }
+            Decision::Acquire => Begin::Run(Claim {
+                engine: self.clone(),
+                key: key.clone(),
+                token,
+                lease_expires_at,
+                finished: false,
+            }),
+            Decision::Replay(payload) => Begin::Replay(payload),
+            Decision::Mismatch => Begin::Mismatch,
             Decision::InFlight { lease_expires_at } => {
-                metrics::counter!("idem_conflicts_total").increment(1);
                 Begin::InFlight { retry_after: retry_after(lease_expires_at, now) }
             }
         })
+    }
+
+    /// A claim that failed on this side (the store did not answer in time) may still have
+    /// been carried out by the store: Redis runs a queued script after a pause, PostgreSQL
+    /// commits a statement whose client gave up. Nothing will run under its token, so the
+    /// token is released, tried again with backoff until the lease it asked for would have
+    /// ended. Releasing is fenced by the token: it never touches anybody else's record.
+    async fn release_orphan(&self, key: RecordKey, token: FencingToken, lease_end: Timestamp) {
+        let Ok(_permit) = Arc::clone(&self.inner.cleanups).try_acquire_owned() else {
+            tracing::debug!(key = %key.key, "too many failed claims being cleaned up; this one frees itself when its lease expires");
+            return;
+        };
+        let mut backoff = Duration::from_millis(250);
+        for _ in 0..ORPHAN_RELEASE_ATTEMPTS {
+            tokio::time::sleep(backoff).await;
+            if self.inner.store.release(&key, token).await.is_ok() {
+                metrics::counter!("idem_orphan_claims_released_total", "cause" => "store-timeout")
+                    .increment(1);
+                tracing::info!(key = %key.key, scope = %key.scope, "a claim that failed on our side had landed in the store; released it (nothing ran)");
+                return;
+            }
+            if self.now().saturating_add(backoff) >= lease_end {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Runs `operation` once for `key`: stores its `Ok` output for replay, releases the key on
@@ -204,6 +331,44 @@ impl Engine {
     }
 }
 
+fn count(begun: &Begin) {
+    let name = match begun {
+        Begin::Run(_) => "idem_executions_total",
+        Begin::Replay(_) => "idem_replays_total",
+        Begin::Mismatch => "idem_mismatches_total",
+        Begin::InFlight { .. } => "idem_conflicts_total",
+    };
+    metrics::counter!(name).increment(1);
+}
+
+/// Waits up to `step` for an announcement that the record `id` changed (or for one that may
+/// have been missed: a subscriber that lagged behind).
+async fn wait_for_change(
+    changes: &mut Option<tokio::sync::broadcast::Receiver<u64>>,
+    id: u64,
+    step: Duration,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let sleep = tokio::time::sleep(step);
+    let Some(receiver) = changes else {
+        return sleep.await;
+    };
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            () = &mut sleep => return,
+            received = receiver.recv() => match received {
+                Ok(changed) if changed != id => {}
+                Ok(_) | Err(RecvError::Lagged(_)) => return,
+                Err(RecvError::Closed) => {
+                    *changes = None;
+                    return sleep.await;
+                }
+            },
+        }
+    }
+}
+
 /// Whole seconds until the lease ends, at least 1: what a `Retry-After` header says.
 fn retry_after(lease_expires_at: Timestamp, now: Timestamp) -> Duration {
     let left_ms = lease_expires_at.duration_since(now).as_millis() as u64;
@@ -225,9 +390,10 @@ async fn timed<T>(operation: &'static str, call: impl Future<Output = Result<T>>
 /// Most attempts to store an outcome while the store is unavailable.
 const COMPLETE_ATTEMPTS: u32 = 20;
 
-/// Ownership of a key while its operation runs. Finish it with [`Claim::complete`] or
-/// [`Claim::release`]; a claim dropped unfinished (a panic, a cancelled task) is released in
-/// the background so a retry can run.
+/// Ownership of a key while its operation runs. Finish it with [`Claim::complete`],
+/// [`Claim::release`] or [`Claim::abandon`]. A claim dropped unfinished (a panic, a cancelled
+/// task) is not released, since its operation may have run: the key stays in flight until its
+/// lease expires, and only then may a retry run again.
 pub struct Claim {
     engine: Engine,
     key: RecordKey,
@@ -259,6 +425,11 @@ impl Claim {
         self.lease_expires_at
     }
 
+    /// How long the lease holds from now without another renewal.
+    pub fn lease_left(&self) -> Duration {
+        self.lease_expires_at.duration_since(self.engine.now())
+    }
+
     /// Stores `payload` as the outcome to replay. Fails with [`Error::Fenced`] if the lease was
     /// lost to another owner, in which case the newer owner's record stands.
     ///
@@ -280,6 +451,16 @@ impl Claim {
                 expires_at,
             );
             match timed("complete", stored).await {
+                // An earlier attempt whose reply was lost may have committed: the record is
+                // then completed with exactly this payload, and it is ours.
+                Err(Error::Fenced) if attempt > 1 => {
+                    return match engine.inner.store.get(&self.key).await {
+                        Ok(Some(record)) if matches!(&record.state, RecordState::Completed { payload: stored } if *stored == payload) => {
+                            Ok(())
+                        }
+                        _ => Err(Error::Fenced),
+                    };
+                }
                 Err(error)
                     if error.is_unavailable()
                         && attempt < COMPLETE_ATTEMPTS
@@ -293,6 +474,15 @@ impl Claim {
             }
         }
         unreachable!("the loop returns by its last attempt")
+    }
+
+    /// Gives the claim up without storing an outcome or releasing the key: the record stays
+    /// in flight, no longer renewed, until its lease expires; then a retry runs again. For an
+    /// operation whose outcome is unknown (it may have run), where running it again is
+    /// acceptable only after the lease.
+    pub fn abandon(mut self) {
+        self.finished = true;
+        tracing::info!(key = %self.key.key, scope = %self.key.scope, "claim abandoned; the key frees itself when its lease expires");
     }
 
     /// Gives the key up so that a retry runs again.
@@ -344,24 +534,14 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let store = Arc::clone(&self.engine.inner.store);
-        let key = self.key.clone();
-        let token = self.token;
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    if let Err(error) = store.release(&key, token).await {
-                        tracing::warn!(key = %key.key, %error, "could not release an abandoned claim; it frees itself when its lease expires");
-                    }
-                });
-            }
-            Err(_) => tracing::warn!(
-                key = %key.key,
-                "claim dropped outside a runtime; it frees itself when its lease expires"
-            ),
+        if !self.finished {
+            // Dropped unfinished (a panic, a cancelled task): the operation may have run, so
+            // the key is not released; it frees itself when its lease expires.
+            tracing::warn!(
+                key = %self.key.key,
+                scope = %self.key.scope,
+                "claim dropped before its outcome was stored; the key frees itself when its lease expires"
+            );
         }
     }
 }
@@ -596,21 +776,200 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_dropped_claim_is_released() {
+    async fn a_dropped_claim_holds_its_key_until_the_lease_expires() {
         let clock = ManualClock::new(1_000_000);
         let engine = engine(&clock);
         let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
             panic!("first begin must run");
         };
+        // Its operation may have run: a retry must not run it again before the lease ends.
         drop(claim);
-        // The release runs on the runtime; give it a turn.
         for _ in 0..100 {
-            if engine.store().get(&key("k")).await.unwrap().is_none() {
-                break;
-            }
             tokio::task::yield_now().await;
         }
-        assert!(engine.store().get(&key("k")).await.unwrap().is_none());
+        assert!(matches!(engine.begin(key("k"), fp("a")).await.unwrap(), Begin::InFlight { .. }));
+        clock.advance(Duration::from_secs(31));
         assert!(matches!(engine.begin(key("k"), fp("a")).await.unwrap(), Begin::Run(_)));
+    }
+
+    /// A memory store whose claims wait for a permit (a paused store), and whose claims and
+    /// completions can be told to report failure after they did their work (a reply lost).
+    struct Stalling {
+        inner: Arc<MemoryStore>,
+        gate: tokio::sync::Semaphore,
+        lose_claim_replies: std::sync::atomic::AtomicBool,
+        lose_complete_replies: AtomicUsize,
+    }
+
+    impl Stalling {
+        fn new(open: bool) -> Arc<Self> {
+            Arc::new(Self {
+                inner: Arc::new(MemoryStore::new()),
+                gate: tokio::sync::Semaphore::new(if open { 1_000 } else { 0 }),
+                lose_claim_replies: false.into(),
+                lose_complete_replies: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Stalling {
+        async fn claim(&self, request: crate::ClaimRequest<'_>) -> Result<crate::Decision> {
+            self.gate.acquire().await.unwrap().forget();
+            let decision = self.inner.claim(request).await?;
+            if self.lose_claim_replies.load(Ordering::SeqCst) {
+                return Err(Error::unavailable("timed out (but the claim was carried out)"));
+            }
+            Ok(decision)
+        }
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            token: FencingToken,
+            payload: Bytes,
+            now: Timestamp,
+            expires_at: Timestamp,
+        ) -> Result<()> {
+            self.inner.complete(key, token, payload, now, expires_at).await?;
+            if self.lose_complete_replies.load(Ordering::SeqCst) > 0 {
+                self.lose_complete_replies.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::unavailable("reply lost (but the completion committed)"));
+            }
+            Ok(())
+        }
+        async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
+            self.inner.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: FencingToken,
+            now: Timestamp,
+            lease: Timestamp,
+            expires_at: Timestamp,
+        ) -> Result<()> {
+            self.inner.renew(key, token, now, lease, expires_at).await
+        }
+        async fn get(&self, key: &RecordKey) -> Result<Option<crate::Record>> {
+            self.inner.get(key).await
+        }
+        async fn delete(&self, key: &RecordKey) -> Result<bool> {
+            self.inner.delete(key).await
+        }
+        async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
+            self.inner.sweep(now, limit).await
+        }
+        async fn list(&self, query: &crate::ListQuery) -> Result<Vec<crate::RecordSummary>> {
+            self.inner.list(query).await
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+        fn capabilities(&self) -> crate::Capabilities {
+            self.inner.capabilities()
+        }
+        fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+            self.inner.subscribe()
+        }
+    }
+
+    fn engine_on(store: &Arc<Stalling>) -> Engine {
+        Engine::from_shared(
+            Arc::clone(store) as Arc<dyn Store>,
+            Arc::new(crate::SystemClock),
+            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_leaves_while_the_store_decides_strands_no_key() {
+        let store = Stalling::new(false);
+        let engine = engine_on(&store);
+        // The caller gives up (a client hanging up) while the store still holds the claim.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(50), engine.begin(key("k"), fp("a"))).await;
+        assert!(gave_up.is_err());
+        // The store now carries the claim out, for nobody: it must be released at once.
+        store.gate.add_permits(1_000);
+        for _ in 0..200 {
+            if store.inner.get(&key("k")).await.unwrap().is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            store.inner.get(&key("k")).await.unwrap().is_none(),
+            "the won claim was left behind"
+        );
+        assert!(matches!(engine.begin(key("k"), fp("a")).await.unwrap(), Begin::Run(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_failed_here_but_landed_in_the_store_is_released() {
+        let store = Stalling::new(true);
+        store.lose_claim_replies.store(true, Ordering::SeqCst);
+        let engine = engine_on(&store);
+        let failed = engine.begin(key("k"), fp("a")).await;
+        assert!(matches!(failed, Err(ref error) if error.is_unavailable()), "{failed:?}");
+        store.lose_claim_replies.store(false, Ordering::SeqCst);
+        // The claim is in the store under a token nobody holds; the cleanup releases it.
+        assert!(store.inner.get(&key("k")).await.unwrap().is_some());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(store.inner.get(&key("k")).await.unwrap().is_none(), "the orphaned claim stayed");
+        assert!(matches!(engine.begin(key("k"), fp("a")).await.unwrap(), Begin::Run(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_retried_after_a_lost_reply_recognises_its_own_record() {
+        let store = Stalling::new(true);
+        let engine = engine_on(&store);
+        let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        store.lose_complete_replies.store(1, Ordering::SeqCst);
+        claim.complete(Bytes::from_static(b"paid")).await.unwrap();
+        let Begin::Replay(payload) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("the outcome must replay");
+        };
+        assert_eq!(payload, "paid");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_retry_hears_the_outcome_without_polling() {
+        let store = Stalling::new(true);
+        let engine = engine_on(&store);
+        let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        let started = tokio::time::Instant::now();
+        let waiter = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.begin_waiting(key("k"), fp("a"), Duration::from_secs(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1_300)).await;
+        claim.complete(Bytes::from_static(b"done")).await.unwrap();
+        let Begin::Replay(payload) = waiter.await.unwrap().unwrap() else {
+            panic!("the waiter must get the stored outcome");
+        };
+        assert_eq!(payload, "done");
+        // Paused time moves only when every task sleeps: a poll would have cost 5 s of it.
+        assert!(started.elapsed() < Duration::from_secs(2), "waited {:?}", started.elapsed());
+
+        // A released key: the waiter runs it. A key still running after the wait: in flight.
+        let Begin::Run(claim) = engine.begin(key("r"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        let waiter = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.begin_waiting(key("r"), fp("a"), Duration::from_secs(20)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        claim.release().await.unwrap();
+        assert!(matches!(waiter.await.unwrap().unwrap(), Begin::Run(_)));
+        let Begin::Run(_running) = engine.begin(key("s"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        let late = engine.begin_waiting(key("s"), fp("a"), Duration::from_secs(2)).await.unwrap();
+        assert!(matches!(late, Begin::InFlight { .. }), "{late:?}");
     }
 }

@@ -177,6 +177,26 @@ impl RecordKey {
         Self { scope, key }
     }
 
+    /// A stable 128-bit digest of scope and key: how stores name a record without the
+    /// caller's raw key, and how change notifications identify it.
+    pub fn digest(&self) -> [u8; 16] {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update(self.scope.as_str().as_bytes());
+        hasher.update([0]);
+        hasher.update(self.key.as_str().as_bytes());
+        let digest = hasher.finalize();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&digest[..16]);
+        out
+    }
+
+    /// The first 64 bits of [`RecordKey::digest`]: what a change notification carries.
+    pub fn change_id(&self) -> u64 {
+        let digest = self.digest();
+        u64::from_be_bytes(digest[..8].try_into().expect("8 bytes"))
+    }
+
     /// Rebuilds a key a store kept; a key that no longer validates is a corrupt record.
     pub fn from_stored(scope: String, key: String) -> crate::Result<Self> {
         let key = IdempotencyKey::new(key)

@@ -21,6 +21,7 @@
 //! # });
 //! ```
 
+mod changes;
 mod clock;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -32,6 +33,7 @@ mod memory;
 mod record;
 mod store;
 
+pub use changes::{ChangeFeed, Notifies};
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use engine::{Begin, Claim, Engine, EngineConfig, Outcome};
 pub use error::{BoxError, Error, Result};

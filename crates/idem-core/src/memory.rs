@@ -18,8 +18,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, ListQuery, Record, RecordKey,
-    RecordState, RecordSummary, Result, Store, Timestamp, decide, is_owner,
+    Capabilities, ChangeFeed, ClaimRequest, Decision, Error, FencingToken, ListQuery, Notifies,
+    Record, RecordKey, RecordState, RecordSummary, Result, Store, Timestamp, decide, is_owner,
 };
 
 /// Maps behind their own locks; a key always lives in the same one.
@@ -37,11 +37,16 @@ type Shard = HashMap<RecordKey, Record>;
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
+    changes: ChangeFeed,
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self { shards: (0..SHARDS).map(|_| Mutex::default()).collect(), hasher: RandomState::new() }
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            changes: ChangeFeed::new(),
+        }
     }
 }
 
@@ -119,13 +124,17 @@ impl Store for MemoryStore {
                 record.state = RecordState::Completed { payload };
                 record.expires_at = expires_at;
             }
-        })
+        })?;
+        self.changes.notify(key);
+        Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
         self.with_owned_record(key, token, |records| {
             records.remove(key);
-        })
+        })?;
+        self.changes.notify(key);
+        Ok(())
     }
 
     async fn renew(
@@ -149,7 +158,9 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool> {
-        Ok(self.shard(key).remove(key).is_some())
+        let deleted = self.shard(key).remove(key).is_some();
+        self.changes.notify(key);
+        Ok(deleted)
     }
 
     async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
@@ -199,7 +210,12 @@ impl Store for MemoryStore {
             shared_by_processes: false,
             shared_by_hosts: false,
             native_expiry: false,
+            notifies: Notifies::ThisProcess,
         }
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 }
 

@@ -8,7 +8,9 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Decision, FencingToken, Fingerprint, Record, RecordKey, Result, Scope, Timestamp};
+use crate::{
+    Decision, FencingToken, Fingerprint, Notifies, Record, RecordKey, Result, Scope, Timestamp,
+};
 
 /// What a store is, beyond what the trait guarantees: for documentation, operators and the
 /// conformance suite.
@@ -24,6 +26,8 @@ pub struct Capabilities {
     pub shared_by_hosts: bool,
     /// The store deletes expired records itself; `sweep` has nothing to do.
     pub native_expiry: bool,
+    /// Who hears of completed, released and deleted records ([`Store::subscribe`]).
+    pub notifies: Notifies,
 }
 
 /// Which records [`Store::list`] returns.
@@ -153,6 +157,21 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> Result<()>;
 
     fn capabilities(&self) -> Capabilities;
+
+    /// Announcements of records completed, released or deleted from now on, by
+    /// [`RecordKey::change_id`]; `None` if the store makes none (waiters then poll). Who
+    /// hears them is [`Capabilities::notifies`].
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+        None
+    }
+
+    /// Asks that the next change of the in-flight `key` be announced to every subscribed
+    /// process. Stores whose announcements cost something when nobody listens (a PostgreSQL
+    /// `NOTIFY`, a Redis `PUBLISH`) announce only records somebody watches; the others have
+    /// nothing to do.
+    async fn watch(&self, _key: &RecordKey) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -200,5 +219,11 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn capabilities(&self) -> Capabilities {
         (**self).capabilities()
+    }
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+        (**self).subscribe()
+    }
+    async fn watch(&self, key: &RecordKey) -> Result<()> {
+        (**self).watch(key).await
     }
 }

@@ -1,7 +1,9 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{HeaderName, Method, header};
 use idem_core::Engine;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
@@ -27,7 +29,45 @@ pub struct IdempotencyConfig {
     /// When the store is unreachable, forward the request without idempotency instead of
     /// answering 503.
     pub fail_open: bool,
+    /// How long a client waits for the response to begin. Past it the client gets `504`; a
+    /// claimed call goes on (its outcome is stored for the retry), a call without a key is
+    /// dropped. `None`: as long as the call takes.
+    pub response_timeout: Option<Duration>,
+    /// The hard cap on a claimed call: past it the call is abandoned and its outcome is
+    /// unknown (settled by `unknown_outcome`). `None`: no cap.
+    pub abandon_after: Option<Duration>,
+    /// What a key gets when nobody knows whether its call ran.
+    pub unknown_outcome: UnknownOutcome,
+    /// The longest `Prefer: wait=N` honoured.
+    pub max_wait: Duration,
 }
+
+/// What a key gets when its call's outcome is unknown: the request was sent (all or part of
+/// it) and the connection then broke before a whole response, or the call was abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnknownOutcome {
+    /// Store a `502 outcome-unknown` problem under the key, replayed to every retry until an
+    /// operator releases the key or its TTL passes.
+    #[default]
+    Hold,
+    /// Leave the key in flight until its lease expires; a retry after that runs again.
+    Release,
+}
+
+impl UnknownOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hold => "hold",
+            Self::Release => "release",
+        }
+    }
+}
+
+/// Put in a response's extensions by an inner service (the gateway's proxy) when the request
+/// was sent, or part of it, and the connection then broke before a whole response: whether
+/// it ran is unknown. The string says how (`connection-broke`), for metrics and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutcomeUnknown(pub &'static str);
 
 impl Default for IdempotencyConfig {
     fn default() -> Self {
@@ -39,6 +79,10 @@ impl Default for IdempotencyConfig {
             max_request_body: 10 * 1024 * 1024,
             max_stored_body: 1024 * 1024,
             fail_open: false,
+            response_timeout: None,
+            abandon_after: Some(Duration::from_secs(600)),
+            unknown_outcome: UnknownOutcome::Hold,
+            max_wait: Duration::from_secs(30),
         }
     }
 }
@@ -78,6 +122,26 @@ impl IdempotencyConfig {
         self.fail_open = fail_open;
         self
     }
+
+    pub fn response_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    pub fn abandon_after(mut self, cap: Option<Duration>) -> Self {
+        self.abandon_after = cap;
+        self
+    }
+
+    pub fn unknown_outcome(mut self, policy: UnknownOutcome) -> Self {
+        self.unknown_outcome = policy;
+        self
+    }
+
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.max_wait = max_wait;
+        self
+    }
 }
 
 /// Gives the wrapped service Idempotency-Key semantics. See the crate docs.
@@ -86,17 +150,31 @@ pub struct IdempotencyLayer {
     pub(crate) engine: Engine,
     pub(crate) config: Arc<IdempotencyConfig>,
     pub(crate) tasks: TaskTracker,
+    pub(crate) abandon: CancellationToken,
 }
 
 impl IdempotencyLayer {
     pub fn new(engine: Engine, config: IdempotencyConfig) -> Self {
-        Self { engine, config: Arc::new(config), tasks: TaskTracker::new() }
+        Self {
+            engine,
+            config: Arc::new(config),
+            tasks: TaskTracker::new(),
+            abandon: CancellationToken::new(),
+        }
     }
 
     /// The tasks that finish claimed requests (even after their client left). A server that
     /// shuts down gracefully closes and waits on this so that no outcome is lost.
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks
+    }
+
+    /// Gives up on every claimed call still running (a server that cannot wait any longer at
+    /// shutdown): each settles its key as an unknown outcome, by `unknown_outcome`, instead
+    /// of leaving it to be run again after its lease. Wait on [`IdempotencyLayer::tasks`]
+    /// afterwards for them to be stored.
+    pub fn abandon_running(&self) {
+        self.abandon.cancel();
     }
 }
 
@@ -109,6 +187,7 @@ impl<S> Layer<S> for IdempotencyLayer {
             engine: self.engine.clone(),
             config: Arc::clone(&self.config),
             tasks: self.tasks.clone(),
+            abandon: self.abandon.clone(),
         }
     }
 }

@@ -21,6 +21,7 @@ pub enum ProblemKind {
     CorruptRecord,
     UpstreamUnreachable,
     UpstreamTimeout,
+    OutcomeUnknown,
     Internal,
 }
 
@@ -35,7 +36,7 @@ impl ProblemKind {
             Self::InFlight => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::CorruptRecord | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::UpstreamUnreachable => StatusCode::BAD_GATEWAY,
+            Self::UpstreamUnreachable | Self::OutcomeUnknown => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -53,6 +54,7 @@ impl ProblemKind {
             Self::CorruptRecord => "corrupt-record",
             Self::UpstreamUnreachable => "upstream-unreachable",
             Self::UpstreamTimeout => "upstream-timeout",
+            Self::OutcomeUnknown => "outcome-unknown",
             Self::Internal => "internal",
         }
     }
@@ -70,26 +72,31 @@ impl ProblemKind {
             Self::CorruptRecord => "Stored response could not be read",
             Self::UpstreamUnreachable => "Upstream unreachable",
             Self::UpstreamTimeout => "Upstream timed out",
+            Self::OutcomeUnknown => "Outcome of the request unknown",
             Self::Internal => "Internal error",
         }
     }
 }
 
+pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
+
 /// An `application/problem+json` response.
 pub fn problem(kind: ProblemKind, detail: impl Into<String>) -> Response<Body> {
-    let status = kind.status();
+    let mut response = Response::new(full(problem_body(kind, detail)));
+    *response.status_mut() = kind.status();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+}
+
+/// The JSON body of a problem response.
+pub(crate) fn problem_body(kind: ProblemKind, detail: impl Into<String>) -> Bytes {
     let body = serde_json::json!({
         "type": format!("urn:idem:problem:{}", kind.slug()),
         "title": kind.title(),
-        "status": status.as_u16(),
+        "status": kind.status().as_u16(),
         "detail": detail.into(),
     });
-    let mut response = Response::new(full(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-    response
+    Bytes::from(body.to_string())
 }
 
 pub(crate) fn full(bytes: Bytes) -> Body {

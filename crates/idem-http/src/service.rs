@@ -2,6 +2,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::request::Parts;
@@ -11,12 +12,13 @@ use http_body_util::{BodyExt, Limited};
 use idem_core::{
     Begin, BoxError, Claim, Engine, Error, Fingerprint, IdempotencyKey, RecordKey, Scope,
 };
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Service, ServiceExt};
 
 use crate::headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
-use crate::problem::{ProblemKind, full, problem};
-use crate::{Body, IdempotencyConfig, StoredResponse};
+use crate::problem::{PROBLEM_JSON, ProblemKind, full, problem, problem_body};
+use crate::{Body, IdempotencyConfig, OutcomeUnknown, StoredResponse, UnknownOutcome};
 
 /// The service [`crate::IdempotencyLayer`] produces.
 #[derive(Debug, Clone)]
@@ -25,6 +27,9 @@ pub struct IdempotencyService<S> {
     pub(crate) engine: Engine,
     pub(crate) config: Arc<IdempotencyConfig>,
     pub(crate) tasks: TaskTracker,
+    /// Cancelled when the server gives up on the calls still running (shutdown): each then
+    /// settles its key as an unknown outcome.
+    pub(crate) abandon: CancellationToken,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -76,9 +81,9 @@ where
         ReqBody: HttpBody<Data = Bytes> + Send + 'static,
         ReqBody::Error: Into<BoxError>,
     {
-        let Self { inner, engine, config, tasks } = self;
+        let Self { inner, engine, config, tasks, abandon } = self;
         if !config.methods.contains(request.method()) {
-            return pass_through(inner, request.map(Body::new)).await;
+            return pass_through(inner, request.map(Body::new), &config).await;
         }
         let key = match parse_key(request.headers()) {
             Ok(Some(key)) => key,
@@ -91,7 +96,7 @@ where
                     ),
                 ));
             }
-            Ok(None) => return pass_through(inner, request.map(Body::new)).await,
+            Ok(None) => return pass_through(inner, request.map(Body::new), &config).await,
             Err(response) => return Ok(response),
         };
 
@@ -102,12 +107,21 @@ where
         };
         let record_key = RecordKey::new(scope_of(&parts.headers, &config), key);
         let fingerprint = fingerprint_of(&parts, &body, &config);
+        let wait = preferred_wait(&parts.headers).map(|wait| wait.min(config.max_wait));
         let request = Request::from_parts(parts, full(body));
 
-        match engine.begin(record_key.clone(), fingerprint).await {
+        let mut begun = engine.begin(record_key.clone(), fingerprint).await;
+        let mut waited = None;
+        if let (Ok(Begin::InFlight { .. }), Some(wait)) = (&begun, wait) {
+            // Prefer: wait=N: wait for the first run's outcome instead of answering 409.
+            begun = engine.begin_waiting(record_key.clone(), fingerprint, wait).await;
+            waited = Some(wait);
+        }
+        let response = match begun {
             Ok(Begin::Run(claim)) => {
                 tracing::debug!(key = %record_key.key, scope = %record_key.scope, "claimed; running");
-                run_claimed(&tasks, claim, inner, request, config.max_stored_body).await
+                let running = Running { tasks: &tasks, abandon: &abandon, config: &config };
+                run_claimed(running, claim, inner, request).await
             }
             Ok(Begin::Replay(payload)) => Ok(replay(payload)),
             Ok(Begin::Mismatch) => Ok(problem(
@@ -140,7 +154,7 @@ where
             Err(error) if config.fail_open => {
                 tracing::warn!(%error, "store unavailable; forwarding without idempotency (fail open)");
                 metrics::counter!("idem_fail_open_total").increment(1);
-                pass_through(inner, request).await
+                pass_through(inner, request, &config).await
             }
             Err(error) => {
                 tracing::error!(%error, "store unavailable; refusing (fail closed)");
@@ -151,13 +165,45 @@ where
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
                 Ok(response)
             }
+        };
+        match (response, waited) {
+            (Ok(mut response), Some(wait)) => {
+                let applied = format!("wait={}", wait.as_secs());
+                if let Ok(value) = HeaderValue::from_str(&applied) {
+                    response.headers_mut().insert(PREFERENCE_APPLIED.clone(), value);
+                }
+                Ok(response)
+            }
+            (response, _) => response,
         }
     }
+}
+
+static PREFERENCE_APPLIED: http::HeaderName = http::HeaderName::from_static("preference-applied");
+
+/// The `wait` preference of RFC 7240 (`Prefer: wait=10`, among others, in any `Prefer`
+/// header; the first one counts).
+fn preferred_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all(header::HeaderName::from_static("prefer"))
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .filter_map(|preference| {
+            let token = preference.split(';').next()?.trim();
+            let (name, value) = token.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("wait") {
+                return None;
+            }
+            value.trim().trim_matches('"').parse::<u64>().ok().map(Duration::from_secs)
+        })
+        .next()
 }
 
 async fn pass_through<S, ResBody>(
     inner: S,
     request: Request<Body>,
+    config: &IdempotencyConfig,
 ) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<ResBody>>,
@@ -165,18 +211,40 @@ where
     ResBody::Error: Into<BoxError>,
 {
     metrics::counter!("idem_passthrough_total").increment(1);
-    let response = inner.oneshot(request).await?;
+    let call = inner.oneshot(request);
+    let response = match config.response_timeout {
+        Some(limit) => match tokio::time::timeout(limit, call).await {
+            Ok(response) => response?,
+            Err(_) => {
+                metrics::counter!("idem_client_timeouts_total", "path" => "pass-through")
+                    .increment(1);
+                return Ok(problem(
+                    ProblemKind::UpstreamTimeout,
+                    format!(
+                        "the upstream did not answer within {limit:?}; this request carried no Idempotency-Key, so whether it ran is unknown and nothing was stored"
+                    ),
+                ));
+            }
+        },
+        None => call.await?,
+    };
     Ok(response.map(Body::new))
 }
 
-/// Runs the claimed request on a task of its own, so a client that disconnects does not
-/// cancel it: the outcome is stored either way and the client's retry replays it.
+/// What a claimed request runs with, besides the request itself.
+struct Running<'a> {
+    tasks: &'a TaskTracker,
+    abandon: &'a CancellationToken,
+    config: &'a Arc<IdempotencyConfig>,
+}
+
+/// Runs the claimed request on a task of its own, so a client that disconnects or times out
+/// does not cancel it: the outcome is stored either way and the client's retry replays it.
 async fn run_claimed<S, ResBody>(
-    tasks: &TaskTracker,
+    running: Running<'_>,
     claim: Claim,
     inner: S,
     request: Request<Body>,
-    max_stored_body: usize,
 ) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
@@ -186,22 +254,54 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (sender, receiver) = tokio::sync::oneshot::channel();
-    tasks.spawn(async move {
-        let response = finish_claimed(claim, inner, request, max_stored_body).await;
+    let config = Arc::clone(running.config);
+    let abandon = running.abandon.clone();
+    running.tasks.spawn(async move {
+        let response = finish_claimed(claim, inner, request, &config, abandon).await;
         // The client may have gone; the outcome is stored regardless.
         let _ = sender.send(response);
     });
-    match receiver.await {
+    let received = match running.config.response_timeout {
+        Some(limit) => match tokio::time::timeout(limit, receiver).await {
+            Ok(received) => received,
+            Err(_) => {
+                metrics::counter!("idem_client_timeouts_total", "path" => "claimed").increment(1);
+                let mut response = problem(
+                    ProblemKind::UpstreamTimeout,
+                    format!(
+                        "the upstream has not answered within {limit:?}; the request is still running and its outcome will be stored: a retry with the same Idempotency-Key gets 409 while it runs and its response after (send Prefer: wait=N to wait for it)"
+                    ),
+                );
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+                return Ok(response);
+            }
+        },
+        None => receiver.await,
+    };
+    match received {
         Ok(response) => response,
         Err(_) => Ok(problem(ProblemKind::Internal, "the task running this request stopped")),
     }
+}
+
+/// How far a claimed call got.
+enum Called<E> {
+    /// The inner service failed (not a response): released, as before any response.
+    Failed(E),
+    /// A response that is not stored (5xx, 408, 409, 425, 429): released.
+    NotStored(Response<Body>),
+    /// The inner service marked the response [`OutcomeUnknown`].
+    Unknown(&'static str),
+    /// A response to store, its body collected up to the limit.
+    Collected(http::response::Parts, Collected),
 }
 
 async fn finish_claimed<S, ResBody>(
     mut claim: Claim,
     inner: S,
     request: Request<Body>,
-    max_stored_body: usize,
+    config: &IdempotencyConfig,
+    abandon: CancellationToken,
 ) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
@@ -210,54 +310,141 @@ where
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let response = match claim.keep_alive(inner.oneshot(request)).await {
-        Ok(response) => response,
-        Err(error) => {
-            release(claim).await;
-            return Err(error);
+    let max_stored_body = config.max_stored_body;
+    let call = async move {
+        let response = match inner.oneshot(request).await {
+            Ok(response) => response,
+            Err(error) => return Called::Failed(error),
+        };
+        if let Some(OutcomeUnknown(cause)) = response.extensions().get::<OutcomeUnknown>() {
+            return Called::Unknown(cause);
+        }
+        if !is_stored(response.status()) {
+            return Called::NotStored(response.map(Body::new));
+        }
+        let (mut parts, body) = response.into_parts();
+        let body = Body::new(body);
+        remove_hop_by_hop(&mut parts.headers);
+        let declared_len = body.size_hint().exact();
+        let collected = if declared_len.is_some_and(|len| len > max_stored_body as u64) {
+            Collected::Overflow(Bytes::new(), body)
+        } else {
+            collect_up_to(body, max_stored_body).await
+        };
+        Called::Collected(parts, collected)
+    };
+    // The call goes on after the client stopped waiting, up to the hard cap (or until the
+    // server gives up on it at shutdown); its lease is renewed meanwhile.
+    let cap = config.abandon_after.unwrap_or(Duration::MAX);
+    let called = tokio::select! {
+        called = tokio::time::timeout(cap, claim.keep_alive(call)) => called.ok(),
+        () = abandon.cancelled() => None,
+    };
+    let called = match called {
+        Some(called) => called,
+        None => {
+            let cause = if abandon.is_cancelled() { "shutdown" } else { "abandoned" };
+            return Ok(settle_unknown(claim, config, cause).await);
         }
     };
-    if !is_stored(response.status()) {
-        release(claim).await;
-        return Ok(response.map(Body::new));
+    match called {
+        Called::Failed(error) => {
+            release(claim).await;
+            Err(error)
+        }
+        Called::NotStored(response) => {
+            release(claim).await;
+            Ok(response)
+        }
+        Called::Unknown(cause) => Ok(settle_unknown(claim, config, cause).await),
+        Called::Collected(parts, collected) => {
+            let mut stored = StoredResponse {
+                status: parts.status,
+                headers: parts.headers.clone(),
+                body: Bytes::new(),
+                body_omitted: false,
+            };
+            // The stored length is recomputed on replay; a stale Content-Length would lie.
+            stored.headers.remove(header::CONTENT_LENGTH);
+            match collected {
+                Collected::Complete(body) => {
+                    stored.body = body.clone();
+                    complete(claim, &stored).await;
+                    Ok(Response::from_parts(parts, full(body)))
+                }
+                Collected::Overflow(prefix, rest) => {
+                    // Stored (without its body) before the body streams on: the operation
+                    // ran, and a retry must replay, not run again, whatever happens to the
+                    // rest of the stream.
+                    stored.body_omitted = true;
+                    complete(claim, &stored).await;
+                    Ok(Response::from_parts(parts, prefixed(prefix, rest)))
+                }
+                Collected::Failed(error) => {
+                    // The upstream answered (so it ran) and then its body broke off: what it
+                    // did is not known in full.
+                    tracing::warn!(%error, "upstream response body broke off");
+                    Ok(settle_unknown(claim, config, "body-broke").await)
+                }
+            }
+        }
     }
-    let (mut parts, body) = response.into_parts();
-    let body = Body::new(body);
-    remove_hop_by_hop(&mut parts.headers);
-    let declared_len = body.size_hint().exact();
-    let collected = if declared_len.is_some_and(|len| len > max_stored_body as u64) {
-        Collected::Overflow(Bytes::new(), body)
-    } else {
-        claim.keep_alive(collect_up_to(body, max_stored_body)).await
+}
+
+/// Settles a key whose call may or may not have run, by the configured policy: hold it with a
+/// stored `502 outcome-unknown` problem (replayed until an operator releases the key or its
+/// TTL passes), or leave it in flight until its lease expires. Never released at once.
+async fn settle_unknown(claim: Claim, config: &IdempotencyConfig, cause: &str) -> Response<Body> {
+    let policy = config.unknown_outcome;
+    metrics::counter!(
+        "idem_outcome_unknown_total",
+        "cause" => cause.to_owned(),
+        "policy" => policy.as_str()
+    )
+    .increment(1);
+    let what = match cause {
+        "abandoned" => format!(
+            "the upstream did not answer within {:?}, so the call was abandoned",
+            config.abandon_after.unwrap_or_default()
+        ),
+        "shutdown" => "the gateway shut down before the upstream answered".to_owned(),
+        "body-broke" => "the upstream's response broke off before its end".to_owned(),
+        _ => "the upstream took the request, then the connection broke before a whole response"
+            .to_owned(),
     };
-    let mut stored = StoredResponse {
-        status: parts.status,
-        headers: parts.headers.clone(),
-        body: Bytes::new(),
-        body_omitted: false,
-    };
-    // The stored length is recomputed on replay; a stale Content-Length would lie.
-    stored.headers.remove(header::CONTENT_LENGTH);
-    match collected {
-        Collected::Complete(body) => {
-            stored.body = body.clone();
+    tracing::warn!(
+        key = %claim.key().key,
+        scope = %claim.key().scope,
+        cause,
+        policy = policy.as_str(),
+        "the outcome of a request is unknown: {what}"
+    );
+    match policy {
+        UnknownOutcome::Hold => {
+            let kind = ProblemKind::OutcomeUnknown;
+            let body = problem_body(
+                kind,
+                format!(
+                    "{what}: whether the request ran is unknown. This key is held with this answer so that the request never runs twice; check the upstream, then release the key (idem keys release) to let a retry run"
+                ),
+            );
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+            let stored =
+                StoredResponse { status: kind.status(), headers, body, body_omitted: false };
             complete(claim, &stored).await;
-            Ok(Response::from_parts(parts, full(body)))
+            stored.into_response()
         }
-        Collected::Overflow(prefix, rest) => {
-            // Stored (without its body) before the body streams on: the operation ran, and a
-            // retry must replay, not run again, whatever happens to the rest of the stream.
-            stored.body_omitted = true;
-            complete(claim, &stored).await;
-            Ok(Response::from_parts(parts, prefixed(prefix, rest)))
-        }
-        Collected::Failed(error) => {
-            tracing::warn!(%error, "upstream response body failed; releasing the key");
-            release(claim).await;
-            Ok(problem(
-                ProblemKind::UpstreamUnreachable,
-                "the upstream response broke off before its end; the key was released, so a retry runs again",
-            ))
+        UnknownOutcome::Release => {
+            let left = claim.lease_left();
+            claim.abandon();
+            problem(
+                ProblemKind::OutcomeUnknown,
+                format!(
+                    "{what}: whether the request ran is unknown. The key stays held until its lease expires (in about {} s); a retry after that runs again",
+                    left.as_secs().max(1)
+                ),
+            )
         }
     }
 }
@@ -301,12 +488,11 @@ fn replay(payload: Bytes) -> Response<Body> {
             );
         }
     };
-    let mut response = Response::new(full(stored.body));
-    *response.status_mut() = stored.status;
-    *response.headers_mut() = stored.headers;
+    let body_omitted = stored.body_omitted;
+    let mut response = stored.into_response();
     let headers = response.headers_mut();
     headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
-    if stored.body_omitted {
+    if body_omitted {
         headers.insert(IDEMPOTENT_REPLAY.clone(), HeaderValue::from_static("body-omitted"));
     }
     response
@@ -380,8 +566,12 @@ fn fingerprint_of(parts: &Parts, body: &Bytes, config: &IdempotencyConfig) -> Fi
         .part(parts.method.as_str().as_bytes())
         .part(path_and_query.as_bytes());
     for name in &config.fingerprint_headers {
-        builder = builder.part(name.as_str().as_bytes());
-        for value in parts.headers.get_all(name) {
+        // The number of values first, so that a header's absence, an empty value and values
+        // that would spell the next header's name can never hash alike.
+        let values = parts.headers.get_all(name);
+        let count = values.iter().count() as u32;
+        builder = builder.part(name.as_str().as_bytes()).part(&count.to_be_bytes());
+        for value in values {
             builder = builder.part(value.as_bytes());
         }
     }
@@ -430,5 +620,43 @@ impl HttpBody for Prefixed {
             Some(prefix) => Poll::Ready(Some(Ok(Frame::data(prefix)))),
             None => Pin::new(&mut self.rest).poll_frame(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_headers_count_their_values() {
+        let config = IdempotencyConfig::default().fingerprint_headers([
+            http::HeaderName::from_static("x-a"),
+            http::HeaderName::from_static("x-b"),
+        ]);
+        let fingerprint = |headers: &[(&str, &str)]| {
+            let mut request = Request::builder().method("POST").uri("/orders");
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            let (parts, ()) = request.body(()).unwrap().into_parts();
+            fingerprint_of(&parts, &Bytes::from_static(b"{}"), &config)
+        };
+        // Without counts these pairs hashed alike: a value equal to the next header's name.
+        assert_ne!(fingerprint(&[("x-a", "x-b")]), fingerprint(&[("x-b", "x-b")]));
+        assert_ne!(fingerprint(&[]), fingerprint(&[("x-a", "")]));
+        assert_ne!(
+            fingerprint(&[("x-a", "1"), ("x-a", "2")]),
+            fingerprint(&[("x-a", "1"), ("x-b", "2")])
+        );
+        assert_eq!(fingerprint(&[("x-a", "1")]), fingerprint(&[("x-a", "1")]));
+        assert_eq!(
+            preferred_wait(&{
+                let mut headers = HeaderMap::new();
+                headers.append("prefer", HeaderValue::from_static("respond-async, WAIT=7; x=1"));
+                headers
+            }),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(preferred_wait(&HeaderMap::new()), None);
     }
 }

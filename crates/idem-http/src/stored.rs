@@ -45,6 +45,24 @@ impl StoredResponse {
         out.freeze()
     }
 
+    /// The response as first sent (a replay adds its own headers).
+    pub fn into_response(self) -> http::Response<crate::Body> {
+        let mut response = http::Response::new(crate::Body::from(self.body));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = self.headers;
+        response
+    }
+
+    /// Whether this is the `502 outcome-unknown` problem a key is held with when nobody knows
+    /// whether its request ran: what `idem keys release` may clear.
+    pub fn is_outcome_unknown(&self) -> bool {
+        self.status == StatusCode::BAD_GATEWAY
+            && serde_json::from_slice::<serde_json::Value>(&self.body).is_ok_and(|problem| {
+                problem["type"]
+                    == format!("urn:idem:problem:{}", crate::ProblemKind::OutcomeUnknown.slug())
+            })
+    }
+
     pub fn decode(mut bytes: Bytes) -> Result<Self, String> {
         fn need(bytes: &Bytes, len: usize, what: &str) -> Result<(), String> {
             if bytes.remaining() < len {

@@ -37,8 +37,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Record,
-    RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp, decide,
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Notifies,
+    Record, RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp, decide,
 };
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -207,6 +207,51 @@ impl PostgresStore {
     /// Connects, creates or migrates the schema, and returns the store. The database must be
     /// reachable now; later outages make calls fail as unavailable until it is back.
     pub async fn connect(url: &str) -> Result<Self> {
+        let (store, schema) = Self::pool(url)?;
+        store.migrate(schema.as_deref()).await?;
+        Ok(store)
+    }
+
+    /// Connects to a database idem already set up, as it is: no schema is created and no
+    /// migration runs (for operator tools, which must never change the schema under running
+    /// gateways).
+    pub async fn connect_existing(url: &str) -> Result<Self> {
+        let (store, _) = Self::pool(url)?;
+        let corrupt = |error: tokio_postgres::Error| Error::Corrupt(error.to_string());
+        let present =
+            store.query("SELECT to_regclass('idem_schema_migrations') IS NOT NULL", &[]).await?;
+        let present = match present.first() {
+            Some(row) => row.try_get::<_, bool>(0).map_err(corrupt)?,
+            None => false,
+        };
+        let version = if present {
+            let rows = store
+                .query("SELECT coalesce(max(version), -1) FROM idem_schema_migrations", &[])
+                .await?;
+            match rows.first() {
+                Some(row) => row.try_get::<_, i32>(0).map_err(corrupt)?,
+                None => -1,
+            }
+        } else {
+            -1
+        };
+        let known = MIGRATIONS.len() as i32;
+        match version {
+            -1 => Err(Error::Config(
+                "this database holds no idem schema (check the URL and its schema parameter)"
+                    .into(),
+            )),
+            current if current == known => Ok(store),
+            older if older < known => Err(Error::Config(format!(
+                "the database schema is version {older}, older than this idem ({known}); start `idem serve` of this version once to migrate it"
+            ))),
+            newer => Err(Error::Config(format!(
+                "the database schema is version {newer}, newer than this idem knows ({known}); upgrade idem"
+            ))),
+        }
+    }
+
+    fn pool(url: &str) -> Result<(Self, Option<String>)> {
         let settings = parse_url(url)?;
         let manager = Manager::from_config(
             settings.config,
@@ -221,9 +266,7 @@ impl PostgresStore {
             .recycle_timeout(Some(settings.op_timeout))
             .build()
             .map_err(|error| Error::Config(format!("cannot build the connection pool: {error}")))?;
-        let store = Self { pool, op_timeout: settings.op_timeout };
-        store.migrate(settings.schema.as_deref()).await?;
-        Ok(store)
+        Ok((Self { pool, op_timeout: settings.op_timeout }, settings.schema))
     }
 
     async fn migrate(&self, schema: Option<&str>) -> Result<()> {
@@ -540,6 +583,7 @@ impl Store for PostgresStore {
             shared_by_processes: true,
             shared_by_hosts: true,
             native_expiry: false,
+            notifies: Notifies::Nobody,
         }
     }
 }

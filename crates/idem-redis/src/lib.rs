@@ -41,8 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Record,
-    RecordKey, RecordState, RecordSummary, Result, Store, Timestamp, decide,
+    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Notifies,
+    Record, RecordKey, RecordState, RecordSummary, Result, Store, Timestamp, decide,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
@@ -467,6 +467,7 @@ impl Store for RedisStore {
             shared_by_processes: true,
             shared_by_hosts: true,
             native_expiry: true,
+            notifies: Notifies::Nobody,
         }
     }
 }

@@ -30,8 +30,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Record,
-    RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp, decide,
+    Capabilities, ChangeFeed, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery,
+    Notifies, Record, RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp,
+    decide,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -108,6 +109,7 @@ struct Job {
 pub struct SqliteStore {
     jobs: tokio::sync::mpsc::Sender<Job>,
     path: Arc<PathBuf>,
+    changes: ChangeFeed,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -119,8 +121,23 @@ impl std::fmt::Debug for SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
     pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<Self> {
-        let path = path.as_ref().to_path_buf();
-        let mut connection = Connection::open(&path).map_err(|error| {
+        Self::open_with(path.as_ref(), options, true)
+    }
+
+    /// Opens a database idem already created, as it is: no file is created and no migration
+    /// runs (for operator tools, which must never change the schema under a running gateway).
+    pub fn open_existing(path: impl AsRef<Path>, options: &SqliteOptions) -> Result<Self> {
+        Self::open_with(path.as_ref(), options, false)
+    }
+
+    fn open_with(path: &Path, options: &SqliteOptions, migrating: bool) -> Result<Self> {
+        let path = path.to_path_buf();
+        let flags = if migrating {
+            rusqlite::OpenFlags::default()
+        } else {
+            rusqlite::OpenFlags::default() - rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+        };
+        let mut connection = Connection::open_with_flags(&path, flags).map_err(|error| {
             Error::Config(format!("cannot open SQLite database {}: {error}", path.display()))
         })?;
         connection.busy_timeout(options.busy_timeout).map_err(unavailable)?;
@@ -130,7 +147,11 @@ impl SqliteStore {
             Synchronous::Normal => "NORMAL",
         };
         connection.pragma_update(None, "synchronous", synchronous).map_err(unavailable)?;
-        migrate(&mut connection)?;
+        if migrating {
+            migrate(&mut connection)?;
+        } else {
+            check_schema(&connection)?;
+        }
         let (jobs, queue) = tokio::sync::mpsc::channel(QUEUE_DEPTH);
         std::thread::Builder::new()
             .name("idem-sqlite-writer".into())
@@ -138,53 +159,22 @@ impl SqliteStore {
             .map_err(|error| {
                 Error::Config(format!("cannot start the SQLite writer thread: {error}"))
             })?;
-        Ok(Self { jobs, path: Arc::new(path) })
+        Ok(Self { jobs, path: Arc::new(path), changes: ChangeFeed::new() })
     }
 
     /// Opens from a store URL: `sqlite://PATH[?busy_timeout_ms=N&synchronous=full|normal]`.
     /// `sqlite://idem.db` is relative to the working directory, `sqlite:///var/lib/idem.db`
     /// absolute.
     pub fn from_url(url: &str) -> Result<Self> {
-        let rest = url
-            .strip_prefix("sqlite://")
-            .ok_or_else(|| Error::Config(format!("not a sqlite:// URL: {url}")))?;
-        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        if path.is_empty() {
-            return Err(Error::Config(
-                "sqlite:// URL needs a file path, as in sqlite://idem.db".into(),
-            ));
-        }
-        let mut options = SqliteOptions::default();
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match name {
-                "busy_timeout_ms" => {
-                    let millis = value.parse().map_err(|_| {
-                        Error::Config(format!(
-                            "busy_timeout_ms must be a whole number of milliseconds, not {value:?}"
-                        ))
-                    })?;
-                    options.busy_timeout = Duration::from_millis(millis);
-                }
-                "synchronous" => {
-                    options.synchronous = match value {
-                        "full" | "FULL" => Synchronous::Full,
-                        "normal" | "NORMAL" => Synchronous::Normal,
-                        other => {
-                            return Err(Error::Config(format!(
-                                "synchronous must be full or normal, not {other:?}"
-                            )));
-                        }
-                    }
-                }
-                other => {
-                    return Err(Error::Config(format!(
-                        "unknown sqlite:// URL parameter {other:?} (known: busy_timeout_ms, synchronous)"
-                    )));
-                }
-            }
-        }
+        let (path, options) = parse_url(url)?;
         Self::open(path, &options)
+    }
+
+    /// [`SqliteStore::from_url`] for a database that must already exist: see
+    /// [`SqliteStore::open_existing`].
+    pub fn from_url_existing(url: &str) -> Result<Self> {
+        let (path, options) = parse_url(url)?;
+        Self::open_existing(path, &options)
     }
 
     pub fn path(&self) -> &Path {
@@ -215,7 +205,56 @@ impl SqliteStore {
     }
 }
 
+/// The path and options of a `sqlite://` URL.
+fn parse_url(url: &str) -> Result<(&str, SqliteOptions)> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .ok_or_else(|| Error::Config(format!("not a sqlite:// URL: {url}")))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() {
+        return Err(Error::Config(
+            "sqlite:// URL needs a file path, as in sqlite://idem.db".into(),
+        ));
+    }
+    let mut options = SqliteOptions::default();
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "busy_timeout_ms" => {
+                let millis = value.parse().map_err(|_| {
+                    Error::Config(format!(
+                        "busy_timeout_ms must be a whole number of milliseconds, not {value:?}"
+                    ))
+                })?;
+                options.busy_timeout = Duration::from_millis(millis);
+            }
+            "synchronous" => {
+                options.synchronous = match value {
+                    "full" | "FULL" => Synchronous::Full,
+                    "normal" | "NORMAL" => Synchronous::Normal,
+                    other => {
+                        return Err(Error::Config(format!(
+                            "synchronous must be full or normal, not {other:?}"
+                        )));
+                    }
+                }
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "unknown sqlite:// URL parameter {other:?} (known: busy_timeout_ms, synchronous)"
+                )));
+            }
+        }
+    }
+    Ok((path, options))
+}
+
 /// The writer thread: group commit. Ends when every `SqliteStore` clone is gone.
+///
+/// Each operation of a group runs inside a savepoint of its own: one that fails (a payload
+/// over SQLite's limits, a statement error, even a panic) is undone alone and answered with
+/// its error, and its neighbours still commit. Only a failed `COMMIT` (or SQLite rolling the
+/// whole transaction back itself, as on a full disk) fails the whole group.
 fn write_in_groups(connection: Connection, mut queue: tokio::sync::mpsc::Receiver<Job>) {
     while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
@@ -241,13 +280,13 @@ fn write_in_groups(connection: Connection, mut queue: tokio::sync::mpsc::Receive
                 results.push((job.reply, Err(Error::unavailable(format!("not run: {reason}")))));
                 continue;
             }
-            let result = (job.work)(&connection);
-            // A database error may have left the transaction half done: the whole group is
-            // rolled back. Fenced, corrupt and the like changed nothing and stand alone.
-            if let Err(error) = &result
-                && error.is_unavailable()
-            {
-                failed = Some(error.to_string());
+            let result = run_in_savepoint(&connection, job.work);
+            if connection.is_autocommit() {
+                // SQLite ended the transaction itself: everything before is undone too.
+                failed = Some(match &result {
+                    Err(error) => error.to_string(),
+                    Ok(_) => "SQLite rolled the transaction back".into(),
+                });
             }
             results.push((job.reply, result));
         }
@@ -279,6 +318,35 @@ fn write_in_groups(connection: Connection, mut queue: tokio::sync::mpsc::Receive
     }
 }
 
+/// Runs one operation inside `SAVEPOINT op`: kept if it succeeds or changed nothing (fenced,
+/// corrupt), undone if it failed with a database error or panicked.
+fn run_in_savepoint(connection: &Connection, work: Work) -> Result<Erased> {
+    if let Err(error) = connection.execute_batch("SAVEPOINT op") {
+        return Err(Error::unavailable(format!("cannot open a savepoint: {error}")));
+    }
+    let result = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(connection))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|text| (*text).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            tracing::error!(%message, "a SQLite store operation panicked; it was undone");
+            Err(Error::unavailable(format!("the operation panicked: {message}")))
+        }
+    };
+    if connection.is_autocommit() {
+        return result;
+    }
+    let undo = result.as_ref().is_err_and(Error::is_unavailable);
+    let end = if undo { "ROLLBACK TO op; RELEASE op" } else { "RELEASE op" };
+    match connection.execute_batch(end) {
+        Ok(()) => result,
+        Err(error) => Err(Error::unavailable(format!("cannot end the savepoint: {error}"))),
+    }
+}
+
 fn migrate(connection: &mut Connection) -> Result<()> {
     let transaction = connection
         .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -297,6 +365,27 @@ fn migrate(connection: &mut Connection) -> Result<()> {
         transaction.pragma_update(None, "user_version", index + 1).map_err(unavailable)?;
     }
     transaction.commit().map_err(unavailable)
+}
+
+/// Refuses a database whose schema is not the one this build writes, without changing it.
+fn check_schema(connection: &Connection) -> Result<()> {
+    let version: usize = connection
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(unavailable)?;
+    match version {
+        0 => Err(Error::Config(
+            "this file holds no idem records (no idem schema); is it the gateway's --store?".into(),
+        )),
+        current if current == MIGRATIONS.len() => Ok(()),
+        older if older < MIGRATIONS.len() => Err(Error::Config(format!(
+            "the database schema is version {older}, older than this idem ({}); start `idem serve` of this version once to migrate it",
+            MIGRATIONS.len()
+        ))),
+        newer => Err(Error::Config(format!(
+            "the database schema is version {newer}, newer than this idem knows ({}); upgrade idem",
+            MIGRATIONS.len()
+        ))),
+    }
 }
 
 fn unavailable(error: rusqlite::Error) -> Error {
@@ -420,6 +509,7 @@ impl Store for SqliteStore {
         _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
+        let notified = key.clone();
         let key = key.clone();
         self.with_connection(move |connection| {
             fenced(
@@ -436,10 +526,13 @@ impl Store for SqliteStore {
                 ],
             )
         })
-        .await
+        .await?;
+        self.changes.notify(&notified);
+        Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
+        let notified = key.clone();
         let key = key.clone();
         self.with_connection(move |connection| {
             fenced(
@@ -448,7 +541,9 @@ impl Store for SqliteStore {
                 params![key.scope.as_str(), key.key.as_str(), token_to_sql(token)],
             )
         })
-        .await
+        .await?;
+        self.changes.notify(&notified);
+        Ok(())
     }
 
     async fn renew(
@@ -483,17 +578,21 @@ impl Store for SqliteStore {
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool> {
+        let notified = key.clone();
         let key = key.clone();
-        self.with_connection(move |connection| {
-            connection
-                .prepare_cached("DELETE FROM idem_records WHERE scope = ?1 AND key = ?2")
-                .and_then(|mut statement| {
-                    statement.execute(params![key.scope.as_str(), key.key.as_str()])
-                })
-                .map(|deleted| deleted > 0)
-                .map_err(unavailable)
-        })
-        .await
+        let deleted = self
+            .with_connection(move |connection| {
+                connection
+                    .prepare_cached("DELETE FROM idem_records WHERE scope = ?1 AND key = ?2")
+                    .and_then(|mut statement| {
+                        statement.execute(params![key.scope.as_str(), key.key.as_str()])
+                    })
+                    .map(|deleted| deleted > 0)
+                    .map_err(unavailable)
+            })
+            .await?;
+        self.changes.notify(&notified);
+        Ok(deleted)
     }
 
     async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
@@ -574,7 +673,12 @@ impl Store for SqliteStore {
             shared_by_processes: true,
             shared_by_hosts: false,
             native_expiry: false,
+            notifies: Notifies::ThisProcess,
         }
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+        Some(self.changes.subscribe())
     }
 }
 
@@ -596,4 +700,78 @@ mod tests {
     idem_core::store_conformance_tests!(async {
         Some(SqliteStore::open(temp_db("conformance"), &SqliteOptions::default()).unwrap())
     });
+
+    fn key(name: &str) -> RecordKey {
+        RecordKey::new(idem_core::Scope::named("t"), idem_core::IdempotencyKey::new(name).unwrap())
+    }
+
+    /// Claims `count` keys at once, so that they share group transactions with whatever else
+    /// is queued; answers how many were acquired.
+    async fn claim_many(store: &SqliteStore, prefix: &str, count: usize) -> usize {
+        let fingerprint = Fingerprint::builder().part(b"x").finish();
+        let now = Timestamp::from_millis(1_000);
+        let claims = (0..count).map(|i| {
+            let store = store.clone();
+            let key = key(&format!("{prefix}-{i}"));
+            tokio::spawn(async move {
+                store
+                    .claim(ClaimRequest {
+                        key: &key,
+                        fingerprint: &fingerprint,
+                        token: FencingToken::generate(),
+                        now,
+                        lease_expires_at: Timestamp::from_millis(60_000),
+                        expires_at: Timestamp::from_millis(u64::MAX / 2),
+                    })
+                    .await
+            })
+        });
+        let mut acquired = 0;
+        for claim in claims.collect::<Vec<_>>() {
+            if claim.await.unwrap().unwrap() == Decision::Acquire {
+                acquired += 1;
+            }
+        }
+        acquired
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_or_panicking_operation_does_not_undo_its_neighbours() {
+        let store = SqliteStore::open(temp_db("neighbours"), &SqliteOptions::default()).unwrap();
+        for round in 0..5 {
+            // An operation that always fails with a database error, and one that panics,
+            // queued among 50 claims: they fail alone, every claim commits.
+            let failing = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    store
+                        .with_connection(|connection| {
+                            connection
+                                .execute("INSERT INTO no_such_table VALUES (1)", [])
+                                .map_err(unavailable)
+                        })
+                        .await
+                }
+            });
+            let panicking = tokio::spawn({
+                let store = store.clone();
+                async move {
+                    store
+                        .with_connection(|connection| -> Result<()> {
+                            connection.execute_batch("DELETE FROM idem_records").unwrap();
+                            panic!("a bug in one operation")
+                        })
+                        .await
+                }
+            });
+            let acquired = claim_many(&store, &format!("round{round}"), 50).await;
+            assert!(failing.await.unwrap().is_err());
+            assert!(panicking.await.unwrap().is_err());
+            assert_eq!(acquired, 50, "round {round}");
+        }
+        // Nothing the panicking operation deleted stayed deleted, and the writer still works.
+        let listed = store.list(&ListQuery { limit: 1_000, ..ListQuery::default() }).await.unwrap();
+        assert_eq!(listed.len(), 250);
+        assert_eq!(claim_many(&store, "after", 10).await, 10);
+    }
 }

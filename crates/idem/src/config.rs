@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use http::{HeaderName, Method, Uri};
+use idem_http::UnknownOutcome;
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +41,10 @@ pub struct ServeArgs {
     /// How long an in-flight claim holds without renewal [default: 30s]
     #[arg(long, env = "IDEM_LEASE", value_name = "DURATION")]
     pub lease: Option<String>,
-    /// Refuse requests of the idempotent methods that carry no Idempotency-Key (400)
-    #[arg(long, env = "IDEM_REQUIRE_KEY")]
-    pub require_key: bool,
+    /// Refuse requests of the idempotent methods that carry no Idempotency-Key (400);
+    /// --require-key=false turns off a `true` from the config file
+    #[arg(long, env = "IDEM_REQUIRE_KEY", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = clap::builder::BoolishValueParser::new())]
+    pub require_key: Option<bool>,
     /// Methods that get idempotency handling, comma-separated [default: POST,PATCH]
     #[arg(long, env = "IDEM_METHODS", value_name = "LIST")]
     pub methods: Option<String>,
@@ -59,14 +61,26 @@ pub struct ServeArgs {
     /// Largest response body stored for replay, e.g. 1MiB [default: 1MiB]
     #[arg(long, env = "IDEM_MAX_STORED_BODY", value_name = "SIZE")]
     pub max_stored_body: Option<String>,
-    /// How long to wait for the upstream's response headers, and at most between two parts of
-    /// its body [default: 60s]
+    /// How long a client waits for the upstream's response; past it the client gets 504 and
+    /// a keyed call goes on, its outcome stored for the retry [default: 60s]
     #[arg(long, env = "IDEM_UPSTREAM_TIMEOUT", value_name = "DURATION")]
     pub upstream_timeout: Option<String>,
+    /// The hard cap on an upstream call (and on silence in its response body); a keyed call
+    /// past it is abandoned and its outcome is unknown [default: 10m]
+    #[arg(long, env = "IDEM_UPSTREAM_ABANDON_AFTER", value_name = "DURATION")]
+    pub upstream_abandon_after: Option<String>,
+    /// When the request was sent and the connection broke before a whole response (or the
+    /// call was abandoned): hold the key with a stored 502 outcome-unknown until an operator
+    /// releases it, or release it when its lease expires [default: hold]
+    #[arg(long, env = "IDEM_UNKNOWN_OUTCOME", value_name = "hold|release")]
+    pub unknown_outcome: Option<String>,
+    /// The longest `Prefer: wait=N` honoured for a retry of a key in flight [default: 30s]
+    #[arg(long, env = "IDEM_MAX_WAIT", value_name = "DURATION")]
+    pub max_wait: Option<String>,
     /// Forward requests without idempotency when the store is unreachable (default: refuse
-    /// with 503)
-    #[arg(long, env = "IDEM_FAIL_OPEN")]
-    pub fail_open: bool,
+    /// with 503); --fail-open=false turns off a `true` from the config file
+    #[arg(long, env = "IDEM_FAIL_OPEN", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = clap::builder::BoolishValueParser::new())]
+    pub fail_open: Option<bool>,
     /// Most client connections served at once [default: 10000]
     #[arg(long, env = "IDEM_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -98,6 +112,9 @@ struct FileConfig {
     max_request_body: Option<Size>,
     max_stored_body: Option<Size>,
     upstream_timeout: Option<String>,
+    upstream_abandon_after: Option<String>,
+    unknown_outcome: Option<String>,
+    max_wait: Option<String>,
     fail_open: Option<bool>,
     max_connections: Option<usize>,
     sweep_interval: Option<String>,
@@ -128,6 +145,9 @@ pub struct ServeConfig {
     pub max_request_body: usize,
     pub max_stored_body: usize,
     pub upstream_timeout: Duration,
+    pub upstream_abandon_after: Duration,
+    pub unknown_outcome: UnknownOutcome,
+    pub max_wait: Duration,
     pub fail_open: bool,
     pub max_connections: usize,
     pub sweep_interval: Duration,
@@ -198,7 +218,7 @@ impl ServeArgs {
             store: text(self.store, file.store, "sqlite://idem.db"),
             ttl: duration("ttl", self.ttl, file.ttl, "24h")?,
             lease: duration("lease", self.lease, file.lease, "30s")?,
-            require_key: self.require_key || file.require_key.unwrap_or(false),
+            require_key: self.require_key.or(file.require_key).unwrap_or(false),
             methods,
             scope_header,
             fingerprint_headers,
@@ -220,7 +240,24 @@ impl ServeArgs {
                 file.upstream_timeout,
                 "60s",
             )?,
-            fail_open: self.fail_open || file.fail_open.unwrap_or(false),
+            upstream_abandon_after: duration(
+                "upstream-abandon-after",
+                self.upstream_abandon_after,
+                file.upstream_abandon_after,
+                "10m",
+            )?,
+            unknown_outcome: match text(self.unknown_outcome, file.unknown_outcome, "hold").as_str()
+            {
+                "hold" => UnknownOutcome::Hold,
+                "release" => UnknownOutcome::Release,
+                other => {
+                    return Err(invalid(format!(
+                        "--unknown-outcome {other:?}: expected hold or release"
+                    )));
+                }
+            },
+            max_wait: duration("max-wait", self.max_wait, file.max_wait, "30s")?,
+            fail_open: self.fail_open.or(file.fail_open).unwrap_or(false),
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(10_000),
             sweep_interval: duration(
                 "sweep-interval",
@@ -258,6 +295,16 @@ impl ServeConfig {
         }
         if self.max_stored_body > u32::MAX as usize / 2 {
             return Err(invalid("--max-stored-body must be under 2 GiB"));
+        }
+        if self.upstream_timeout.is_zero() || self.upstream_abandon_after.is_zero() {
+            return Err(invalid(
+                "--upstream-timeout and --upstream-abandon-after must be longer than zero",
+            ));
+        }
+        if self.upstream_abandon_after < self.upstream_timeout {
+            return Err(invalid(
+                "--upstream-abandon-after must be at least --upstream-timeout: a call is abandoned only after its client stopped waiting",
+            ));
         }
         if self.methods.is_empty() {
             return Err(invalid("--methods must name at least one method"));
@@ -398,6 +445,16 @@ mod tests {
         assert_eq!(config.max_request_body, 1 << 20);
         assert_eq!(config.max_stored_body, 4096);
         assert_eq!(config.fingerprint_headers, vec![http::header::CONTENT_TYPE]);
+
+        // A `true` in the file is turned off by a flag (or its variable) saying false.
+        let off = ServeArgs {
+            config: Some(path.clone()),
+            require_key: Some(false),
+            ..ServeArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(!off.require_key, "--require-key=false wins over the file's true");
 
         std::fs::write(&path, "upstream = \"http://x\"\nttll = \"1h\"\n").unwrap();
         let error = ServeArgs { config: Some(path), ..ServeArgs::default() }.resolve().unwrap_err();

@@ -53,6 +53,13 @@ pub enum KeysCommand {
         scope: ScopeArgs,
         key: String,
     },
+    /// Release a key held with an unknown outcome (502 outcome-unknown) once you know whether
+    /// its request ran: the next request with the key runs again. Refuses any other record
+    Release {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        key: String,
+    },
 }
 
 /// Whose key: the scope as `list` prints it, or the credential (hashed as the gateway does).
@@ -89,7 +96,7 @@ pub enum StateArg {
 /// Runs the command: the text to print and whether the record was found (`false` makes the
 /// exit status 1), or an error message.
 pub async fn run(args: KeysArgs) -> Result<(String, bool), String> {
-    let store = crate::store::open(&args.store).await?;
+    let store = crate::store::open_existing(&args.store).await?;
     let now = SystemClock.now();
     match args.command {
         KeysCommand::List { scope, state, older_than, limit } => {
@@ -152,7 +159,44 @@ pub async fn run(args: KeysArgs) -> Result<(String, bool), String> {
             };
             Ok((text, deleted))
         }
+        KeysCommand::Release { scope, key } => {
+            let key = record_key(&scope, &key)?;
+            release(store.as_ref(), &key, args.json).await
+        }
     }
+}
+
+/// Deletes `key`'s record only if it holds an unknown outcome, re-checking right before.
+async fn release(
+    store: &dyn idem_core::Store,
+    key: &RecordKey,
+    json: bool,
+) -> Result<(String, bool), String> {
+    let record = store.get(key).await.map_err(|error| error.to_string())?;
+    let held = match &record {
+        Some(Record { state: RecordState::Completed { payload }, .. }) => {
+            StoredResponse::decode(payload.clone()).is_ok_and(|stored| stored.is_outcome_unknown())
+        }
+        _ => false,
+    };
+    let name = format!("key {:?} in scope {}", key.key.as_str(), key.scope);
+    let (released, text) = match (&record, held) {
+        (None, _) => (false, format!("no record for {name}\n")),
+        (Some(_), false) => {
+            return Err(format!(
+                "{name} does not hold an unknown outcome (it is in flight or has a stored response); nothing was released. `idem keys delete` removes any record"
+            ));
+        }
+        (Some(_), true) => {
+            let deleted = store.delete(key).await.map_err(|error| error.to_string())?;
+            (deleted, format!("released {name}; its next request runs again\n"))
+        }
+    };
+    if json {
+        let value = serde_json::json!({ "released": released, "scope": key.scope.as_str(), "key": key.key.as_str() });
+        return Ok((format!("{value}\n"), released));
+    }
+    Ok((text, released))
 }
 
 fn record_key(scope: &ScopeArgs, key: &str) -> Result<RecordKey, String> {

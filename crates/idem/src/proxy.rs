@@ -1,9 +1,18 @@
 //! The upstream half of the gateway: forwards a request to the protected service.
 //!
 //! Hop-by-hop headers are dropped both ways; every other header, the `Idempotency-Key`
-//! included, goes through, so an upstream that honours the key deduplicates too. Failures to
-//! reach the upstream become `502`/`504` problem responses, which the idempotency layer treats
-//! like any 5xx: the key is released and a retry runs again.
+//! included, goes through, so an upstream that honours the key deduplicates too.
+//!
+//! Failures are told apart by whether the upstream may have acted:
+//! - nothing was sent (the connection was refused or failed to open, or a pooled connection
+//!   closed before the request was written): `502 upstream-unreachable`, which the
+//!   idempotency layer treats like any 5xx (the key is released and a retry runs again);
+//! - the request was sent, all or part of it, and the connection then broke before a whole
+//!   response: `502 outcome-unknown`, marked [`OutcomeUnknown`] so that the layer never
+//!   releases the key at once.
+//!
+//! How long the client waits is the layer's business (`--upstream-timeout`); the proxy itself
+//! only bounds connecting, and silence in a response body (`--upstream-abandon-after`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,7 +28,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use idem_core::BoxError;
-use idem_http::{Body, ProblemKind, problem, remove_hop_by_hop};
+use idem_http::{Body, OutcomeUnknown, ProblemKind, problem, remove_hop_by_hop};
 use tower::Service;
 
 #[derive(Debug, Clone)]
@@ -29,14 +38,17 @@ pub struct Proxy {
     authority: Authority,
     /// The upstream URL's path without its trailing slash, prefixed to every request path.
     base_path: String,
-    timeout: Duration,
+    /// The longest silence accepted in a response body.
+    idle_timeout: Duration,
 }
 
 impl Proxy {
-    pub fn new(upstream: &Uri, timeout: Duration) -> Self {
+    /// `connect_timeout` bounds opening a connection; `idle_timeout` the silence between two
+    /// parts of a response body.
+    pub fn new(upstream: &Uri, connect_timeout: Duration, idle_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeout.min(Duration::from_secs(10))));
+        connector.set_connect_timeout(Some(connect_timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
@@ -46,7 +58,7 @@ impl Proxy {
             scheme: upstream.scheme().cloned().unwrap_or(Scheme::HTTP),
             authority: upstream.authority().cloned().expect("validated upstream has a host"),
             base_path: upstream.path().trim_end_matches('/').to_owned(),
-            timeout,
+            idle_timeout,
         }
     }
 
@@ -89,25 +101,26 @@ impl Service<Request<Body>> for Proxy {
         // The client sets Host from the upstream URL, as a reverse proxy should.
         parts.headers.remove(header::HOST);
         let forwarded = self.client.request(Request::from_parts(parts, body));
-        let timeout = self.timeout;
+        let timeout = self.idle_timeout;
         Box::pin(async move {
-            let response = match tokio::time::timeout(timeout, forwarded).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(error)) => {
-                    tracing::warn!(error = %error_chain(&error), "upstream request failed");
+            let response = match forwarded.await {
+                Ok(response) => response,
+                Err(error) if nothing_sent(&error) => {
+                    tracing::warn!(error = %error_chain(&error), "upstream unreachable; nothing was sent");
+                    metrics::counter!("idem_upstream_unreachable_total").increment(1);
                     return Ok(problem(
                         ProblemKind::UpstreamUnreachable,
-                        "the upstream could not be reached or broke the connection; a retry runs again",
+                        "the upstream could not be reached and nothing was sent to it; a retry runs again",
                     ));
                 }
-                Err(_) => {
-                    tracing::warn!(?timeout, "upstream timed out");
-                    return Ok(problem(
-                        ProblemKind::UpstreamTimeout,
-                        format!(
-                            "the upstream did not answer within {timeout:?}; a retry runs again"
-                        ),
-                    ));
+                Err(error) => {
+                    tracing::warn!(error = %error_chain(&error), "the upstream connection broke after the request was sent");
+                    let mut response = problem(
+                        ProblemKind::OutcomeUnknown,
+                        "the upstream took the request, then the connection broke before a whole response: whether it ran is unknown",
+                    );
+                    response.extensions_mut().insert(OutcomeUnknown("connection-broke"));
+                    return Ok(response);
                 }
             };
             let (mut parts, body) = response.into_parts();
@@ -117,6 +130,24 @@ impl Service<Request<Body>> for Proxy {
             Ok(Response::from_parts(parts, Body::new(body)))
         })
     }
+}
+
+/// Whether the upstream cannot have seen any of the request: the connection never opened, or
+/// the client gave the request back unwritten (hyper's "canceled": a pooled connection that
+/// closed before the request was written; the client retries those itself on a fresh
+/// connection when it can). Anything else may have reached the upstream.
+fn nothing_sent(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+            return hyper_error.is_canceled();
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Fails the body if the upstream sends nothing for `timeout`: a stalled upstream would

@@ -70,9 +70,15 @@ pub async fn run(
             .fingerprint_headers(config.fingerprint_headers.clone())
             .max_request_body(config.max_request_body)
             .max_stored_body(config.max_stored_body)
-            .fail_open(config.fail_open),
+            .fail_open(config.fail_open)
+            .response_timeout(Some(config.upstream_timeout))
+            .abandon_after(Some(config.upstream_abandon_after))
+            .unknown_outcome(config.unknown_outcome)
+            .max_wait(config.max_wait),
     );
-    let service = layer.layer(Proxy::new(&config.upstream, config.upstream_timeout));
+    let connect_timeout = config.upstream_timeout.min(Duration::from_secs(10));
+    let proxy = Proxy::new(&config.upstream, connect_timeout, config.upstream_abandon_after);
+    let service = layer.layer(proxy);
 
     let listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
@@ -149,10 +155,19 @@ pub async fn run(
     let tasks = layer.tasks();
     tasks.close();
     if tokio::time::timeout(config.shutdown_timeout, tasks.wait()).await.is_err() {
+        // Calls still running are given up: each key is settled as an unknown outcome (held,
+        // or left to its lease), never left to be run again as if nothing had happened.
         tracing::warn!(
             still_running = tasks.len(),
-            "claimed requests did not finish in time; their keys free themselves when their leases expire"
+            "claimed requests did not finish in time; settling their keys as unknown outcomes"
         );
+        layer.abandon_running();
+        if tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await.is_err() {
+            tracing::warn!(
+                still_running = tasks.len(),
+                "could not store every unknown outcome; those keys free themselves when their leases expire"
+            );
+        }
     }
     sweeper.abort();
     admin_task.abort();

@@ -10,13 +10,31 @@ use idem_sqlite::SqliteStore;
 /// `memory://`, `sqlite://PATH`, `postgres://...` (or `postgresql://`), `redis://...` (or
 /// `rediss://`). Shared stores must be reachable now.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
+    open_with(url, true).await
+}
+
+/// Like [`open`], for operator tools: a store's schema is never created or migrated, and a
+/// SQLite file that does not exist is not created.
+pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>, String> {
+    open_with(url, false).await
+}
+
+async fn open_with(url: &str, migrating: bool) -> Result<Arc<dyn Store>, String> {
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     let opened: Result<Arc<dyn Store>, idem_core::Error> = match scheme {
         Some("memory") => Ok(Arc::new(MemoryStore::new())),
-        Some("sqlite") => SqliteStore::from_url(url).map(|store| Arc::new(store) as Arc<dyn Store>),
-        Some("postgres" | "postgresql") => {
+        Some("sqlite") if migrating => {
+            SqliteStore::from_url(url).map(|store| Arc::new(store) as Arc<dyn Store>)
+        }
+        Some("sqlite") => {
+            SqliteStore::from_url_existing(url).map(|store| Arc::new(store) as Arc<dyn Store>)
+        }
+        Some("postgres" | "postgresql") if migrating => {
             PostgresStore::connect(url).await.map(|store| Arc::new(store) as Arc<dyn Store>)
         }
+        Some("postgres" | "postgresql") => PostgresStore::connect_existing(url)
+            .await
+            .map(|store| Arc::new(store) as Arc<dyn Store>),
         Some("redis" | "rediss") => {
             RedisStore::connect(url).await.map(|store| Arc::new(store) as Arc<dyn Store>)
         }

@@ -202,20 +202,36 @@ async fn failures_and_try_again_statuses_release_the_key() {
     dead.client().post("unreachable", "x", &[]).await.assert_problem(502, "upstream-unreachable");
     dead.client().post("unreachable", "x", &[]).await.assert_problem(502, "upstream-unreachable");
 
-    // A slow upstream past --upstream-timeout: 504, key released.
-    let impatient = Gateway::start(&upstream.url(), "memory://", &["--upstream-timeout", "300ms"]);
+    // A slow upstream past --upstream-timeout: 504 to the client, but the call goes on and
+    // its outcome is stored: the retry gets 409 while it runs, then the replay.
+    let impatient = Gateway::start(
+        &upstream.url(),
+        "memory://",
+        &["--upstream-timeout", "300ms", "--upstream-abandon-after", "600ms"],
+    );
     let client = impatient.client();
+    let calls = upstream.calls();
     client
-        .post("slow", "x", &[("x-test-delay-ms", "1000")])
+        .post("slow", "x", &[("x-test-delay-ms", "500")])
         .await
         .assert_problem(504, "upstream-timeout");
-    assert_eq!(client.post("slow", "x", &[]).await.status, 201, "the retry after a timeout runs");
-    // Headers on time, then a body that stalls past the timeout: 502, key released.
-    let stalled = client.post("stall", "x", &[("x-test-stall-ms", "1000")]).await;
-    stalled.assert_problem(502, "upstream-unreachable");
-    let retry = client.post("stall", "x", &[]).await;
-    assert_eq!(retry.status, 201, "the retry after a stalled body runs");
-    assert!(!retry.is_replay());
+    client.post("slow", "x", &[]).await.assert_problem(409, "request-in-flight");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let replay = client.post("slow", "x", &[]).await;
+    assert_eq!(replay.status, 201);
+    assert!(replay.is_replay(), "the retry after a timeout gets the first run's outcome");
+    assert_eq!(upstream.calls(), calls + 1);
+    // Headers on time, then a body that stalls past the hard cap: the upstream ran, and what
+    // it answered is not known whole, so the key is held as an unknown outcome.
+    client
+        .post("stall", "x", &[("x-test-stall-ms", "2000")])
+        .await
+        .assert_problem(504, "upstream-timeout");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let held = client.post("stall", "x", &[]).await;
+    held.assert_problem(502, "outcome-unknown");
+    assert!(held.is_replay(), "held, never run again");
+    assert_eq!(upstream.calls(), calls + 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,23 +3,13 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::{Gateway, Upstream, temp_dir, unique};
 use idem_core::conformance::service_url;
 
 fn keys(store: &str, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_idem"))
-        .args(["keys", "--store", store])
-        .args(args)
-        .output()
-        .expect("run idem keys");
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    common::idem_keys(store, args)
 }
 
 fn json(text: &str) -> serde_json::Value {

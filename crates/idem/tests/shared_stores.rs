@@ -5,10 +5,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Cutter, Gateway, Upstream, calls_per_key, temp_dir, unique, wait_healthy};
+use common::{
+    Cutter, Gateway, PrivateRedis, Upstream, calls_per_key, temp_dir, unique, wait_healthy,
+};
 use idem_core::conformance::service_url;
 
 fn postgres_url() -> Option<String> {
@@ -136,53 +137,6 @@ fn postgres_addr(url: &str) -> SocketAddr {
         .replacen("localhost", "127.0.0.1", 1)
         .parse()
         .expect("IDEM_TEST_POSTGRES_URL names host:port")
-}
-
-/// A Redis server of this test's own, persisting every write (AOF, fsync always) in `dir`.
-struct PrivateRedis {
-    child: Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16, dir: &std::path::Path) -> Option<Self> {
-        let spawned = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(child) => child,
-            Err(error) if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") => {
-                panic!("cannot start redis-server: {error}")
-            }
-            Err(error) => {
-                eprintln!("SKIPPED: cannot start redis-server ({error})");
-                return None;
-            }
-        };
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Self { child });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("redis-server did not listen on {port}");
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -450,3 +450,128 @@ pub async fn wait_healthy(gateway: &Gateway, within: Duration) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A Redis server of this test's own, persisting every write (AOF, fsync always) in `dir`.
+pub struct PrivateRedis {
+    child: Child,
+}
+
+impl PrivateRedis {
+    pub fn start(port: u16, dir: &std::path::Path) -> Option<Self> {
+        let spawned = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(child) => child,
+            Err(error) if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") => {
+                panic!("cannot start redis-server: {error}")
+            }
+            Err(error) => {
+                eprintln!("SKIPPED: cannot start redis-server ({error})");
+                return None;
+            }
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Self { child });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("redis-server did not listen on {port}");
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An upstream that reads each request whole, counts it, then closes the connection without
+/// answering: the request reached it (and may have run), and its response is lost.
+pub struct BreakingUpstream {
+    pub addr: SocketAddr,
+    calls: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BreakingUpstream {
+    pub async fn start() -> Self {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn({
+            let calls = Arc::clone(&calls);
+            async move {
+                loop {
+                    let Ok((mut stream, _)) = listener.accept().await else { continue };
+                    let calls = Arc::clone(&calls);
+                    tokio::spawn(async move {
+                        let mut seen = Vec::new();
+                        let mut buffer = [0u8; 4096];
+                        loop {
+                            let Ok(read) = stream.read(&mut buffer).await else { return };
+                            if read == 0 {
+                                return;
+                            }
+                            seen.extend_from_slice(&buffer[..read]);
+                            if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                                let length = head
+                                    .lines()
+                                    .find_map(|line| line.strip_prefix("content-length:"))
+                                    .map_or(0, |value| value.trim().parse().unwrap_or(0));
+                                if seen.len() >= end + 4 + length {
+                                    break;
+                                }
+                            }
+                        }
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        drop(stream);
+                    });
+                }
+            }
+        });
+        Self { addr, calls, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for BreakingUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs `idem keys --store STORE ARGS...`: exit code, stdout, stderr.
+pub fn idem_keys(store: &str, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["keys", "--store", store])
+        .args(args)
+        .output()
+        .expect("run idem keys");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
