@@ -17,9 +17,16 @@
 //! - no key: passed through (or `400` with `require_key`); an invalid key, an empty header or
 //!   two `Idempotency-Key` headers: `400`;
 //! - a body over `max_request_body`: `413`, nothing runs;
-//! - first use of a key: the request runs on a task of its own (a client that disconnects
-//!   does not cancel it) and its response is stored if its status is below 500 and not 408,
-//!   409, 425 or 429; otherwise the key is released so a retry runs again;
+//! - first use of a key: the request runs on a task of its own (a client that disconnects,
+//!   or gives up at `response_timeout` with a `504`, does not cancel it) and its response is
+//!   stored if its status is below 500 and not 408, 409, 425 or 429; otherwise the key is
+//!   released so a retry runs again;
+//! - a call whose outcome is unknown (the inner service marks its response [`OutcomeUnknown`],
+//!   its body breaks off, or it passes `abandon_after`): never released at once; held with a
+//!   stored `502 outcome-unknown` (or left in flight until its lease expires), by
+//!   [`UnknownOutcome`];
+//! - a retry of a key in flight with `Prefer: wait=N`: waits for the first run's outcome, up to
+//!   `max_wait`;
 //! - same key, same request, completed: the stored response with `Idempotent-Replayed: true`;
 //! - same key, different request: `422`; same key while the first still runs: `409` with
 //!   `Retry-After`;
