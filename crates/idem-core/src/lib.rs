@@ -34,7 +34,7 @@ mod record;
 mod store;
 
 pub use changes::{ChangeFeed, Notifies};
-pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
+pub use clock::{Clock, ClockDebug, ManualClock, StoreClock, SystemClock, Timestamp};
 pub use engine::{Begin, Claim, Engine, EngineConfig, Outcome};
 pub use error::{BoxError, Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};

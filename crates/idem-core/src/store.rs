@@ -156,6 +156,13 @@ pub trait Store: Send + Sync + 'static {
     /// A cheap round trip that proves the store answers (for health checks).
     async fn ping(&self) -> Result<()>;
 
+    /// The store server's own clock (PostgreSQL's `clock_timestamp()`, Redis's `TIME`), which
+    /// every process sharing the store can agree on; `None` for a store without one. See
+    /// [`crate::StoreClock`].
+    async fn server_time(&self) -> Result<Option<Timestamp>> {
+        Ok(None)
+    }
+
     fn capabilities(&self) -> Capabilities;
 
     /// Announcements of records completed, released or deleted from now on, by
@@ -216,6 +223,9 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn ping(&self) -> Result<()> {
         (**self).ping().await
+    }
+    async fn server_time(&self) -> Result<Option<Timestamp>> {
+        (**self).server_time().await
     }
     fn capabilities(&self) -> Capabilities {
         (**self).capabilities()

@@ -576,6 +576,15 @@ impl Store for PostgresStore {
         self.query("SELECT 1", &[]).await.map(drop)
     }
 
+    async fn server_time(&self) -> Result<Option<Timestamp>> {
+        let rows = self
+            .query("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint", &[])
+            .await?;
+        let row = rows.first().ok_or_else(|| Error::Corrupt("no time from the server".into()))?;
+        let millis: i64 = row.try_get(0).map_err(|error| Error::Corrupt(error.to_string()))?;
+        Ok(Some(from_sql(millis)))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             name: "postgres",

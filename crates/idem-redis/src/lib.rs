@@ -459,6 +459,13 @@ impl Store for RedisStore {
         }
     }
 
+    async fn server_time(&self) -> Result<Option<Timestamp>> {
+        let mut connection = self.connection.clone();
+        let (seconds, micros): (u64, u64) =
+            self.bounded(redis::cmd("TIME").query_async(&mut connection)).await?;
+        Ok(Some(Timestamp::from_millis(seconds * 1_000 + micros / 1_000)))
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             name: "redis",

@@ -1,6 +1,7 @@
 //! `idem keys`: what an operator needs to see and unstick records by hand, in any store.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
@@ -97,7 +98,8 @@ pub enum StateArg {
 /// exit status 1), or an error message.
 pub async fn run(args: KeysArgs) -> Result<(String, bool), String> {
     let store = crate::store::open_existing(&args.store).await?;
-    let now = SystemClock.now();
+    // Ages and leases as the store's clock sees them, as the gateways do.
+    let now = idem_core::StoreClock::start(Arc::clone(&store), SystemClock).await.now();
     match args.command {
         KeysCommand::List { scope, state, older_than, limit } => {
             let created_before = match older_than {

@@ -9,7 +9,7 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use idem_core::{Engine, EngineConfig, SystemClock};
+use idem_core::{Engine, EngineConfig, StoreClock, SystemClock};
 use idem_http::{IdempotencyConfig, IdempotencyLayer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -56,9 +56,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let store = crate::store::open(&config.store).await.map_err(ServeError::Store)?;
+    // Leases and expiry on the store's clock where it has one, so that gateways whose clocks
+    // disagree still agree on when a lease ends.
+    let clock = StoreClock::start(Arc::clone(&store), SystemClock).await;
     let engine = Engine::from_shared(
         Arc::clone(&store),
-        Arc::new(SystemClock),
+        Arc::new(clock),
         EngineConfig { lease: config.lease, ttl: config.ttl },
     );
     let layer = IdempotencyLayer::new(

@@ -307,3 +307,69 @@ async fn claims_cut_off_by_a_paused_store_strand_no_key() {
     assert!(counts.values().all(|calls| *calls == 1), "{counts:?}");
     eprintln!("48 claims cut off by a 3 s pause; none in flight {stranded_for:?} after it ended");
 }
+
+/// Whether `faketime` (Debian's package) can run a command here; without it the clock-skew
+/// test skips loudly, or fails under `IDEM_REQUIRE_SERVICES=1`.
+fn faketime_available() -> bool {
+    let works = std::process::Command::new("faketime")
+        .args(["-f", "+10m", "true"])
+        .status()
+        .is_ok_and(|status| status.success());
+    if !works {
+        assert_ne!(
+            std::env::var("IDEM_REQUIRE_SERVICES").as_deref(),
+            Ok("1"),
+            "faketime is needed (apt-get install faketime)"
+        );
+        eprintln!("SKIPPED: faketime is not installed; the clock-skew test needs it");
+    }
+    works
+}
+
+/// Two gateways on one shared store, one of them on a host whose clock runs 10 minutes ahead
+/// (libfaketime; 20 times the lease). By its own clock every lease has long expired, so it
+/// would take over a live claim and run it a second time; on the store's clock it sees the
+/// claim in flight. The same race, from both sides, runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gateway_with_a_skewed_clock_cannot_take_over_a_live_claim() {
+    if !faketime_available() {
+        return;
+    }
+    let shared: Vec<String> = stores()
+        .into_iter()
+        .filter(|store| !store.starts_with("memory") && !store.starts_with("sqlite"))
+        .collect();
+    for store in shared {
+        let upstream = Upstream::start().await;
+        let lease = ["--lease", "30s"];
+        let honest = Gateway::start(&upstream.url(), &store, &lease);
+        let skewed = Gateway::start_under(
+            &["faketime", "-f", "+10m"],
+            &upstream.url(),
+            &store,
+            &lease,
+            &[("FAKETIME_DONT_FAKE_MONOTONIC", "1")],
+        );
+        for (first, second, name) in
+            [(&honest, &skewed, "honest first"), (&skewed, &honest, "skewed first")]
+        {
+            let key = unique("skew");
+            let running = tokio::spawn({
+                let client = first.client();
+                let key = key.clone();
+                async move { client.post(&key, "x", &[("x-test-delay-ms", "1500")]).await }
+            });
+            while calls_per_key(&upstream, &key).is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let racing = second.client().post(&key, "x", &[]).await;
+            racing.assert_problem(409, "request-in-flight");
+            let retry_after: u64 = racing.header("retry-after").unwrap().parse().unwrap();
+            assert!((1..=30).contains(&retry_after), "{store} {name}: Retry-After {retry_after}");
+            assert_eq!(running.await.unwrap().status, 201, "{store} {name}");
+            let replay = second.client().post(&key, "x", &[]).await;
+            assert!(replay.is_replay(), "{store} {name}");
+            assert_eq!(calls_per_key(&upstream, &key)[&key], 1, "{store} {name}");
+        }
+    }
+}
