@@ -146,15 +146,19 @@ impl Engine {
 
     /// Like [`Engine::begin`], but a key in flight is waited for, up to `wait`: the answer is
     /// the first run's stored outcome, or [`Begin::Run`] if it was released (or its owner's
-    /// lease ran out), or [`Begin::InFlight`] if it still runs when `wait` is over. Waiters
-    /// hear of the change from the store where it announces changes, and poll it briefly
-    /// where it cannot.
+    /// lease ran out), or [`Begin::InFlight`] if it still runs when `wait` is over. The flag
+    /// says whether it waited at all. Waiters hear of the change from the store where it
+    /// announces changes, and poll it briefly where it cannot.
+    ///
+    /// A store error after the key was seen in flight answers [`Begin::InFlight`] (the last
+    /// thing known), never an error: a caller that fails open on errors must not run a key it
+    /// has just seen running.
     pub async fn begin_waiting(
         &self,
         key: RecordKey,
         fingerprint: Fingerprint,
         wait: Duration,
-    ) -> Result<Begin> {
+    ) -> Result<(Begin, bool)> {
         let deadline = tokio::time::Instant::now() + wait;
         let store = &self.inner.store;
         // Subscribed before the first look, so no change between a look and the wait is missed.
@@ -172,16 +176,26 @@ impl Engine {
             Duration::from_millis(200)
         };
         let mut watched = false;
+        let mut waited = false;
         loop {
-            let begun = self.begin_uncounted(key.clone(), fingerprint).await?;
+            let begun = match self.begin_uncounted(key.clone(), fingerprint).await {
+                Ok(begun) => begun,
+                Err(error) if waited || watched => {
+                    tracing::warn!(key = %key.key, %error, "the store failed while waiting for a key in flight; answering in flight");
+                    let begun = Begin::InFlight { retry_after: Duration::from_secs(1) };
+                    count(&begun);
+                    return Ok((begun, true));
+                }
+                Err(error) => return Err(error),
+            };
             let Begin::InFlight { retry_after } = begun else {
                 count(&begun);
-                return Ok(begun);
+                return Ok((begun, waited));
             };
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 count(&begun);
-                return Ok(begun);
+                return Ok((begun, waited));
             }
             if !watched && changes.is_some() {
                 watched = true;
@@ -196,6 +210,7 @@ impl Engine {
             }
             let step = (deadline - now).min(retry_after).min(poll);
             wait_for_change(&mut changes, key.change_id(), step).await;
+            waited = true;
         }
     }
 
@@ -208,23 +223,17 @@ impl Engine {
             let lease_expires_at = now.saturating_add(engine.inner.config.lease);
             let result = engine.claim(&key, fingerprint, token, now, lease_expires_at).await;
             let failed = result.as_ref().is_err_and(Error::is_unavailable);
-            match sender.send(result) {
-                Ok(()) => {}
-                Err(Ok(Begin::Run(claim))) => {
-                    metrics::counter!("idem_orphan_claims_released_total", "cause" => "caller-gone")
-                        .increment(1);
-                    tracing::info!(key = %key.key, scope = %key.scope, "the caller left while its claim was decided; released the key it won (nothing ran)");
-                    if let Err(error) = claim.release().await {
-                        tracing::warn!(key = %key.key, %error, "could not release a claim nobody runs; it frees itself when its lease expires");
-                    }
-                }
-                Err(_) => {}
-            }
+            // Sent in a guard: a won claim nobody takes out of it (the caller left before or
+            // after the send) is released when the guard drops.
+            let _ = sender.send(Handoff(Some(result)));
             if failed {
                 engine.release_orphan(key, token, lease_expires_at).await;
             }
         });
-        receiver.await.unwrap_or_else(|_| Err(Error::unavailable("the claim task stopped")))
+        match receiver.await {
+            Ok(mut handoff) => handoff.0.take().expect("a handoff is taken once"),
+            Err(_) => Err(Error::unavailable("the claim task stopped")),
+        }
     }
 
     async fn claim(
@@ -271,13 +280,20 @@ impl Engine {
             return;
         };
         let mut backoff = Duration::from_millis(250);
-        for _ in 0..ORPHAN_RELEASE_ATTEMPTS {
+        for attempt in 1..=ORPHAN_RELEASE_ATTEMPTS {
             tokio::time::sleep(backoff).await;
-            if self.inner.store.release(&key, token).await.is_ok() {
-                metrics::counter!("idem_orphan_claims_released_total", "cause" => "store-timeout")
-                    .increment(1);
-                tracing::info!(key = %key.key, scope = %key.scope, "a claim that failed on our side had landed in the store; released it (nothing ran)");
-                return;
+            match self.inner.store.release(&key, token).await {
+                Ok(()) => {
+                    metrics::counter!("idem_orphan_claims_released_total", "cause" => "store-timeout")
+                        .increment(1);
+                    tracing::info!(key = %key.key, scope = %key.scope, "a claim that failed on our side had landed in the store; released it (nothing ran)");
+                    return;
+                }
+                // The store answers, and the record is not ours: the claim never landed (or
+                // an earlier release whose reply was lost freed it). Past the first seconds,
+                // a claim still queued behind it is not worth more round trips.
+                Err(Error::Fenced) if attempt >= 3 => return,
+                Err(_) => {}
             }
             if self.now().saturating_add(backoff) >= lease_end {
                 return;
@@ -328,6 +344,30 @@ impl Engine {
             }
         }
         Ok(total)
+    }
+}
+
+/// A claim's decision on its way to the caller. If the caller is gone (the send failed, or
+/// the caller's future was dropped with the decision still in the channel), a won claim is
+/// released: nothing ran under it.
+struct Handoff(Option<Result<Begin>>);
+
+impl Drop for Handoff {
+    fn drop(&mut self) {
+        let Some(Ok(Begin::Run(mut claim))) = self.0.take() else { return };
+        claim.finished = true;
+        metrics::counter!("idem_orphan_claims_released_total", "cause" => "caller-gone")
+            .increment(1);
+        let (store, key, token) =
+            (Arc::clone(&claim.engine.inner.store), claim.key.clone(), claim.token);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                match store.release(&key, token).await {
+                    Ok(()) => tracing::info!(key = %key.key, scope = %key.scope, "the caller left while its claim was decided; released the key it won (nothing ran)"),
+                    Err(error) => tracing::warn!(key = %key.key, %error, "could not release a claim nobody runs; it frees itself when its lease expires"),
+                }
+            });
+        }
     }
 }
 
@@ -799,6 +839,7 @@ mod tests {
         gate: tokio::sync::Semaphore,
         lose_claim_replies: std::sync::atomic::AtomicBool,
         lose_complete_replies: AtomicUsize,
+        claims_done: AtomicUsize,
     }
 
     impl Stalling {
@@ -808,6 +849,7 @@ mod tests {
                 gate: tokio::sync::Semaphore::new(if open { 1_000 } else { 0 }),
                 lose_claim_replies: false.into(),
                 lose_complete_replies: AtomicUsize::new(0),
+                claims_done: AtomicUsize::new(0),
             })
         }
     }
@@ -817,6 +859,7 @@ mod tests {
         async fn claim(&self, request: crate::ClaimRequest<'_>) -> Result<crate::Decision> {
             self.gate.acquire().await.unwrap().forget();
             let decision = self.inner.claim(request).await?;
+            self.claims_done.fetch_add(1, Ordering::SeqCst);
             if self.lose_claim_replies.load(Ordering::SeqCst) {
                 return Err(Error::unavailable("timed out (but the claim was carried out)"));
             }
@@ -892,16 +935,48 @@ mod tests {
         // The store now carries the claim out, for nobody: it must be released at once.
         store.gate.add_permits(1_000);
         for _ in 0..200 {
-            if store.inner.get(&key("k")).await.unwrap().is_none() {
+            if store.claims_done.load(Ordering::SeqCst) == 1
+                && store.inner.get(&key("k")).await.unwrap().is_none()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert_eq!(store.claims_done.load(Ordering::SeqCst), 1, "the store carried the claim out");
         assert!(
             store.inner.get(&key("k")).await.unwrap().is_none(),
             "the won claim was left behind"
         );
         assert!(matches!(engine.begin(key("k"), fp("a")).await.unwrap(), Begin::Run(_)));
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_leaves_just_after_the_store_answered_strands_no_key() {
+        let store = Stalling::new(true);
+        let engine = engine_on(&store);
+        let mut begin = Box::pin(engine.begin(key("k"), fp("a")));
+        // Poll the caller once (the claim task starts), let the claim task win and hand the
+        // claim over, then drop the caller without its ever taking the claim.
+        tokio::select! {
+            biased;
+            () = tokio::task::yield_now() => {}
+            _ = &mut begin => panic!("the claim cannot be decided before the task runs"),
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(store.inner.get(&key("k")).await.unwrap().is_some(), "the claim was decided");
+        drop(begin);
+        for _ in 0..100 {
+            if store.inner.get(&key("k")).await.unwrap().is_none() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            store.inner.get(&key("k")).await.unwrap().is_none(),
+            "the won claim was left behind"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -948,8 +1023,8 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(1_300)).await;
         claim.complete(Bytes::from_static(b"done")).await.unwrap();
-        let Begin::Replay(payload) = waiter.await.unwrap().unwrap() else {
-            panic!("the waiter must get the stored outcome");
+        let (Begin::Replay(payload), true) = waiter.await.unwrap().unwrap() else {
+            panic!("the waiter must wait for and get the stored outcome");
         };
         assert_eq!(payload, "done");
         // Paused time moves only when every task sleeps: a poll would have cost 5 s of it.
@@ -965,11 +1040,11 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(500)).await;
         claim.release().await.unwrap();
-        assert!(matches!(waiter.await.unwrap().unwrap(), Begin::Run(_)));
+        assert!(matches!(waiter.await.unwrap().unwrap(), (Begin::Run(_), true)));
         let Begin::Run(_running) = engine.begin(key("s"), fp("a")).await.unwrap() else {
             panic!("first begin must run");
         };
         let late = engine.begin_waiting(key("s"), fp("a"), Duration::from_secs(2)).await.unwrap();
-        assert!(matches!(late, Begin::InFlight { .. }), "{late:?}");
+        assert!(matches!(late, (Begin::InFlight { .. }, true)), "{late:?}");
     }
 }

@@ -40,6 +40,9 @@ pub struct IdempotencyConfig {
     pub unknown_outcome: UnknownOutcome,
     /// The longest `Prefer: wait=N` honoured.
     pub max_wait: Duration,
+    /// Most keyed requests handled at once, their calls included (which go on after a client
+    /// times out or leaves); more get `503 overloaded` before anything runs.
+    pub max_running: usize,
 }
 
 /// What a key gets when its call's outcome is unknown: the request was sent (all or part of
@@ -83,6 +86,7 @@ impl Default for IdempotencyConfig {
             abandon_after: Some(Duration::from_secs(600)),
             unknown_outcome: UnknownOutcome::Hold,
             max_wait: Duration::from_secs(30),
+            max_running: 10_000,
         }
     }
 }
@@ -142,6 +146,11 @@ impl IdempotencyConfig {
         self.max_wait = max_wait;
         self
     }
+
+    pub fn max_running(mut self, max_running: usize) -> Self {
+        self.max_running = max_running;
+        self
+    }
 }
 
 /// Gives the wrapped service Idempotency-Key semantics. See the crate docs.
@@ -151,15 +160,18 @@ pub struct IdempotencyLayer {
     pub(crate) config: Arc<IdempotencyConfig>,
     pub(crate) tasks: TaskTracker,
     pub(crate) abandon: CancellationToken,
+    pub(crate) running: Arc<tokio::sync::Semaphore>,
 }
 
 impl IdempotencyLayer {
     pub fn new(engine: Engine, config: IdempotencyConfig) -> Self {
+        let running = Arc::new(tokio::sync::Semaphore::new(config.max_running));
         Self {
             engine,
             config: Arc::new(config),
             tasks: TaskTracker::new(),
             abandon: CancellationToken::new(),
+            running,
         }
     }
 
@@ -188,6 +200,7 @@ impl<S> Layer<S> for IdempotencyLayer {
             config: Arc::clone(&self.config),
             tasks: self.tasks.clone(),
             abandon: self.abandon.clone(),
+            running: Arc::clone(&self.running),
         }
     }
 }

@@ -22,6 +22,7 @@ pub enum ProblemKind {
     UpstreamUnreachable,
     UpstreamTimeout,
     OutcomeUnknown,
+    Overloaded,
     Internal,
 }
 
@@ -34,7 +35,7 @@ impl ProblemKind {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::KeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
-            Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::CorruptRecord | Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
             Self::UpstreamUnreachable | Self::OutcomeUnknown => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -55,6 +56,7 @@ impl ProblemKind {
             Self::UpstreamUnreachable => "upstream-unreachable",
             Self::UpstreamTimeout => "upstream-timeout",
             Self::OutcomeUnknown => "outcome-unknown",
+            Self::Overloaded => "overloaded",
             Self::Internal => "internal",
         }
     }
@@ -73,6 +75,7 @@ impl ProblemKind {
             Self::UpstreamUnreachable => "Upstream unreachable",
             Self::UpstreamTimeout => "Upstream timed out",
             Self::OutcomeUnknown => "Outcome of the request unknown",
+            Self::Overloaded => "Too busy to take the request",
             Self::Internal => "Internal error",
         }
     }

@@ -30,6 +30,8 @@ pub struct IdempotencyService<S> {
     /// Cancelled when the server gives up on the calls still running (shutdown): each then
     /// settles its key as an unknown outcome.
     pub(crate) abandon: CancellationToken,
+    /// Keyed requests being handled, their calls included (which go on after a client left).
+    pub(crate) running: Arc<tokio::sync::Semaphore>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -81,7 +83,7 @@ where
         ReqBody: HttpBody<Data = Bytes> + Send + 'static,
         ReqBody::Error: Into<BoxError>,
     {
-        let Self { inner, engine, config, tasks, abandon } = self;
+        let Self { inner, engine, config, tasks, abandon, running } = self;
         if !config.methods.contains(request.method()) {
             return pass_through(inner, request.map(Body::new), &config).await;
         }
@@ -105,22 +107,38 @@ where
             Ok(body) => body,
             Err(response) => return Ok(response),
         };
+        // Bounded: calls go on after their clients left (a timeout, a hang-up), so the number
+        // of connections alone does not bound them.
+        let Ok(permit) = running.try_acquire_owned() else {
+            metrics::counter!("idem_rejected_total", "reason" => ProblemKind::Overloaded.slug())
+                .increment(1);
+            let mut response = problem(
+                ProblemKind::Overloaded,
+                format!(
+                    "{} keyed requests are already being handled; nothing was run, retry later",
+                    config.max_running
+                ),
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+            return Ok(response);
+        };
         let record_key = RecordKey::new(scope_of(&parts.headers, &config), key);
         let fingerprint = fingerprint_of(&parts, &body, &config);
         let wait = preferred_wait(&parts.headers).map(|wait| wait.min(config.max_wait));
         let request = Request::from_parts(parts, full(body));
 
-        let mut begun = engine.begin(record_key.clone(), fingerprint).await;
-        let mut waited = None;
-        if let (Ok(Begin::InFlight { .. }), Some(wait)) = (&begun, wait) {
-            // Prefer: wait=N: wait for the first run's outcome instead of answering 409.
-            begun = engine.begin_waiting(record_key.clone(), fingerprint, wait).await;
-            waited = Some(wait);
-        }
+        // Prefer: wait=N: a key in flight is waited for instead of answered with 409.
+        let (begun, waited) = match wait {
+            Some(wait) => match engine.begin_waiting(record_key.clone(), fingerprint, wait).await {
+                Ok((begun, waited)) => (Ok(begun), waited.then_some(wait)),
+                Err(error) => (Err(error), None),
+            },
+            None => (engine.begin(record_key.clone(), fingerprint).await, None),
+        };
         let response = match begun {
             Ok(Begin::Run(claim)) => {
                 tracing::debug!(key = %record_key.key, scope = %record_key.scope, "claimed; running");
-                let running = Running { tasks: &tasks, abandon: &abandon, config: &config };
+                let running = Running { tasks: &tasks, abandon: &abandon, config: &config, permit };
                 run_claimed(running, claim, inner, request).await
             }
             Ok(Begin::Replay(payload)) => Ok(replay(payload)),
@@ -170,7 +188,7 @@ where
             (Ok(mut response), Some(wait)) => {
                 let applied = format!("wait={}", wait.as_secs());
                 if let Ok(value) = HeaderValue::from_str(&applied) {
-                    response.headers_mut().insert(PREFERENCE_APPLIED.clone(), value);
+                    response.headers_mut().append(PREFERENCE_APPLIED.clone(), value);
                 }
                 Ok(response)
             }
@@ -236,6 +254,8 @@ struct Running<'a> {
     tasks: &'a TaskTracker,
     abandon: &'a CancellationToken,
     config: &'a Arc<IdempotencyConfig>,
+    /// Held until the call ends, wherever its client went.
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Runs the claimed request on a task of its own, so a client that disconnects or times out
@@ -256,8 +276,10 @@ where
     let (sender, receiver) = tokio::sync::oneshot::channel();
     let config = Arc::clone(running.config);
     let abandon = running.abandon.clone();
+    let permit = running.permit;
     running.tasks.spawn(async move {
         let response = finish_claimed(claim, inner, request, &config, abandon).await;
+        drop(permit);
         // The client may have gone; the outcome is stored regardless.
         let _ = sender.send(response);
     });
@@ -310,6 +332,15 @@ where
     ResBody: HttpBody<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
+    if abandon.is_cancelled() {
+        // The server gave up on running calls (shutdown): this one has not started, so
+        // nothing was sent and the key is released.
+        release(claim).await;
+        return Ok(problem(
+            ProblemKind::Overloaded,
+            "the gateway is shutting down; nothing was forwarded, retry later",
+        ));
+    }
     let max_stored_body = config.max_stored_body;
     let call = async move {
         let response = match inner.oneshot(request).await {

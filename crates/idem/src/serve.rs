@@ -77,7 +77,8 @@ pub async fn run(
             .response_timeout(Some(config.upstream_timeout))
             .abandon_after(Some(config.upstream_abandon_after))
             .unknown_outcome(config.unknown_outcome)
-            .max_wait(config.max_wait),
+            .max_wait(config.max_wait)
+            .max_running(config.max_connections),
     );
     let connect_timeout = config.upstream_timeout.min(Duration::from_secs(10));
     let proxy = Proxy::new(&config.upstream, connect_timeout, config.upstream_abandon_after);

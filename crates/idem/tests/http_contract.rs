@@ -207,7 +207,7 @@ async fn failures_and_try_again_statuses_release_the_key() {
     let impatient = Gateway::start(
         &upstream.url(),
         "memory://",
-        &["--upstream-timeout", "300ms", "--upstream-abandon-after", "600ms"],
+        &["--upstream-timeout", "300ms", "--upstream-abandon-after", "1500ms"],
     );
     let client = impatient.client();
     let calls = upstream.calls();
@@ -216,7 +216,7 @@ async fn failures_and_try_again_statuses_release_the_key() {
         .await
         .assert_problem(504, "upstream-timeout");
     client.post("slow", "x", &[]).await.assert_problem(409, "request-in-flight");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let replay = client.post("slow", "x", &[]).await;
     assert_eq!(replay.status, 201);
     assert!(replay.is_replay(), "the retry after a timeout gets the first run's outcome");
@@ -224,10 +224,10 @@ async fn failures_and_try_again_statuses_release_the_key() {
     // Headers on time, then a body that stalls past the hard cap: the upstream ran, and what
     // it answered is not known whole, so the key is held as an unknown outcome.
     client
-        .post("stall", "x", &[("x-test-stall-ms", "2000")])
+        .post("stall", "x", &[("x-test-stall-ms", "4000")])
         .await
         .assert_problem(504, "upstream-timeout");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
     let held = client.post("stall", "x", &[]).await;
     held.assert_problem(502, "outcome-unknown");
     assert!(held.is_replay(), "held, never run again");
