@@ -37,8 +37,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Notifies,
-    Record, RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp, decide,
+    Capabilities, ChangeFeed, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery,
+    Notifies, Record, RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp,
+    decide,
 };
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -111,7 +112,16 @@ const MIGRATIONS: &[&str] = &[
         RAISE EXCEPTION 'idem_claim: no stable answer after 10 attempts for key %', p_key;
     END $$;
     "#,
+    // Version 2: a record somebody waits for (`Prefer: wait`) announces its completion or
+    // release with NOTIFY; the others cost nothing extra.
+    r#"
+    ALTER TABLE idem_records ADD COLUMN watched boolean NOT NULL DEFAULT false;
+    "#,
 ];
+
+/// The channel completions and releases of watched records are announced on; the payload is
+/// the record's `RecordKey::change_id`.
+const CHANGES_CHANNEL: &str = "idem_changes";
 
 /// An arbitrary constant: the advisory lock that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x6964_656d_6d69_6772;
@@ -124,6 +134,17 @@ const COMPLETED: i16 = 1;
 pub struct PostgresStore {
     pool: Pool,
     op_timeout: Duration,
+    /// For the LISTEN connection, opened when the first waiter subscribes.
+    config: std::sync::Arc<tokio_postgres::Config>,
+    changes: ChangeFeed,
+    /// Whether the LISTEN connection was started, and whether it listens now.
+    listener: std::sync::Arc<Listener>,
+}
+
+#[derive(Debug)]
+struct Listener {
+    started: std::sync::atomic::AtomicBool,
+    listening: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -254,7 +275,7 @@ impl PostgresStore {
     fn pool(url: &str) -> Result<(Self, Option<String>)> {
         let settings = parse_url(url)?;
         let manager = Manager::from_config(
-            settings.config,
+            settings.config.clone(),
             NoTls,
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
@@ -266,7 +287,17 @@ impl PostgresStore {
             .recycle_timeout(Some(settings.op_timeout))
             .build()
             .map_err(|error| Error::Config(format!("cannot build the connection pool: {error}")))?;
-        Ok((Self { pool, op_timeout: settings.op_timeout }, settings.schema))
+        let store = Self {
+            pool,
+            op_timeout: settings.op_timeout,
+            config: std::sync::Arc::new(settings.config),
+            changes: ChangeFeed::new(),
+            listener: std::sync::Arc::new(Listener {
+                started: false.into(),
+                listening: tokio::sync::watch::Sender::new(false),
+            }),
+        };
+        Ok((store, settings.schema))
     }
 
     async fn migrate(&self, schema: Option<&str>) -> Result<()> {
@@ -347,6 +378,95 @@ impl PostgresStore {
             client.query(&statement, params).await.map_err(Error::unavailable)
         })
         .await
+    }
+
+    /// Runs a data-modifying statement `sql` (with `RETURNING watched`) that must change exactly
+    /// one row, announcing the change on [`CHANGES_CHANNEL`] if somebody watches the record.
+    /// `$1` of the wrapper is the change id; the statement's own parameters follow from `$2`.
+    async fn changed_notifying(
+        &self,
+        sql: &str,
+        key: &RecordKey,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64> {
+        let wrapped = format!(
+            "WITH changed AS ({sql})
+             SELECT count(*), bool_or(CASE WHEN watched THEN pg_notify('{CHANGES_CHANNEL}', $1) IS NULL END)
+             FROM changed"
+        );
+        let id = key.change_id().to_string();
+        let mut all: Vec<&(dyn ToSql + Sync)> = vec![&id];
+        all.extend_from_slice(params);
+        let rows = self.query(&wrapped, &all).await?;
+        let row = rows.first().ok_or_else(|| Error::Corrupt("no count came back".into()))?;
+        let changed: i64 = row.try_get(0).map_err(|error| Error::Corrupt(error.to_string()))?;
+        Ok(changed as u64)
+    }
+
+    /// Starts the LISTEN connection once: it feeds [`ChangeFeed`] with every announcement, and
+    /// reconnects (backoff to 5 s) when it is lost. Waiters re-read records every 5 s anyway,
+    /// so an announcement lost while it reconnects costs a delay, never a wrong answer.
+    fn start_listener(&self) {
+        if self.listener.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.listener.started.store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        };
+        let config = std::sync::Arc::clone(&self.config);
+        let feed = self.changes.clone();
+        let listener = std::sync::Arc::downgrade(&self.listener);
+        runtime.spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let Some(alive) = listener.upgrade() else { return };
+                match config.connect(NoTls).await {
+                    Ok((client, mut connection)) => {
+                        let statement = format!("LISTEN {CHANGES_CHANNEL}");
+                        let listen = client.batch_execute(&statement);
+                        let mut listen = std::pin::pin!(listen);
+                        let mut listening = false;
+                        loop {
+                            let message = std::future::poll_fn(|cx| {
+                                if !listening
+                                    && let std::task::Poll::Ready(result) = listen.as_mut().poll(cx)
+                                {
+                                    listening = true;
+                                    if result.is_ok() {
+                                        alive.listening.send_replace(true);
+                                    }
+                                }
+                                connection.poll_message(cx)
+                            })
+                            .await;
+                            match message {
+                                Some(Ok(tokio_postgres::AsyncMessage::Notification(note))) => {
+                                    if let Ok(id) = note.payload().parse::<u64>() {
+                                        feed.notify_id(id);
+                                    }
+                                }
+                                Some(Ok(_)) => {}
+                                Some(Err(error)) => {
+                                    tracing::debug!(%error, "the LISTEN connection failed");
+                                    break;
+                                }
+                                None => break,
+                            }
+                            if std::sync::Arc::strong_count(&alive) == 1 {
+                                return;
+                            }
+                        }
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(error) => tracing::debug!(%error, "cannot open the LISTEN connection"),
+                }
+                alive.listening.send_replace(false);
+                drop(alive);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// Runs a fenced UPDATE or DELETE: exactly one row changes, or the caller lost the key.
@@ -452,27 +572,35 @@ impl Store for PostgresStore {
         _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
-        self.fenced(
-            "UPDATE idem_records
-             SET state = 1, payload = $1, token = NULL, lease_expires_at = NULL, expires_at = $2
-             WHERE scope = $3 AND key = $4 AND state = 0 AND token = $5",
-            &[
-                &&payload[..],
-                &to_sql(expires_at),
-                &key.scope.as_str(),
-                &key.key.as_str(),
-                &token_to_sql(token),
-            ],
-        )
-        .await
+        let changed = self
+            .changed_notifying(
+                "UPDATE idem_records
+                 SET state = 1, payload = $2, token = NULL, lease_expires_at = NULL, expires_at = $3
+                 WHERE scope = $4 AND key = $5 AND state = 0 AND token = $6
+                 RETURNING watched",
+                key,
+                &[
+                    &&payload[..],
+                    &to_sql(expires_at),
+                    &key.scope.as_str(),
+                    &key.key.as_str(),
+                    &token_to_sql(token),
+                ],
+            )
+            .await?;
+        if changed == 1 { Ok(()) } else { Err(Error::Fenced) }
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
-        self.fenced(
-            "DELETE FROM idem_records WHERE scope = $1 AND key = $2 AND state = 0 AND token = $3",
-            &[&key.scope.as_str(), &key.key.as_str(), &token_to_sql(token)],
-        )
-        .await
+        let changed = self
+            .changed_notifying(
+                "DELETE FROM idem_records WHERE scope = $2 AND key = $3 AND state = 0 AND token = $4
+                 RETURNING watched",
+                key,
+                &[&key.scope.as_str(), &key.key.as_str(), &token_to_sql(token)],
+            )
+            .await?;
+        if changed == 1 { Ok(()) } else { Err(Error::Fenced) }
     }
 
     async fn renew(
@@ -509,8 +637,9 @@ impl Store for PostgresStore {
 
     async fn delete(&self, key: &RecordKey) -> Result<bool> {
         let deleted = self
-            .execute(
-                "DELETE FROM idem_records WHERE scope = $1 AND key = $2",
+            .changed_notifying(
+                "DELETE FROM idem_records WHERE scope = $2 AND key = $3 RETURNING watched",
+                key,
                 &[&key.scope.as_str(), &key.key.as_str()],
             )
             .await?;
@@ -592,8 +721,35 @@ impl Store for PostgresStore {
             shared_by_processes: true,
             shared_by_hosts: true,
             native_expiry: false,
-            notifies: Notifies::Nobody,
+            notifies: Notifies::AllProcesses,
         }
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+        let receiver = self.changes.subscribe();
+        self.start_listener();
+        Some(receiver)
+    }
+
+    /// Marks the in-flight record watched, so that its completion or release is announced;
+    /// first waits (up to a second) for the LISTEN connection, so no announcement from now on
+    /// is missed.
+    async fn watch(&self, key: &RecordKey) -> Result<()> {
+        self.start_listener();
+        let mut listening = self.listener.listening.subscribe();
+        let ready = tokio::time::timeout(Duration::from_secs(1), async {
+            listening.wait_for(|on| *on).await.is_ok()
+        })
+        .await;
+        if ready != Ok(true) {
+            return Err(Error::unavailable("the LISTEN connection is not up"));
+        }
+        self.execute(
+            "UPDATE idem_records SET watched = true WHERE scope = $1 AND key = $2 AND state = 0",
+            &[&key.scope.as_str(), &key.key.as_str()],
+        )
+        .await
+        .map(drop)
     }
 }
 

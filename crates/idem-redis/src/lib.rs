@@ -41,8 +41,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
-    Capabilities, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery, Notifies,
-    Record, RecordKey, RecordState, RecordSummary, Result, Store, Timestamp, decide,
+    Capabilities, ChangeFeed, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery,
+    Notifies, Record, RecordKey, RecordState, RecordSummary, Result, Store, Timestamp, decide,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
@@ -82,30 +82,45 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
-/// ARGV: token, payload, expires_at, ttl_ms.
+/// ARGV: token, payload, expires_at, ttl_ms, changes channel, change id. A watched record
+/// (field `w`) announces its completion on the channel.
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         owner_check!(),
         r"
         if not owns then return 0 end
+        local watched = redis.call('HGET', KEYS[1], 'w')
         redis.call('HSET', KEYS[1], 'st', '1', 'p', ARGV[2], 'e', ARGV[3])
-        redis.call('HDEL', KEYS[1], 't', 'l')
+        redis.call('HDEL', KEYS[1], 't', 'l', 'w')
         redis.call('PEXPIRE', KEYS[1], ARGV[4])
+        if watched then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
         return 1
         "
     ))
 });
 
-/// ARGV: token.
+/// ARGV: token, changes channel, change id.
 static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         owner_check!(),
         r"
         if not owns then return 0 end
+        local watched = redis.call('HGET', KEYS[1], 'w')
         redis.call('DEL', KEYS[1])
+        if watched then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
         return 1
         "
     ))
+});
+
+/// Marks an in-flight record watched. ARGV: none.
+static WATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        if redis.call('HGET', KEYS[1], 'st') == '0' then redis.call('HSET', KEYS[1], 'w', '1') end
+        return 1
+        ",
+    )
 });
 
 /// ARGV: token, lease_expires_at, expires_at, ttl_ms.
@@ -127,6 +142,16 @@ pub struct RedisStore {
     connection: ConnectionManager,
     prefix: String,
     op_timeout: Duration,
+    /// For the subscriber connection, opened when the first waiter subscribes.
+    client: redis::Client,
+    changes: ChangeFeed,
+    listener: std::sync::Arc<Listener>,
+}
+
+#[derive(Debug)]
+struct Listener {
+    started: std::sync::atomic::AtomicBool,
+    listening: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -198,9 +223,68 @@ impl RedisStore {
                 )));
             }
         };
-        let store = Self { connection, prefix, op_timeout };
+        let listener = std::sync::Arc::new(Listener {
+            started: false.into(),
+            listening: tokio::sync::watch::Sender::new(false),
+        });
+        let store =
+            Self { connection, prefix, op_timeout, client, changes: ChangeFeed::new(), listener };
         store.ping().await?;
         Ok(store)
+    }
+
+    /// The channel completions and releases of watched records are announced on.
+    fn changes_channel(&self) -> String {
+        format!("{}:changes", self.prefix)
+    }
+
+    /// Starts the subscriber connection once: it feeds [`ChangeFeed`] with every announcement
+    /// and reconnects (backoff to 5 s) when it is lost. Waiters re-read records every 5 s
+    /// anyway, so an announcement lost meanwhile costs a delay, never a wrong answer.
+    fn start_listener(&self) {
+        use futures_util::StreamExt;
+        if self.listener.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.listener.started.store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        };
+        let client = self.client.clone();
+        let channel = self.changes_channel();
+        let feed = self.changes.clone();
+        let listener = std::sync::Arc::downgrade(&self.listener);
+        runtime.spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let Some(alive) = listener.upgrade() else { return };
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                        Ok(()) => {
+                            alive.listening.send_replace(true);
+                            backoff = Duration::from_millis(100);
+                            let mut messages = pubsub.on_message();
+                            while let Some(message) = messages.next().await {
+                                if let Ok(id) = message.get_payload::<String>() {
+                                    if let Ok(id) = id.parse::<u64>() {
+                                        feed.notify_id(id);
+                                    }
+                                }
+                                if std::sync::Arc::strong_count(&alive) == 1 {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(error) => tracing::debug!(%error, "cannot subscribe to changes"),
+                    },
+                    Err(error) => tracing::debug!(%error, "cannot open the subscriber connection"),
+                }
+                alive.listening.send_replace(false);
+                drop(alive);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// The Redis key of a record: one hash tag, so one slot in a cluster.
@@ -336,12 +420,19 @@ impl Store for RedisStore {
             payload.to_vec(),
             expires_at.as_millis().to_string().into_bytes(),
             ttl_ms(now, expires_at).to_string().into_bytes(),
+            self.changes_channel().into_bytes(),
+            key.change_id().to_string().into_bytes(),
         ];
         self.fenced(&COMPLETE, key, &args).await
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
-        self.fenced(&RELEASE, key, &[token.as_u64().to_string().into_bytes()]).await
+        let args = [
+            token.as_u64().to_string().into_bytes(),
+            self.changes_channel().into_bytes(),
+            key.change_id().to_string().into_bytes(),
+        ];
+        self.fenced(&RELEASE, key, &args).await
     }
 
     async fn renew(
@@ -474,7 +565,31 @@ impl Store for RedisStore {
             shared_by_processes: true,
             shared_by_hosts: true,
             native_expiry: true,
-            notifies: Notifies::Nobody,
+            notifies: Notifies::AllProcesses,
         }
+    }
+
+    fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<u64>> {
+        let receiver = self.changes.subscribe();
+        self.start_listener();
+        Some(receiver)
+    }
+
+    /// Marks the in-flight record watched, so that its completion or release is announced;
+    /// first waits (up to a second) for the subscriber connection, so no announcement from
+    /// now on is missed.
+    async fn watch(&self, key: &RecordKey) -> Result<()> {
+        self.start_listener();
+        let mut listening = self.listener.listening.subscribe();
+        let ready = tokio::time::timeout(Duration::from_secs(1), async {
+            listening.wait_for(|on| *on).await.is_ok()
+        })
+        .await;
+        if ready != Ok(true) {
+            return Err(Error::unavailable("the subscriber connection is not up"));
+        }
+        let invocation = WATCH.key(self.record_key(key));
+        let mut connection = self.connection.clone();
+        self.bounded(invocation.invoke_async::<i64>(&mut connection)).await.map(drop)
     }
 }
