@@ -49,7 +49,7 @@ async fn instances_starting_at_once_migrate_once() {
         )
         .await
         .unwrap();
-    assert_eq!(versions.iter().map(|row| row.get::<_, i32>(0)).collect::<Vec<_>>(), [1]);
+    assert_eq!(versions.iter().map(|row| row.get::<_, i32>(0)).collect::<Vec<_>>(), [1, 2]);
 
     // A database migrated by a newer idem is refused, not misread.
     client
@@ -61,4 +61,31 @@ async fn instances_starting_at_once_migrate_once() {
         .unwrap();
     let error = PostgresStore::connect(&url).await.unwrap_err().to_string();
     assert!(error.contains("version 99"), "{error}");
+    let error = PostgresStore::connect_existing(&url).await.unwrap_err().to_string();
+    assert!(error.contains("version 99"), "{error}");
+}
+
+/// Operator tools open a store as it is: an empty schema is refused, and left empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_an_existing_store_never_migrates() {
+    let Some(url) = fresh_schema_url("idem_existing_only").await else { return };
+    let error = PostgresStore::connect_existing(&url).await.unwrap_err().to_string();
+    assert!(error.contains("no idem schema"), "{error}");
+    let (client, connection) = tokio_postgres::connect(
+        &service_url("IDEM_TEST_POSTGRES_URL").unwrap(),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let tables = client
+        .query(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'idem_existing_only'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(tables.is_empty(), "connect_existing created {} tables", tables.len());
+    PostgresStore::connect(&url).await.unwrap();
+    PostgresStore::connect_existing(&url).await.expect("a migrated store opens as it is");
 }

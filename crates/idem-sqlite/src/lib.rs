@@ -141,6 +141,10 @@ impl SqliteStore {
             Error::Config(format!("cannot open SQLite database {}: {error}", path.display()))
         })?;
         connection.busy_timeout(options.busy_timeout).map_err(unavailable)?;
+        if !migrating {
+            // Before anything that could write: a file that is not idem's is left untouched.
+            check_schema(&connection)?;
+        }
         connection.pragma_update(None, "journal_mode", "WAL").map_err(unavailable)?;
         let synchronous = match options.synchronous {
             Synchronous::Full => "FULL",
@@ -149,8 +153,6 @@ impl SqliteStore {
         connection.pragma_update(None, "synchronous", synchronous).map_err(unavailable)?;
         if migrating {
             migrate(&mut connection)?;
-        } else {
-            check_schema(&connection)?;
         }
         let (jobs, queue) = tokio::sync::mpsc::channel(QUEUE_DEPTH);
         std::thread::Builder::new()

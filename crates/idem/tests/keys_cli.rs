@@ -112,3 +112,22 @@ fn bad_store_urls_get_readable_errors() {
         assert!(!err.contains("hunter2"), "passwords never reach the terminal: {err}");
     }
 }
+
+/// `idem keys` works on what a gateway set up: it never creates a SQLite file or a schema.
+#[test]
+fn keys_never_creates_or_migrates_a_store() {
+    let missing = temp_dir().join("never-created.db");
+    let store = format!("sqlite://{}", missing.display());
+    let (code, _, err) = keys(&store, &["list"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("cannot open SQLite database"), "{err}");
+    assert!(!missing.exists(), "idem keys created {}", missing.display());
+
+    // A SQLite file that is not idem's is refused and left as it was.
+    let foreign = temp_dir().join("foreign.db");
+    std::fs::write(&foreign, b"").unwrap();
+    let (code, _, err) = keys(&format!("sqlite://{}", foreign.display()), &["list"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no idem schema"), "{err}");
+    assert_eq!(std::fs::metadata(&foreign).unwrap().len(), 0, "the file was written to");
+}
