@@ -347,6 +347,24 @@ impl Engine {
     }
 }
 
+/// What a store's `complete_in` needs to store a claim's outcome inside the caller's own
+/// transaction: the record, the token that owns it, and when the outcome expires.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub key: RecordKey,
+    pub token: FencingToken,
+    /// The TTL from now, on the engine's clock.
+    pub expires_at: Timestamp,
+}
+
+impl Completion {
+    /// For `token`'s claim of `key`, expiring the engine's TTL from now.
+    pub fn new(engine: &Engine, key: RecordKey, token: FencingToken) -> Self {
+        let expires_at = engine.now().saturating_add(engine.inner.config.ttl);
+        Self { key, token, expires_at }
+    }
+}
+
 /// A claim's decision on its way to the caller. If the caller is gone (the send failed, or
 /// the caller's future was dropped with the decision still in the channel), a won claim is
 /// released: nothing ran under it.
@@ -463,6 +481,21 @@ impl Claim {
 
     pub fn lease_expires_at(&self) -> Timestamp {
         self.lease_expires_at
+    }
+
+    /// What storing this claim's outcome inside the caller's own database transaction needs
+    /// (`idem_postgres::complete_in`, `idem_sqlite::complete_in`): the business writes and the
+    /// stored outcome then commit together or not at all, so a crash between them cannot
+    /// cause a second run. After the commit, end the claim with [`Claim::completed_elsewhere`];
+    /// if the transaction rolled back, [`Claim::release`] it (nothing happened).
+    pub fn completion(&self) -> Completion {
+        Completion::new(&self.engine, self.key.clone(), self.token)
+    }
+
+    /// Ends a claim whose outcome the caller's own transaction stored and committed (see
+    /// [`Claim::completion`]).
+    pub fn completed_elsewhere(mut self) {
+        self.finished = true;
     }
 
     /// How long the lease holds from now without another renewal.

@@ -35,7 +35,7 @@ mod store;
 
 pub use changes::{ChangeFeed, Notifies};
 pub use clock::{Clock, ClockDebug, ManualClock, StoreClock, SystemClock, Timestamp};
-pub use engine::{Begin, Claim, Engine, EngineConfig, Outcome};
+pub use engine::{Begin, Claim, Completion, Engine, EngineConfig, Outcome};
 pub use error::{BoxError, Error, Result};
 pub use fingerprint::{Fingerprint, FingerprintBuilder};
 pub use key::{IdempotencyKey, KeyError, MAX_KEY_LEN, RecordKey, Scope};

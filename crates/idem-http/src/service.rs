@@ -18,7 +18,9 @@ use tower::{Service, ServiceExt};
 
 use crate::headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
 use crate::problem::{PROBLEM_JSON, ProblemKind, full, problem, problem_body};
-use crate::{Body, IdempotencyConfig, OutcomeUnknown, StoredResponse, UnknownOutcome};
+use crate::{
+    Body, IdempotencyConfig, InTransaction, OutcomeUnknown, StoredResponse, UnknownOutcome,
+};
 
 /// The service [`crate::IdempotencyLayer`] produces.
 #[derive(Debug, Clone)]
@@ -138,7 +140,13 @@ where
         let response = match begun {
             Ok(Begin::Run(claim)) => {
                 tracing::debug!(key = %record_key.key, scope = %record_key.scope, "claimed; running");
-                let running = Running { tasks: &tasks, abandon: &abandon, config: &config, permit };
+                let running = Running {
+                    tasks: &tasks,
+                    abandon: &abandon,
+                    config: &config,
+                    permit,
+                    engine: &engine,
+                };
                 run_claimed(running, claim, inner, request).await
             }
             Ok(Begin::Replay(payload)) => Ok(replay(payload)),
@@ -256,6 +264,7 @@ struct Running<'a> {
     config: &'a Arc<IdempotencyConfig>,
     /// Held until the call ends, wherever its client went.
     permit: tokio::sync::OwnedSemaphorePermit,
+    engine: &'a Engine,
 }
 
 /// Runs the claimed request on a task of its own, so a client that disconnects or times out
@@ -277,8 +286,13 @@ where
     let config = Arc::clone(running.config);
     let abandon = running.abandon.clone();
     let permit = running.permit;
+    let mut request = request;
+    let in_transaction =
+        InTransaction::new(running.engine.clone(), claim.key().clone(), claim.token());
+    request.extensions_mut().insert(in_transaction.clone());
     running.tasks.spawn(async move {
-        let response = finish_claimed(claim, inner, request, &config, abandon).await;
+        let response =
+            finish_claimed(claim, inner, request, &config, abandon, in_transaction).await;
         drop(permit);
         // The client may have gone; the outcome is stored regardless.
         let _ = sender.send(response);
@@ -316,6 +330,8 @@ enum Called<E> {
     Unknown(&'static str),
     /// A response to store, its body collected up to the limit.
     Collected(http::response::Parts, Collected),
+    /// The handler stored its response inside its own transaction ([`InTransaction`]).
+    StoredByHandler(Response<Body>),
 }
 
 async fn finish_claimed<S, ResBody>(
@@ -324,6 +340,7 @@ async fn finish_claimed<S, ResBody>(
     request: Request<Body>,
     config: &IdempotencyConfig,
     abandon: CancellationToken,
+    in_transaction: InTransaction,
 ) -> Result<Response<Body>, S::Error>
 where
     S: Service<Request<Body>, Response = Response<ResBody>> + Send + 'static,
@@ -347,6 +364,10 @@ where
             Ok(response) => response,
             Err(error) => return Called::Failed(error),
         };
+        if in_transaction.is_committed() {
+            // The handler stored this response in its own transaction, with its writes.
+            return Called::StoredByHandler(response.map(Body::new));
+        }
         if let Some(OutcomeUnknown(cause)) = response.extensions().get::<OutcomeUnknown>() {
             return Called::Unknown(cause);
         }
@@ -388,6 +409,10 @@ where
             Ok(response)
         }
         Called::Unknown(cause) => Ok(settle_unknown(claim, config, cause).await),
+        Called::StoredByHandler(response) => {
+            claim.completed_elsewhere();
+            Ok(response)
+        }
         Called::Collected(parts, collected) => {
             let mut stored = StoredResponse {
                 status: parts.status,

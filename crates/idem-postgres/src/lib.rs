@@ -123,6 +123,67 @@ const MIGRATIONS: &[&str] = &[
 /// the record's `RecordKey::change_id`.
 const CHANGES_CHANNEL: &str = "idem_changes";
 
+/// Completes an in-flight record owned by a token. `$2` payload, `$3` expiry, `$4` scope,
+/// `$5` key, `$6` token (`$1` is the change id, for [`notifying`]).
+const COMPLETE: &str = "UPDATE idem_records
+     SET state = 1, payload = $2, token = NULL, lease_expires_at = NULL, expires_at = $3
+     WHERE scope = $4 AND key = $5 AND state = 0 AND token = $6
+     RETURNING watched";
+
+/// `sql` (a data-modifying statement `RETURNING watched`) wrapped so that it answers how many
+/// rows it changed and announces the change (`$1`, the change id) if somebody watches. The
+/// announcement is delivered when the transaction commits, never before.
+fn notifying(sql: &str) -> String {
+    format!(
+        "WITH changed AS ({sql})
+         SELECT count(*), bool_or(CASE WHEN watched THEN pg_notify('{CHANGES_CHANNEL}', $1) IS NULL END)
+         FROM changed"
+    )
+}
+
+/// Stores a claim's outcome inside the caller's own transaction, on the database the
+/// [`PostgresStore`] uses: the caller's writes and the stored outcome commit together or not
+/// at all. Fails with [`Error::Fenced`] if the claim no longer owns the record (its lease ran
+/// out and another owner took it over): the caller must then roll back.
+///
+/// ```no_run
+/// # async fn pay(engine: idem_core::Engine, client: &mut tokio_postgres::Client, claim: idem_core::Claim) -> Result<(), Box<dyn std::error::Error>> {
+/// let transaction = client.transaction().await?;
+/// transaction.execute("INSERT INTO payments (cents) VALUES (700)", &[]).await?;
+/// idem_postgres::complete_in(&transaction, &claim.completion(), b"payment 1").await?;
+/// transaction.commit().await?;
+/// claim.completed_elsewhere();
+/// # Ok(()) }
+/// ```
+pub async fn complete_in(
+    transaction: &tokio_postgres::Transaction<'_>,
+    completion: &idem_core::Completion,
+    payload: &[u8],
+) -> Result<()> {
+    let key = &completion.key;
+    let id = key.change_id().to_string();
+    let rows = transaction
+        .query(
+            &notifying(COMPLETE),
+            &[
+                &id,
+                &payload,
+                &to_sql(completion.expires_at),
+                &key.scope.as_str(),
+                &key.key.as_str(),
+                &token_to_sql(completion.token),
+            ],
+        )
+        .await
+        .map_err(Error::unavailable)?;
+    let changed: i64 = rows
+        .first()
+        .ok_or_else(|| Error::Corrupt("no count came back".into()))?
+        .try_get(0)
+        .map_err(|error| Error::Corrupt(error.to_string()))?;
+    if changed == 1 { Ok(()) } else { Err(Error::Fenced) }
+}
+
 /// An arbitrary constant: the advisory lock that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x6964_656d_6d69_6772;
 
@@ -389,11 +450,7 @@ impl PostgresStore {
         key: &RecordKey,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64> {
-        let wrapped = format!(
-            "WITH changed AS ({sql})
-             SELECT count(*), bool_or(CASE WHEN watched THEN pg_notify('{CHANGES_CHANNEL}', $1) IS NULL END)
-             FROM changed"
-        );
+        let wrapped = notifying(sql);
         let id = key.change_id().to_string();
         let mut all: Vec<&(dyn ToSql + Sync)> = vec![&id];
         all.extend_from_slice(params);
@@ -574,10 +631,7 @@ impl Store for PostgresStore {
     ) -> Result<()> {
         let changed = self
             .changed_notifying(
-                "UPDATE idem_records
-                 SET state = 1, payload = $2, token = NULL, lease_expires_at = NULL, expires_at = $3
-                 WHERE scope = $4 AND key = $5 AND state = 0 AND token = $6
-                 RETURNING watched",
+                COMPLETE,
                 key,
                 &[
                     &&payload[..],

@@ -458,6 +458,34 @@ fn select_record(connection: &Connection, key: &RecordKey) -> Result<Option<Reco
         .transpose()
 }
 
+/// Completes an in-flight record owned by a token: payload, expiry, scope, key, token.
+const COMPLETE: &str = "UPDATE idem_records
+     SET state = 1, payload = ?1, token = NULL, lease_expires_at = NULL, expires_at = ?2
+     WHERE scope = ?3 AND key = ?4 AND state = 0 AND token = ?5";
+
+/// Stores a claim's outcome inside the caller's own transaction, on the database file the
+/// [`SqliteStore`] uses (the caller's own connection to it): the caller's writes and the
+/// stored outcome commit together or not at all. Fails with [`Error::Fenced`] if the claim no
+/// longer owns the record: the caller must then roll back.
+pub fn complete_in(
+    transaction: &rusqlite::Transaction<'_>,
+    completion: &idem_core::Completion,
+    payload: &[u8],
+) -> Result<()> {
+    let key = &completion.key;
+    fenced(
+        transaction,
+        COMPLETE,
+        params![
+            payload,
+            to_sql(completion.expires_at),
+            key.scope.as_str(),
+            key.key.as_str(),
+            token_to_sql(completion.token)
+        ],
+    )
+}
+
 /// Runs an UPDATE or DELETE that only matches the owner's in-flight row.
 fn fenced(connection: &Connection, sql: &str, params: impl rusqlite::Params) -> Result<()> {
     let changed = connection
@@ -516,9 +544,7 @@ impl Store for SqliteStore {
         self.with_connection(move |connection| {
             fenced(
                 connection,
-                "UPDATE idem_records
-                 SET state = 1, payload = ?1, token = NULL, lease_expires_at = NULL, expires_at = ?2
-                 WHERE scope = ?3 AND key = ?4 AND state = 0 AND token = ?5",
+                COMPLETE,
                 params![
                     &payload[..],
                     to_sql(expires_at),
@@ -735,6 +761,48 @@ mod tests {
             }
         }
         acquired
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_outcome_stored_in_the_callers_transaction_commits_with_its_writes() {
+        use idem_core::{Begin, Engine, EngineConfig, SystemClock};
+        let path = temp_db("in-transaction");
+        let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+        let engine = Engine::new(store, SystemClock, EngineConfig::default());
+        let fingerprint = Fingerprint::builder().part(b"pay 700").finish();
+        let mut app = Connection::open(&path).unwrap();
+        app.busy_timeout(Duration::from_secs(5)).unwrap();
+        app.execute_batch("CREATE TABLE payments (key TEXT PRIMARY KEY, cents INTEGER)").unwrap();
+
+        for (name, commit) in [("committed", true), ("rolled-back", false)] {
+            let Begin::Run(claim) = engine.begin(key(name), fingerprint).await.unwrap() else {
+                panic!("a new key runs");
+            };
+            let transaction = app.transaction().unwrap();
+            transaction.execute("INSERT INTO payments VALUES (?1, 700)", [name]).unwrap();
+            complete_in(&transaction, &claim.completion(), b"payment 1").unwrap();
+            if commit {
+                transaction.commit().unwrap();
+                claim.completed_elsewhere();
+            } else {
+                drop(transaction);
+                claim.release().await.unwrap();
+            }
+        }
+        // Committed: the payment and its outcome both; the retry replays.
+        let replay = engine.begin(key("committed"), fingerprint).await.unwrap();
+        assert!(
+            matches!(replay, Begin::Replay(ref payload) if payload == "payment 1"),
+            "{replay:?}"
+        );
+        // Rolled back: neither; the retry runs.
+        assert!(matches!(
+            engine.begin(key("rolled-back"), fingerprint).await.unwrap(),
+            Begin::Run(_)
+        ));
+        let payments: i64 =
+            app.query_row("SELECT count(*) FROM payments", [], |row| row.get(0)).unwrap();
+        assert_eq!(payments, 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

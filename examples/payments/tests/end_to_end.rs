@@ -24,8 +24,13 @@ const ACCOUNTS: usize = 25;
 
 /// Starts one of this package's binaries and returns it with its first stdout line.
 fn start(binary: &str, args: &[&str]) -> (Child, String) {
+    start_with_env(binary, args, &[])
+}
+
+fn start_with_env(binary: &str, args: &[&str], env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(binary)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -331,4 +336,54 @@ async fn a_ledger_killed_mid_batch_applies_every_payment_once() {
          afterwards {applied} applied once each, balance total {total}, {} redeliveries in all",
         info.delivered.consumer_sequence - EVENTS as u64
     );
+}
+
+/// The service commits the payment and then dies before it answers (the fault hook aborts the
+/// process right after the commit). The response was stored in the same transaction as the
+/// payment, so the client's retry against the restarted service replays it: one payment row,
+/// though the client never saw an answer. Storing the response after the commit would have
+/// left the key in flight, and the retry after the lease would have paid again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_killed_between_its_commit_and_its_answer_replays_on_retry() {
+    let Some(database) = fresh_postgres_schema("idem_e2e_crash_after_commit").await else {
+        return;
+    };
+    let payments_bin = env!("CARGO_BIN_EXE_payments");
+    let args = ["--database", database.as_str(), "--listen", "127.0.0.1:0"];
+    let (mut doomed, line) =
+        start_with_env(payments_bin, &args, &[("PAYMENTS_FAULT", "crash-after-commit")]);
+    let base = line.strip_prefix("payments listening on ").expect("readiness line").to_owned();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let pay = |base: String| {
+        let client = client.clone();
+        async move {
+            let request = http::Request::post(format!("{base}/payments"))
+                .header("idempotency-key", "pay-crash-1")
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(br#"{"account":"acct-crash","cents":700}"#)))
+                .unwrap();
+            client.request(request).await
+        }
+    };
+    assert!(pay(base).await.is_err(), "the service died before answering");
+    let status = doomed.wait().unwrap();
+    assert!(!status.success(), "the fault hook aborted the service: {status}");
+
+    let (mut service, line) = start(payments_bin, &args);
+    let base = line.strip_prefix("payments listening on ").expect("readiness line").to_owned();
+    let response = pay(base).await.expect("the restarted service answers");
+    let (status, replayed) =
+        (response.status(), response.headers().get("idempotent-replayed").cloned());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, 201, "{body:?}");
+    assert_eq!(replayed.as_ref().map(|value| value.as_bytes()), Some(&b"true"[..]));
+    let replayed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+
+    let (observer, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let rows =
+        observer.query("SELECT id FROM payments WHERE account = 'acct-crash'", &[]).await.unwrap();
+    assert_eq!(rows.len(), 1, "one payment, though the client never got an answer");
+    assert_eq!(replayed["payment_id"], rows[0].get::<_, i64>(0), "the replay names that payment");
+    kill9(&mut service);
 }

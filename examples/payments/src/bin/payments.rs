@@ -1,19 +1,24 @@
 //! The payments service: `POST /payments {"account": "...", "cents": N}` with an
-//! `Idempotency-Key` records the payment and its `payments.created` event in one transaction
-//! (the transactional outbox). The idem layer, on the same PostgreSQL, makes client retries
-//! safe.
+//! `Idempotency-Key` records the payment, its `payments.created` event (the transactional
+//! outbox) and the response a retry gets back, all in one transaction. The idem layer, on the
+//! same PostgreSQL, makes client retries safe; storing the response with the payment means a
+//! crash between the commit and the answer cannot let a retry pay twice.
+//!
+//! `PAYMENTS_FAULT=crash-after-commit` makes the service abort right after its commit, before
+//! it answers: the fault the tests inject.
 //!
 //! Run with `cargo run -p payments --bin payments -- --database postgres://... --listen 127.0.0.1:3100`.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use clap::Parser;
 use idem_core::{Engine, EngineConfig, SystemClock};
-use idem_http::{IdempotencyConfig, IdempotencyLayer};
+use idem_http::{IdempotencyConfig, IdempotencyLayer, InTransaction};
 use idem_stream::postgres::{Event, Outbox};
 use serde_json::{Value, json};
 
@@ -31,30 +36,40 @@ struct Args {
 struct App {
     pool: deadpool_postgres::Pool,
     topic: String,
+    /// The fault hook: abort between the commit and the answer.
+    crash_after_commit: bool,
 }
 
 async fn create_payment(
     State(app): State<Arc<App>>,
+    idem: Option<Extension<InTransaction>>,
     Json(body): Json<Value>,
-) -> (StatusCode, Json<Value>) {
+) -> Response {
     let (Some(account), Some(cents)) = (body["account"].as_str(), body["cents"].as_i64()) else {
         return (
             StatusCode::UNPROCESSABLE_ENTITY,
             Json(json!({ "error": "account (string) and cents (integer) are required" })),
-        );
+        )
+            .into_response();
     };
-    match record(&app, account, cents).await {
-        Ok(id) => (
-            StatusCode::CREATED,
-            Json(json!({ "payment_id": id, "account": account, "cents": cents })),
-        ),
-        // A 5xx: the idem layer releases the key, so the client's retry runs again.
-        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": error }))),
+    match record(&app, account, cents, idem.as_deref()).await {
+        Ok(body) => (StatusCode::CREATED, [(header::CONTENT_TYPE, "application/json")], body)
+            .into_response(),
+        // A 5xx: nothing committed, the idem layer releases the key, a retry runs again.
+        Err(error) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": error }))).into_response()
+        }
     }
 }
 
-/// The payment row and its event, in one transaction: both or neither.
-async fn record(app: &App, account: &str, cents: i64) -> Result<i64, String> {
+/// The payment row, its event and (under the idem layer) the response a retry replays, in
+/// one transaction: all or nothing. Returns the response body.
+async fn record(
+    app: &App,
+    account: &str,
+    cents: i64,
+    idem: Option<&InTransaction>,
+) -> Result<String, String> {
     let mut client = app.pool.get().await.map_err(|e| e.to_string())?;
     let transaction = client.transaction().await.map_err(|e| e.to_string())?;
     let id: i64 = transaction
@@ -69,8 +84,23 @@ async fn record(app: &App, account: &str, cents: i64) -> Result<i64, String> {
     let event =
         Event { topic: &app.topic, key: account, payload: payload.as_bytes(), headers: &[] };
     Outbox::enqueue(&transaction, event).await.map_err(|e| e.to_string())?;
+    if let Some(idem) = idem {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let stored = idem.payload(StatusCode::CREATED, &headers, payload.as_bytes());
+        idem_postgres::complete_in(&transaction, &idem.completion(), &stored)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
     transaction.commit().await.map_err(|e| e.to_string())?;
-    Ok(id)
+    if app.crash_after_commit {
+        eprintln!("PAYMENTS_FAULT=crash-after-commit: aborting after the commit of payment {id}");
+        std::process::abort();
+    }
+    if let Some(idem) = idem {
+        idem.committed();
+    }
+    Ok(payload)
 }
 
 #[tokio::main]
@@ -100,7 +130,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = Engine::new(store, SystemClock, EngineConfig::default());
     let app = Router::new()
         .route("/payments", post(create_payment))
-        .with_state(Arc::new(App { pool, topic: args.topic }))
+        .with_state(Arc::new(App {
+            pool,
+            topic: args.topic,
+            crash_after_commit: std::env::var("PAYMENTS_FAULT").as_deref()
+                == Ok("crash-after-commit"),
+        }))
         .layer(IdempotencyLayer::new(engine, IdempotencyConfig::default().require_key(true)));
     let listener = tokio::net::TcpListener::bind(&args.listen).await?;
     println!("payments listening on http://{}", listener.local_addr()?);
