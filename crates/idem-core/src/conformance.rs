@@ -21,18 +21,54 @@ use crate::{
     RecordState, Scope, StateFilter, Store, SystemClock, Timestamp, clock::Clock,
 };
 
-/// The URL of a real server for a test, from the environment variable `variable`. When it
-/// is unset the test says so loudly and skips (returns `None`), unless
+/// The URL of a real server for a test: from the environment variable `variable`, else the
+/// standard loopback address of that kind of server if something answers there (PostgreSQL
+/// `postgres://postgres@127.0.0.1:5432/test`, Redis `redis://127.0.0.1:6379`, NATS
+/// `nats://127.0.0.1:4222`, RabbitMQ `amqp://guest:guest@127.0.0.1:5672/%2f`). When neither,
+/// the test says so loudly (see [`skip`]) and skips (returns `None`), unless
 /// `IDEM_REQUIRE_SERVICES=1`, under which a missing service fails the test.
 pub fn service_url(variable: &str) -> Option<String> {
-    match std::env::var(variable) {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") => {
-            panic!("{variable} is not set and IDEM_REQUIRE_SERVICES=1")
+    if let Ok(url) = std::env::var(variable)
+        && !url.is_empty()
+    {
+        return Some(url);
+    }
+    let standard = match variable {
+        "IDEM_TEST_POSTGRES_URL" => Some(("postgres://postgres@127.0.0.1:5432/test", 5432)),
+        "IDEM_TEST_REDIS_URL" => Some(("redis://127.0.0.1:6379", 6379)),
+        "IDEM_TEST_NATS_URL" => Some(("nats://127.0.0.1:4222", 4222)),
+        "IDEM_TEST_AMQP_URL" => Some(("amqp://guest:guest@127.0.0.1:5672/%2f", 5672)),
+        _ => None,
+    };
+    if let Some((url, port)) = standard {
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::TcpStream::connect_timeout(&address, Duration::from_millis(300)).is_ok() {
+            return Some(url.to_owned());
         }
-        _ => {
-            eprintln!("SKIPPED: {variable} is not set; this test needs a real server");
-            None
+    }
+    if std::env::var("IDEM_REQUIRE_SERVICES").as_deref() == Ok("1") {
+        panic!(
+            "{variable} is not set, nothing answers at its standard address, and IDEM_REQUIRE_SERVICES=1"
+        );
+    }
+    let tried = standard.map_or(String::new(), |(url, _)| format!(" and nothing answers at {url}"));
+    skip(&format!("{variable} is not set{tried}"));
+    None
+}
+
+/// Says loudly that the calling test skips, and why: on stderr (`SKIPPED: ...`), and, when
+/// `IDEM_SKIP_LOG` names a file (as `scripts/test.sh` does), as a line appended to it, so the
+/// run's summary can list every skip.
+pub fn skip(reason: &str) {
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    eprintln!("SKIPPED: {test}: {reason}");
+    if let Ok(path) = std::env::var("IDEM_SKIP_LOG")
+        && !path.is_empty()
+    {
+        use std::io::Write as _;
+        let line = format!("{test}: {reason}\n");
+        if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = file.write_all(line.as_bytes());
         }
     }
 }

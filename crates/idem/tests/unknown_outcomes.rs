@@ -356,7 +356,7 @@ fn faketime_available() -> bool {
             Ok("1"),
             "faketime is needed (apt-get install faketime)"
         );
-        eprintln!("SKIPPED: faketime is not installed; the clock-skew test needs it");
+        idem_core::conformance::skip("faketime is not installed (apt-get install faketime)");
     }
     works
 }
