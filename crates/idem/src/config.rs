@@ -462,6 +462,27 @@ mod tests {
     }
 
     #[test]
+    fn switches_take_an_optional_value_that_can_turn_them_off() {
+        use clap::Parser;
+        #[derive(Debug, Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["idem", "--upstream", "http://127.0.0.1:3000"];
+            argv.extend_from_slice(extra);
+            let serve = Cli::try_parse_from(argv).unwrap().serve;
+            (serve.require_key, serve.fail_open)
+        };
+        assert_eq!(parse(&[]), (None, None));
+        assert_eq!(parse(&["--require-key", "--fail-open"]), (Some(true), Some(true)));
+        assert_eq!(parse(&["--require-key=false", "--fail-open=no"]), (Some(false), Some(false)));
+        assert_eq!(parse(&["--require-key=true"]), (Some(true), None));
+        assert!(Cli::try_parse_from(["idem", "--require-key=maybe"]).is_err());
+    }
+
+    #[test]
     fn bad_values_get_readable_errors() {
         for (mut args, expected) in [
             (ServeArgs::default(), "no upstream"),
