@@ -72,81 +72,121 @@ impl Clock for ManualClock {
     }
 }
 
-/// A clock that reads the store's time: the local clock plus the offset to the store's clock,
-/// measured at start and every few seconds after. Lease and expiry decisions are then made on
-/// the store's clock, so a process whose own clock is off (by seconds or by hours) can neither
-/// take over a live claim nor keep a dead one: every process sharing the store agrees on the
-/// time to within half a round trip to it.
+/// A clock that reads the store's time. Lease and expiry decisions are then made on the
+/// store's clock, so a process whose own clock is off (by seconds or by hours), or is stepped
+/// while it runs, can neither take over a live claim nor keep a dead one: every process
+/// sharing the store agrees on the time, to within half a round trip to it.
 ///
-/// Stores without a clock of their own ([`crate::Store::server_time`] answers `None`: memory,
-/// SQLite on one host) leave the local clock as it is.
+/// It reads the store's clock ([`crate::Store::server_time`]) at start and every 5 s after,
+/// and between readings counts on from the last one with the monotonic clock, which no change
+/// of the wall clock moves. Of its readings it keeps the one with the shortest round trip
+/// unless that one is more than 30 s old, so a reading delayed by a busy store does not skew it.
+///
+/// Stores without a clock of their own (memory, SQLite on one host) leave the local clock as
+/// it is.
 #[derive(Debug, Clone)]
 pub struct StoreClock {
     local: Arc<dyn ClockDebug>,
-    offset_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// `None` while the store has no clock: the local clock is used.
+    reading: Option<Arc<std::sync::Mutex<Reading>>>,
 }
 
-/// [`Clock`] and `Debug`, for the clock a [`StoreClock`] corrects.
+/// [`Clock`] and `Debug`, for the clock a [`StoreClock`] falls back on.
 pub trait ClockDebug: Clock + std::fmt::Debug {}
 impl<C: Clock + std::fmt::Debug> ClockDebug for C {}
 
-/// How often the offset to the store's clock is measured again.
+/// One reading of the store's clock: its time at a monotonic instant.
+#[derive(Debug, Clone, Copy)]
+struct Reading {
+    at: std::time::Instant,
+    store_millis: u64,
+    round_trip: Duration,
+}
+
+/// How often the store's clock is read again.
 const RESYNC: Duration = Duration::from_secs(5);
+/// A reading with a longer round trip than the one kept replaces it only past this age.
+const KEEP_BEST_FOR: Duration = Duration::from_secs(30);
+/// Readings taken at start, the best kept.
+const START_READINGS: usize = 3;
 
 impl StoreClock {
-    /// Measures the offset to `store`'s clock now (an unreachable store leaves it at zero, to
-    /// be measured again later), then keeps measuring it every 5 s on a task of its own, for
-    /// as long as a clone of this clock lives.
-    pub async fn start(store: Arc<dyn crate::Store>, local: impl ClockDebug) -> Self {
-        let clock = Self { local: Arc::new(local), offset_ms: Arc::default() };
-        if clock.sync(store.as_ref()).await {
-            let local = Arc::clone(&clock.local);
-            let offset = Arc::downgrade(&clock.offset_ms);
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(RESYNC).await;
-                    let Some(offset_ms) = offset.upgrade() else { return };
-                    Self { local: Arc::clone(&local), offset_ms }.sync(store.as_ref()).await;
+    /// Reads `store`'s clock now (three times, keeping the shortest round trip) and then every
+    /// 5 s on a task of its own, for as long as a clone of this clock lives. Fails if the
+    /// store has a clock and it cannot be read now: deciding leases on the local clock
+    /// instead would be the very risk this clock removes.
+    pub async fn start(
+        store: Arc<dyn crate::Store>,
+        local: impl ClockDebug,
+    ) -> crate::Result<Self> {
+        let mut best: Option<Reading> = None;
+        for _ in 0..START_READINGS {
+            match read(store.as_ref()).await? {
+                None => return Ok(Self { local: Arc::new(local), reading: None }),
+                Some(reading) => {
+                    if best.is_none_or(|best| reading.round_trip < best.round_trip) {
+                        best = Some(reading);
+                    }
                 }
-            });
-        }
-        clock
-    }
-
-    /// The current offset: store time minus local time.
-    pub fn offset_ms(&self) -> i64 {
-        self.offset_ms.load(Ordering::SeqCst)
-    }
-
-    /// Measures the offset once; `false` if the store has no clock.
-    async fn sync(&self, store: &dyn crate::Store) -> bool {
-        let before = self.local.now();
-        let started = std::time::Instant::now();
-        let server = match store.server_time().await {
-            Ok(Some(server)) => server,
-            Ok(None) => return false,
-            Err(error) => {
-                tracing::debug!(%error, "cannot read the store's clock; keeping the last offset");
-                return true;
             }
-        };
-        // The server read its clock somewhere within the round trip: assume its middle.
-        let midpoint = before.as_millis() as i64 + (started.elapsed().as_millis() as i64) / 2;
-        let offset = server.as_millis() as i64 - midpoint;
-        let previous = self.offset_ms.swap(offset, Ordering::SeqCst);
-        if offset.abs() >= 1_000 && (offset - previous).abs() >= 1_000 {
+        }
+        let best = best.expect("at least one reading");
+        let clock = Self { local: Arc::new(local), reading: Some(Arc::new(best.into())) };
+        let offset = best.store_millis as i64 - clock.local.now().as_millis() as i64;
+        if offset.abs() >= 1_000 {
             tracing::warn!(
                 offset_ms = offset,
                 "this host's clock differs from the store's; leases and expiry follow the store's clock"
             );
         }
-        true
+        let kept = Arc::downgrade(clock.reading.as_ref().expect("set above"));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RESYNC).await;
+                let Some(kept) = kept.upgrade() else { return };
+                match read(store.as_ref()).await {
+                    Ok(Some(fresh)) => {
+                        let mut current =
+                            kept.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                        if fresh.round_trip <= current.round_trip
+                            || current.at.elapsed() >= KEEP_BEST_FOR
+                        {
+                            *current = fresh;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(error) => {
+                        tracing::debug!(%error, "cannot read the store's clock; counting on from the last reading");
+                    }
+                }
+            }
+        });
+        Ok(clock)
     }
+
+    /// Whether the store's clock is in use (the store has one).
+    pub fn follows_store(&self) -> bool {
+        self.reading.is_some()
+    }
+}
+
+/// One reading: the store's time, placed at the middle of the round trip.
+async fn read(store: &dyn crate::Store) -> crate::Result<Option<Reading>> {
+    let sent = std::time::Instant::now();
+    let Some(server) = store.server_time().await? else { return Ok(None) };
+    let round_trip = sent.elapsed();
+    Ok(Some(Reading { at: sent + round_trip / 2, store_millis: server.as_millis(), round_trip }))
 }
 
 impl Clock for StoreClock {
     fn now(&self) -> Timestamp {
-        let local = self.local.now().as_millis() as i64;
-        Timestamp((local + self.offset_ms.load(Ordering::SeqCst)).max(0) as u64)
+        match &self.reading {
+            None => self.local.now(),
+            Some(reading) => {
+                let reading = *reading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let elapsed = reading.at.elapsed().as_millis() as u64;
+                Timestamp::from_millis(reading.store_millis.saturating_add(elapsed))
+            }
+        }
     }
 }

@@ -25,6 +25,7 @@
 //! ```
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -170,11 +171,9 @@ impl Engine {
             Notifies::Nobody => false,
         };
         // A safety re-check even with announcements (one may be lost on a reconnect).
-        let poll = if heard_everywhere && changes.is_some() {
-            Duration::from_secs(5)
-        } else {
-            Duration::from_millis(200)
-        };
+        let short_poll = Duration::from_millis(200);
+        let mut poll =
+            if heard_everywhere && changes.is_some() { Duration::from_secs(5) } else { short_poll };
         let mut watched = false;
         let mut waited = false;
         loop {
@@ -205,11 +204,19 @@ impl Engine {
                     Err(error) => {
                         tracing::debug!(key = %key.key, %error, "cannot watch the key; polling");
                         changes = None;
+                        poll = short_poll;
                     }
                 }
             }
             let step = (deadline - now).min(retry_after).min(poll);
-            wait_for_change(&mut changes, key.change_id(), step).await;
+            if wait_for_change(&mut changes, key.change_id(), step).await {
+                // Announced: the record was released and may be claimed anew by another
+                // waiter, unwatched; watch it again if it is still in flight.
+                watched = false;
+            }
+            if changes.is_none() {
+                poll = short_poll;
+            }
             waited = true;
         }
     }
@@ -400,27 +407,28 @@ fn count(begun: &Begin) {
 }
 
 /// Waits up to `step` for an announcement that the record `id` changed (or for one that may
-/// have been missed: a subscriber that lagged behind).
+/// have been missed: a subscriber that lagged behind); `true` if one came.
 async fn wait_for_change(
     changes: &mut Option<tokio::sync::broadcast::Receiver<u64>>,
     id: u64,
     step: Duration,
-) {
+) -> bool {
     use tokio::sync::broadcast::error::RecvError;
     let sleep = tokio::time::sleep(step);
     let Some(receiver) = changes else {
-        return sleep.await;
+        sleep.await;
+        return false;
     };
     tokio::pin!(sleep);
     loop {
         tokio::select! {
-            () = &mut sleep => return,
+            () = &mut sleep => return false,
             received = receiver.recv() => match received {
                 Ok(changed) if changed != id => {}
-                Ok(_) | Err(RecvError::Lagged(_)) => return,
+                Ok(_) | Err(RecvError::Lagged(_)) => return true,
                 Err(RecvError::Closed) => {
                     *changes = None;
-                    return sleep.await;
+                    return false;
                 }
             },
         }
@@ -566,16 +574,8 @@ impl Claim {
 
     /// Extends the lease by a full lease from now.
     pub async fn renew(&mut self) -> Result<()> {
-        let engine = &self.engine;
-        let now = engine.now();
-        let lease_expires_at = now.saturating_add(engine.inner.config.lease);
-        let expires_at = lease_expires_at.saturating_add(engine.inner.config.ttl);
-        timed(
-            "renew",
-            engine.inner.store.renew(&self.key, self.token, now, lease_expires_at, expires_at),
-        )
-        .await?;
-        self.lease_expires_at = lease_expires_at;
+        self.lease_expires_at =
+            renew_lease(self.engine.clone(), self.key.clone(), self.token).await?;
         Ok(())
     }
 
@@ -586,23 +586,44 @@ impl Claim {
         let period = self.engine.inner.config.lease / 3;
         let mut work = std::pin::pin!(work);
         let mut renewing = true;
+        // The renewal runs beside the work, never instead of it: work that holds a lock the
+        // renewal waits for (a handler's transaction on the record's row) keeps going.
+        let mut renewal: Option<Pin<Box<dyn Future<Output = Result<Timestamp>> + Send>>> = None;
+        let tick = tokio::time::sleep(period);
+        tokio::pin!(tick);
         loop {
-            let tick = tokio::time::sleep(period);
             tokio::select! {
                 output = &mut work => return output,
-                () = tick, if renewing => match self.renew().await {
-                    Ok(()) => {}
-                    Err(Error::Fenced) => {
-                        tracing::warn!(key = %self.key.key, "lease lost to another owner while running; its outcome will not be stored");
-                        renewing = false;
+                () = &mut tick, if renewing && renewal.is_none() => {
+                    renewal = Some(Box::pin(renew_lease(self.engine.clone(), self.key.clone(), self.token)));
+                }
+                renewed = async { renewal.as_mut().expect("guarded").await }, if renewal.is_some() => {
+                    renewal = None;
+                    tick.as_mut().reset(tokio::time::Instant::now() + period);
+                    match renewed {
+                        Ok(lease_expires_at) => self.lease_expires_at = lease_expires_at,
+                        Err(Error::Fenced) => {
+                            tracing::warn!(key = %self.key.key, "the record is no longer this claim's (its lease ran out and another owner took it, or the handler completed it in its own transaction); stopped renewing");
+                            renewing = false;
+                        }
+                        Err(error) => {
+                            tracing::warn!(key = %self.key.key, %error, "could not renew the lease; will try again");
+                        }
                     }
-                    Err(error) => {
-                        tracing::warn!(key = %self.key.key, %error, "could not renew the lease; will try again");
-                    }
-                },
+                }
             }
         }
     }
+}
+
+/// Extends `token`'s lease of `key` by a full lease from now; answers the new lease end.
+async fn renew_lease(engine: Engine, key: RecordKey, token: FencingToken) -> Result<Timestamp> {
+    let now = engine.now();
+    let lease_expires_at = now.saturating_add(engine.inner.config.lease);
+    let expires_at = lease_expires_at.saturating_add(engine.inner.config.ttl);
+    timed("renew", engine.inner.store.renew(&key, token, now, lease_expires_at, expires_at))
+        .await?;
+    Ok(lease_expires_at)
 }
 
 impl Drop for Claim {
@@ -873,6 +894,8 @@ mod tests {
         lose_claim_replies: std::sync::atomic::AtomicBool,
         lose_complete_replies: AtomicUsize,
         claims_done: AtomicUsize,
+        /// The server's clock, this far ahead of the system clock; `None`: no clock.
+        clock_ahead_ms: Option<u64>,
     }
 
     impl Stalling {
@@ -883,6 +906,7 @@ mod tests {
                 lose_claim_replies: false.into(),
                 lose_complete_replies: AtomicUsize::new(0),
                 claims_done: AtomicUsize::new(0),
+                clock_ahead_ms: None,
             })
         }
     }
@@ -941,6 +965,12 @@ mod tests {
         async fn ping(&self) -> Result<()> {
             Ok(())
         }
+        async fn server_time(&self) -> Result<Option<Timestamp>> {
+            use crate::Clock as _;
+            Ok(self
+                .clock_ahead_ms
+                .map(|ahead| Timestamp::from_millis(crate::SystemClock.now().as_millis() + ahead)))
+        }
         fn capabilities(&self) -> crate::Capabilities {
             self.inner.capabilities()
         }
@@ -955,6 +985,32 @@ mod tests {
             Arc::new(crate::SystemClock),
             EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
         )
+    }
+
+    #[tokio::test]
+    async fn the_store_clock_follows_the_store_and_ignores_steps_of_the_local_clock() {
+        let hour = 3_600_000;
+        let mut store = Stalling::new(true);
+        Arc::get_mut(&mut store).unwrap().clock_ahead_ms = Some(hour);
+        let local = ManualClock::new(1_000);
+        let clock = crate::StoreClock::start(Arc::clone(&store) as Arc<dyn Store>, local.clone())
+            .await
+            .unwrap();
+        assert!(clock.follows_store());
+        let store_now = || crate::SystemClock.now().as_millis() + hour;
+        let close = |a: u64, b: u64| a.abs_diff(b) < 200;
+        assert!(close(clock.now().as_millis(), store_now()), "the store's time, not the local");
+        // The local wall clock is stepped by a day: the store clock does not move with it.
+        local.advance(Duration::from_secs(24 * 3600));
+        assert!(close(clock.now().as_millis(), store_now()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(close(clock.now().as_millis(), store_now()), "it counts on between readings");
+
+        // A store without a clock leaves the local clock as it is.
+        let plain =
+            crate::StoreClock::start(Arc::new(MemoryStore::new()), local.clone()).await.unwrap();
+        assert!(!plain.follows_store());
+        assert_eq!(plain.now(), local.now());
     }
 
     #[tokio::test]

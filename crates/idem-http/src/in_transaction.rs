@@ -64,7 +64,20 @@ impl InTransaction {
         self.inner.committed.store(true, Ordering::SeqCst);
     }
 
-    pub(crate) fn is_committed(&self) -> bool {
-        self.inner.committed.load(Ordering::SeqCst)
+    /// Whether the handler said it committed and the store shows the record completed (a
+    /// handler that says so before its commit, or after a failed one, is not believed: the
+    /// layer then stores the response itself, as without this extension).
+    pub(crate) async fn stored_by_handler(&self) -> bool {
+        if !self.inner.committed.load(Ordering::SeqCst) {
+            return false;
+        }
+        match self.inner.engine.store().get(&self.inner.key).await {
+            Ok(Some(record)) => matches!(record.state, idem_core::RecordState::Completed { .. }),
+            Ok(None) => false,
+            Err(error) => {
+                tracing::warn!(key = %self.inner.key.key, %error, "cannot check the record the handler stored; storing the response as usual");
+                false
+            }
+        }
     }
 }

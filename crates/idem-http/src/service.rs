@@ -364,7 +364,7 @@ where
             Ok(response) => response,
             Err(error) => return Called::Failed(error),
         };
-        if in_transaction.is_committed() {
+        if in_transaction.stored_by_handler().await {
             // The handler stored this response in its own transaction, with its writes.
             return Called::StoredByHandler(response.map(Body::new));
         }

@@ -143,7 +143,9 @@ fn notifying(sql: &str) -> String {
 
 /// Stores a claim's outcome inside the caller's own transaction, on the database the
 /// [`PostgresStore`] uses: the caller's writes and the stored outcome commit together or not
-/// at all. Fails with [`Error::Fenced`] if the claim no longer owns the record (its lease ran
+/// at all. The statement names `idem_records` unqualified: the transaction's `search_path`
+/// must find idem's table (with the store's `schema` parameter, connect the application with
+/// `options=-c search_path=<schema>,public` or the like). Fails with [`Error::Fenced`] if the claim no longer owns the record (its lease ran
 /// out and another owner took it over): the caller must then roll back.
 ///
 /// ```no_run
@@ -366,6 +368,9 @@ impl PostgresStore {
             let mut client = self.pool.get().await.map_err(Error::unavailable)?;
             let transaction = client.transaction().await.map_err(Error::unavailable)?;
             transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(Error::unavailable)?;
+            // A migration that must wait for the table (behind a long transaction) gives up
+            // instead of queueing every gateway's statements behind its lock.
+            transaction.batch_execute("SET LOCAL lock_timeout = '5s'").await.map_err(Error::unavailable)?;
             if let Some(schema) = schema {
                 // Validated in parse_url: a plain lowercase identifier.
                 transaction
@@ -485,18 +490,37 @@ impl PostgresStore {
                         let mut listen = std::pin::pin!(listen);
                         let mut listening = false;
                         loop {
-                            let message = std::future::poll_fn(|cx| {
-                                if !listening
-                                    && let std::task::Poll::Ready(result) = listen.as_mut().poll(cx)
-                                {
-                                    listening = true;
-                                    if result.is_ok() {
-                                        alive.listening.send_replace(true);
+                            let mut failed = false;
+                            let message = tokio::time::timeout(
+                                Duration::from_secs(5),
+                                std::future::poll_fn(|cx| {
+                                    if !listening
+                                        && let std::task::Poll::Ready(result) =
+                                            listen.as_mut().poll(cx)
+                                    {
+                                        listening = true;
+                                        match result {
+                                            Ok(()) => {
+                                                alive.listening.send_replace(true);
+                                            }
+                                            Err(_) => failed = true,
+                                        }
                                     }
-                                }
-                                connection.poll_message(cx)
-                            })
+                                    connection.poll_message(cx)
+                                }),
+                            )
                             .await;
+                            if failed {
+                                tracing::debug!("LISTEN failed; reconnecting");
+                                break;
+                            }
+                            // Quiet for a while: the store may be gone, ending this task.
+                            let Ok(message) = message else {
+                                if std::sync::Arc::strong_count(&alive) == 1 {
+                                    return;
+                                }
+                                continue;
+                            };
                             match message {
                                 Some(Ok(tokio_postgres::AsyncMessage::Notification(note))) => {
                                     if let Ok(id) = note.payload().parse::<u64>() {

@@ -113,6 +113,19 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// Deletes a record whatever its state, announcing it if watched. ARGV: changes channel,
+/// change id.
+static DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        local watched = redis.call('HGET', KEYS[1], 'w')
+        local deleted = redis.call('DEL', KEYS[1])
+        if watched then redis.call('PUBLISH', ARGV[1], ARGV[2]) end
+        return deleted
+        ",
+    )
+});
+
 /// Marks an in-flight record watched. ARGV: none.
 static WATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -264,14 +277,26 @@ impl RedisStore {
                             alive.listening.send_replace(true);
                             backoff = Duration::from_millis(100);
                             let mut messages = pubsub.on_message();
-                            while let Some(message) = messages.next().await {
-                                if let Ok(id) = message.get_payload::<String>() {
-                                    if let Ok(id) = id.parse::<u64>() {
-                                        feed.notify_id(id);
-                                    }
-                                }
+                            loop {
+                                let next =
+                                    tokio::time::timeout(Duration::from_secs(5), messages.next())
+                                        .await;
+                                // The store gone (checked when quiet too): this task ends.
                                 if std::sync::Arc::strong_count(&alive) == 1 {
                                     return;
+                                }
+                                match next {
+                                    Ok(Some(message)) => {
+                                        if let Some(id) = message
+                                            .get_payload::<String>()
+                                            .ok()
+                                            .and_then(|id| id.parse::<u64>().ok())
+                                        {
+                                            feed.notify_id(id);
+                                        }
+                                    }
+                                    Ok(None) => break,
+                                    Err(_) => {}
                                 }
                             }
                         }
@@ -463,8 +488,10 @@ impl Store for RedisStore {
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool> {
+        let mut invocation = DELETE.key(self.record_key(key));
+        invocation.arg(self.changes_channel()).arg(key.change_id().to_string());
         let mut connection = self.connection.clone();
-        let deleted: u64 = self.bounded(connection.del(self.record_key(key))).await?;
+        let deleted: i64 = self.bounded(invocation.invoke_async(&mut connection)).await?;
         Ok(deleted > 0)
     }
 

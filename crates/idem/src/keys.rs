@@ -99,7 +99,10 @@ pub enum StateArg {
 pub async fn run(args: KeysArgs) -> Result<(String, bool), String> {
     let store = crate::store::open_existing(&args.store).await?;
     // Ages and leases as the store's clock sees them, as the gateways do.
-    let now = idem_core::StoreClock::start(Arc::clone(&store), SystemClock).await.now();
+    let now = idem_core::StoreClock::start(Arc::clone(&store), SystemClock)
+        .await
+        .map_err(|error| format!("cannot read the store's clock: {error}"))?
+        .now();
     match args.command {
         KeysCommand::List { scope, state, older_than, limit } => {
             let created_before = match older_than {

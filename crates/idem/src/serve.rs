@@ -58,7 +58,9 @@ pub async fn run(
     let store = crate::store::open(&config.store).await.map_err(ServeError::Store)?;
     // Leases and expiry on the store's clock where it has one, so that gateways whose clocks
     // disagree still agree on when a lease ends.
-    let clock = StoreClock::start(Arc::clone(&store), SystemClock).await;
+    let clock = StoreClock::start(Arc::clone(&store), SystemClock)
+        .await
+        .map_err(|error| ServeError::Store(format!("cannot read the store's clock: {error}")))?;
     let engine = Engine::from_shared(
         Arc::clone(&store),
         Arc::new(clock),

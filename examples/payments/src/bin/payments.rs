@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Extension, Json, Router};
 use clap::Parser;
-use idem_core::{Engine, EngineConfig, SystemClock};
+use idem_core::{Engine, EngineConfig, StoreClock, SystemClock};
 use idem_http::{IdempotencyConfig, IdempotencyLayer, InTransaction};
 use idem_stream::postgres::{Event, Outbox};
 use serde_json::{Value, json};
@@ -126,8 +126,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
             .await?;
     }
-    let store = idem_postgres::PostgresStore::connect(&args.database).await?;
-    let engine = Engine::new(store, SystemClock, EngineConfig::default());
+    let store: Arc<dyn idem_core::Store> =
+        Arc::new(idem_postgres::PostgresStore::connect(&args.database).await?);
+    // Leases on the database's clock, whatever this host's clock says.
+    let clock = StoreClock::start(Arc::clone(&store), SystemClock).await?;
+    let engine = Engine::from_shared(store, Arc::new(clock), EngineConfig::default());
     let app = Router::new()
         .route("/payments", post(create_payment))
         .with_state(Arc::new(App {
