@@ -55,8 +55,15 @@ impl InTransaction {
         let mut headers = headers.clone();
         remove_hop_by_hop(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
-        StoredResponse { status, headers, body: Bytes::copy_from_slice(body), body_omitted: false }
-            .encode()
+        StoredResponse {
+            status,
+            headers,
+            body: Bytes::copy_from_slice(body),
+            body_omitted: false,
+            cookies_omitted: false,
+        }
+        .without_cookies_for(&self.inner.key.scope)
+        .encode()
     }
 
     /// Says the handler's transaction stored the response and committed.

@@ -17,9 +17,10 @@ pub struct IdempotencyConfig {
     pub methods: Vec<Method>,
     /// Refuse requests of those methods that carry no key (400), instead of passing them.
     pub require_key: bool,
-    /// The header whose value identifies the caller (hashed, never stored raw). `None` puts
-    /// every caller in one scope.
-    pub scope_header: Option<HeaderName>,
+    /// Where the caller's identity is read from (hashed, never stored raw): the first source
+    /// the request carries wins. Callers that carry none share one anonymous scope, whose
+    /// stored responses never keep a `Set-Cookie`. Empty: every caller in one scope.
+    pub scope_sources: Vec<ScopeSource>,
     /// Headers that are part of the fingerprint besides method, path, query and body.
     pub fingerprint_headers: Vec<HeaderName>,
     /// Request bodies over this many bytes get 413 before anything runs.
@@ -43,6 +44,16 @@ pub struct IdempotencyConfig {
     /// Most keyed requests handled at once, their calls included (which go on after a client
     /// times out or leaves); more get `503 overloaded` before anything runs.
     pub max_running: usize,
+}
+
+/// Where a caller's identity (the scope its keys live in) is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeSource {
+    /// All the values of a header: `Authorization`, or `Cookie` as a whole.
+    Header(HeaderName),
+    /// One cookie of the `Cookie` header, by name: a session cookie, steadier than the whole
+    /// header (which changes whenever any cookie does).
+    Cookie(String),
 }
 
 /// What a key gets when its call's outcome is unknown: the request was sent (all or part of
@@ -77,7 +88,10 @@ impl Default for IdempotencyConfig {
         Self {
             methods: vec![Method::POST, Method::PATCH],
             require_key: false,
-            scope_header: Some(header::AUTHORIZATION),
+            scope_sources: vec![
+                ScopeSource::Header(header::AUTHORIZATION),
+                ScopeSource::Header(header::COOKIE),
+            ],
             fingerprint_headers: Vec::new(),
             max_request_body: 10 * 1024 * 1024,
             max_stored_body: 1024 * 1024,
@@ -102,8 +116,15 @@ impl IdempotencyConfig {
         self
     }
 
+    /// One header identifies the caller (`None`: every caller in one scope).
     pub fn scope_header(mut self, header: Option<HeaderName>) -> Self {
-        self.scope_header = header;
+        self.scope_sources = header.into_iter().map(ScopeSource::Header).collect();
+        self
+    }
+
+    /// The sources of the caller's identity, the first present winning.
+    pub fn scope_sources(mut self, sources: impl IntoIterator<Item = ScopeSource>) -> Self {
+        self.scope_sources = sources.into_iter().collect();
         self
     }
 

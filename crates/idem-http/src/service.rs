@@ -19,7 +19,8 @@ use tower::{Service, ServiceExt};
 use crate::headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
 use crate::problem::{PROBLEM_JSON, ProblemKind, full, problem, problem_body};
 use crate::{
-    Body, IdempotencyConfig, InTransaction, OutcomeUnknown, StoredResponse, UnknownOutcome,
+    Body, IdempotencyConfig, InTransaction, OutcomeUnknown, ScopeSource, StoredResponse,
+    UnknownOutcome,
 };
 
 /// The service [`crate::IdempotencyLayer`] produces.
@@ -419,6 +420,7 @@ where
                 headers: parts.headers.clone(),
                 body: Bytes::new(),
                 body_omitted: false,
+                cookies_omitted: false,
             };
             // The stored length is recomputed on replay; a stale Content-Length would lie.
             stored.headers.remove(header::CONTENT_LENGTH);
@@ -486,8 +488,13 @@ async fn settle_unknown(claim: Claim, config: &IdempotencyConfig, cause: &str) -
             );
             let mut headers = HeaderMap::new();
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-            let stored =
-                StoredResponse { status: kind.status(), headers, body, body_omitted: false };
+            let stored = StoredResponse {
+                status: kind.status(),
+                headers,
+                body,
+                body_omitted: false,
+                cookies_omitted: false,
+            };
             complete(claim, &stored).await;
             stored.into_response()
         }
@@ -513,6 +520,7 @@ pub fn is_stored(status: StatusCode) -> bool {
 
 async fn complete(claim: Claim, stored: &StoredResponse) {
     let key = claim.key().key.clone();
+    let stored = stored.clone().without_cookies_for(&claim.key().scope);
     match claim.complete(stored.encode()).await {
         Ok(()) => {}
         Err(Error::Fenced) => tracing::warn!(
@@ -544,12 +552,18 @@ fn replay(payload: Bytes) -> Response<Body> {
             );
         }
     };
-    let body_omitted = stored.body_omitted;
+    let omitted: Vec<&str> =
+        [(stored.body_omitted, "body-omitted"), (stored.cookies_omitted, "cookies-omitted")]
+            .into_iter()
+            .filter_map(|(omitted, what)| omitted.then_some(what))
+            .collect();
     let mut response = stored.into_response();
     let headers = response.headers_mut();
     headers.insert(IDEMPOTENT_REPLAYED.clone(), HeaderValue::from_static("true"));
-    if body_omitted {
-        headers.insert(IDEMPOTENT_REPLAY.clone(), HeaderValue::from_static("body-omitted"));
+    if let Ok(value) = HeaderValue::from_str(&omitted.join(", "))
+        && !omitted.is_empty()
+    {
+        headers.insert(IDEMPOTENT_REPLAY.clone(), value);
     }
     response
 }
@@ -607,13 +621,43 @@ where
     }
 }
 
+/// The caller's scope: from the first of the configured sources the request carries;
+/// [`Scope::anonymous`] when it carries none.
 fn scope_of(headers: &HeaderMap, config: &IdempotencyConfig) -> Scope {
-    match &config.scope_header {
-        Some(name) => {
-            Scope::from_credentials(headers.get_all(name).iter().map(|value| value.as_bytes()))
+    for source in &config.scope_sources {
+        match source {
+            ScopeSource::Header(name) => {
+                let values: Vec<&[u8]> = headers
+                    .get_all(name)
+                    .iter()
+                    .map(HeaderValue::as_bytes)
+                    .filter(|value| !value.is_empty())
+                    .collect();
+                if !values.is_empty() {
+                    return Scope::from_credentials(values);
+                }
+            }
+            ScopeSource::Cookie(cookie) => {
+                if let Some(value) = cookie_value(headers, cookie) {
+                    let credential = format!("cookie:{cookie}={value}");
+                    return Scope::from_credential(credential.as_bytes());
+                }
+            }
         }
-        None => Scope::anonymous(),
     }
+    Scope::anonymous()
+}
+
+/// The value of the cookie `name` in the request's `Cookie` headers, if present and not empty.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(cookie, value)| *cookie == name && !value.is_empty())
+        .map(|(_, value)| value)
 }
 
 fn fingerprint_of(parts: &Parts, body: &Bytes, config: &IdempotencyConfig) -> Fingerprint {

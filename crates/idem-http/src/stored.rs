@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 const MAGIC: &[u8; 4] = b"IDM1";
 const FLAG_BODY_OMITTED: u8 = 1;
+const FLAG_COOKIES_OMITTED: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -19,6 +20,9 @@ pub struct StoredResponse {
     /// The body was larger than the store limit: the status and headers were kept, the body
     /// was not.
     pub body_omitted: bool,
+    /// The response set cookies for a caller with no credential: they were not stored, since
+    /// any other such caller could replay them.
+    pub cookies_omitted: bool,
 }
 
 impl StoredResponse {
@@ -28,7 +32,14 @@ impl StoredResponse {
         let mut out = BytesMut::with_capacity(4 + 2 + 1 + 2 + headers_len + 4 + self.body.len());
         out.put_slice(MAGIC);
         out.put_u16(self.status.as_u16());
-        out.put_u8(if self.body_omitted { FLAG_BODY_OMITTED } else { 0 });
+        let mut flags = 0;
+        if self.body_omitted {
+            flags |= FLAG_BODY_OMITTED;
+        }
+        if self.cookies_omitted {
+            flags |= FLAG_COOKIES_OMITTED;
+        }
+        out.put_u8(flags);
         let count =
             u16::try_from(self.headers.len()).expect("a response has fewer than 65536 headers");
         out.put_u16(count);
@@ -46,6 +57,19 @@ impl StoredResponse {
     }
 
     /// The response as first sent (a replay adds its own headers).
+    /// Keeps `Set-Cookie` out of a response stored for a caller with no credential (`scope`
+    /// anonymous): every such caller shares the scope, so a stored cookie (a session, say)
+    /// would be handed to whoever replays the key.
+    pub fn without_cookies_for(mut self, scope: &idem_core::Scope) -> Self {
+        if *scope == idem_core::Scope::anonymous()
+            && self.headers.contains_key(http::header::SET_COOKIE)
+        {
+            self.headers.remove(http::header::SET_COOKIE);
+            self.cookies_omitted = true;
+        }
+        self
+    }
+
     pub fn into_response(self) -> http::Response<crate::Body> {
         let mut response = http::Response::new(crate::Body::from(self.body));
         *response.status_mut() = self.status;
@@ -100,7 +124,13 @@ impl StoredResponse {
         if bytes.has_remaining() {
             return Err(format!("{} bytes after the body", bytes.remaining()));
         }
-        Ok(Self { status, headers, body, body_omitted: flags & FLAG_BODY_OMITTED != 0 })
+        Ok(Self {
+            status,
+            headers,
+            body,
+            body_omitted: flags & FLAG_BODY_OMITTED != 0,
+            cookies_omitted: flags & FLAG_COOKIES_OMITTED != 0,
+        })
     }
 }
 
@@ -119,6 +149,7 @@ mod tests {
             headers,
             body: Bytes::from_static(b"{\"id\":1}"),
             body_omitted: false,
+            cookies_omitted: true,
         };
         let encoded = original.encode();
         assert_eq!(StoredResponse::decode(encoded.clone()).unwrap(), original);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use http::{HeaderName, Method, Uri};
-use idem_http::UnknownOutcome;
+use idem_http::{ScopeSource, UnknownOutcome};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +48,9 @@ pub struct ServeArgs {
     /// Methods that get idempotency handling, comma-separated [default: POST,PATCH]
     #[arg(long, env = "IDEM_METHODS", value_name = "LIST")]
     pub methods: Option<String>,
-    /// Header that identifies the caller; its value is hashed, never stored
-    /// [default: authorization]
+    /// Where the caller's identity is read from, the first present winning: header names, or
+    /// cookie:NAME for one cookie; `none` for one shared scope. Hashed, never stored
+    /// [default: authorization,cookie]
     #[arg(long, env = "IDEM_SCOPE_HEADER", value_name = "NAME")]
     pub scope_header: Option<String>,
     /// Extra request headers that are part of the fingerprint, comma-separated
@@ -140,7 +141,7 @@ pub struct ServeConfig {
     pub lease: Duration,
     pub require_key: bool,
     pub methods: Vec<Method>,
-    pub scope_header: Option<HeaderName>,
+    pub scope_sources: Vec<ScopeSource>,
     pub fingerprint_headers: Vec<HeaderName>,
     pub max_request_body: usize,
     pub max_stored_body: usize,
@@ -197,11 +198,11 @@ impl ServeArgs {
                     .map_err(|_| invalid(format!("--methods: {name:?} is not an HTTP method")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let scope_header =
-            match text(self.scope_header, file.scope_header, "authorization").as_str() {
-                "" | "none" => None,
-                name => Some(parse_header_name("scope-header", name)?),
-            };
+        let scope_sources = parse_scope_sources(&text(
+            self.scope_header,
+            file.scope_header,
+            "authorization,cookie",
+        ))?;
         let fingerprint_headers = list(self.fingerprint_headers, file.fingerprint_headers)
             .unwrap_or_default()
             .iter()
@@ -220,7 +221,7 @@ impl ServeArgs {
             lease: duration("lease", self.lease, file.lease, "30s")?,
             require_key: self.require_key.or(file.require_key).unwrap_or(false),
             methods,
-            scope_header,
+            scope_sources,
             fingerprint_headers,
             max_request_body: size(
                 "max-request-body",
@@ -353,6 +354,32 @@ fn parse_addr(name: &str, text: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// `authorization,cookie:sid,cookie`: header names, or `cookie:NAME` for one cookie; the first
+/// the request carries identifies the caller. `none`: every caller in one scope.
+fn parse_scope_sources(text: &str) -> Result<Vec<ScopeSource>, ConfigError> {
+    if matches!(text.trim(), "" | "none") {
+        return Ok(Vec::new());
+    }
+    text.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once(':') {
+            Some((prefix, cookie)) if prefix.eq_ignore_ascii_case("cookie") => {
+                let valid = !cookie.is_empty()
+                    && cookie
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+                if valid {
+                    Ok(ScopeSource::Cookie(cookie.to_owned()))
+                } else {
+                    Err(invalid(format!("--scope-header: {cookie:?} is not a cookie name")))
+                }
+            }
+            _ => parse_header_name("scope-header", item).map(ScopeSource::Header),
+        })
+        .collect()
+}
+
 fn parse_header_name(name: &str, text: &str) -> Result<HeaderName, ConfigError> {
     HeaderName::from_bytes(text.trim().as_bytes())
         .map_err(|_| invalid(format!("--{name}: {text:?} is not a valid header name")))
@@ -405,7 +432,21 @@ mod tests {
         assert_eq!(config.ttl, Duration::from_secs(24 * 3600));
         assert_eq!(config.lease, Duration::from_secs(30));
         assert_eq!(config.methods, vec![Method::POST, Method::PATCH]);
-        assert_eq!(config.scope_header, Some(http::header::AUTHORIZATION));
+        assert_eq!(
+            config.scope_sources,
+            vec![
+                ScopeSource::Header(http::header::AUTHORIZATION),
+                ScopeSource::Header(http::header::COOKIE)
+            ]
+        );
+        assert_eq!(
+            parse_scope_sources("x-api-key, cookie:sid").unwrap(),
+            vec![
+                ScopeSource::Header(HeaderName::from_static("x-api-key")),
+                ScopeSource::Cookie("sid".into())
+            ]
+        );
+        assert_eq!(parse_scope_sources("none").unwrap(), vec![]);
         assert_eq!(config.max_request_body, 10 * 1024 * 1024);
         assert_eq!(config.max_stored_body, 1024 * 1024);
         assert!(!config.require_key && !config.fail_open);

@@ -71,7 +71,7 @@ pub async fn run(
         IdempotencyConfig::default()
             .methods(config.methods.clone())
             .require_key(config.require_key)
-            .scope_header(config.scope_header.clone())
+            .scope_sources(config.scope_sources.clone())
             .fingerprint_headers(config.fingerprint_headers.clone())
             .max_request_body(config.max_request_body)
             .max_stored_body(config.max_stored_body)

@@ -16,10 +16,11 @@ async fn a_retry_replays_the_stored_response_byte_for_byte() {
     let gateway = Gateway::start(&upstream.url(), &sqlite_store(), &[]);
     let client = gateway.client();
 
-    let first = client.post("order-1", r#"{"sku":"A1"}"#, &[]).await;
+    let caller = [("authorization", "Bearer caller-1")];
+    let first = client.post("order-1", r#"{"sku":"A1"}"#, &caller).await;
     assert_eq!(first.status, 201);
     assert!(!first.is_replay());
-    let retry = client.post("order-1", r#"{"sku":"A1"}"#, &[]).await;
+    let retry = client.post("order-1", r#"{"sku":"A1"}"#, &caller).await;
     assert!(retry.is_replay());
     assert_eq!(retry.status, first.status);
     assert_eq!(retry.body, first.body);
@@ -39,7 +40,7 @@ async fn a_retry_replays_the_stored_response_byte_for_byte() {
     assert_eq!(first.header("x-hop"), None);
     assert_eq!(retry.header("x-hop"), None);
     // The quoted structured-field form names the same key.
-    let quoted = client.post("\"order-1\"", r#"{"sku":"A1"}"#, &[]).await;
+    let quoted = client.post("\"order-1\"", r#"{"sku":"A1"}"#, &caller).await;
     assert!(quoted.is_replay());
     assert_eq!(quoted.body, first.body);
 
@@ -297,7 +298,7 @@ async fn bodies_over_the_limits() {
     let replay = client.post("big-response", "x", &[("x-test-body-bytes", &header_value)]).await;
     assert!(replay.is_replay());
     assert_eq!(replay.status, 201);
-    assert_eq!(replay.header("idempotent-replay"), Some("body-omitted"));
+    assert_eq!(replay.header("idempotent-replay"), Some("body-omitted, cookies-omitted"));
     assert_eq!(replay.header("x-upstream-call"), first.header("x-upstream-call"));
     assert!(replay.body.is_empty());
     assert_eq!(replay.header("content-length"), Some("0"));
@@ -305,11 +306,12 @@ async fn bodies_over_the_limits() {
 
     // Just under the limit is stored whole.
     let fits = (64 * 1024).to_string();
-    let first = client.post("fits", "x", &[("x-test-body-bytes", &fits)]).await;
-    let replay = client.post("fits", "x", &[("x-test-body-bytes", &fits)]).await;
+    let caller = ("authorization", "Bearer fits");
+    let first = client.post("fits", "x", &[("x-test-body-bytes", &fits), caller]).await;
+    let replay = client.post("fits", "x", &[("x-test-body-bytes", &fits), caller]).await;
     assert!(replay.is_replay());
     assert_eq!(replay.body, first.body);
-    assert_eq!(replay.header("idempotent-replay"), None);
+    assert_eq!(replay.header("idempotent-replay"), None, "nothing omitted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -452,4 +454,49 @@ async fn configured_headers_join_the_fingerprint_and_a_base_path_is_kept() {
         .await;
     assert!(same_tenant_new_auth.is_replay());
     assert_eq!(upstream.calls(), 2);
+}
+
+/// No caller receives another's stored response or cookies: callers without a credential share
+/// one scope, so a response that sets cookies (a login) is stored without them; callers told
+/// apart only by a cookie get scopes of their own; with `cookie:NAME`, other cookies may change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_caller_receives_another_callers_cookies_or_response() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &sqlite_store(), &[]);
+    let client = gateway.client();
+    let cookies = |reply: &common::Reply| reply.headers.get_all("set-cookie").iter().count();
+
+    // Two anonymous callers, one key: the login-style response's cookies reach the first only.
+    let first = client.post("login", "user=a", &[]).await;
+    assert_eq!((first.status.as_u16(), cookies(&first)), (201, 2), "the first gets its cookies");
+    let other = client.post("login", "user=a", &[]).await;
+    assert!(other.is_replay());
+    assert_eq!(cookies(&other), 0, "a stored Set-Cookie never reaches another caller");
+    assert_eq!(other.header("idempotent-replay"), Some("cookies-omitted"));
+    assert_eq!(upstream.calls(), 1);
+
+    // Two users told apart only by their session cookie: one scope each.
+    let alice = [("cookie", "sid=alice")];
+    let bob = [("cookie", "sid=bob")];
+    let for_alice = client.post("cart", "x", &alice).await;
+    let for_bob = client.post("cart", "x", &bob).await;
+    assert!(!for_bob.is_replay(), "bob never receives alice's response");
+    assert_ne!(for_alice.json()["call"], for_bob.json()["call"]);
+    let again = client.post("cart", "x", &alice).await;
+    assert!(again.is_replay());
+    assert_eq!(again.body, for_alice.body);
+    assert_eq!(cookies(&again), 2, "a caller with a credential gets its own cookies back");
+    assert_eq!(upstream.calls(), 3);
+
+    // --scope-header cookie:sid: the session cookie alone names the caller.
+    let by_session =
+        Gateway::start(&upstream.url(), &sqlite_store(), &["--scope-header", "cookie:sid"]);
+    let client = by_session.client();
+    let first = client.post("pay", "x", &[("cookie", "sid=carol; theme=dark")]).await;
+    let retry = client.post("pay", "x", &[("cookie", "theme=light; sid=carol")]).await;
+    assert!(retry.is_replay(), "another cookie changed, the session did not");
+    assert_eq!(retry.body, first.body);
+    let stranger = client.post("pay", "x", &[("cookie", "theme=light; sid=dave")]).await;
+    assert!(!stranger.is_replay());
+    assert_eq!(upstream.calls(), 5);
 }
