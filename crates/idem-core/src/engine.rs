@@ -450,7 +450,11 @@ async fn timed<T>(operation: &'static str, call: impl Future<Output = Result<T>>
     if result.as_ref().is_err_and(|error| !matches!(error, Error::Fenced)) {
         metrics::counter!("idem_store_errors_total", "op" => operation).increment(1);
     }
-    result
+    // Say which operation failed: "the store is unavailable: claim: ...".
+    result.map_err(|error| match error {
+        Error::Unavailable(source) => Error::unavailable(format!("{operation}: {source}")),
+        other => other,
+    })
 }
 
 /// Most attempts to store an outcome while the store is unavailable.

@@ -78,25 +78,49 @@ impl IdempotencyKey {
     }
 }
 
-/// Undoes structured-field string quoting: `"a\"b"` is `a"b`.
+/// Undoes structured-field string quoting: `"a\"b"` is `a"b`. Parameters after the string
+/// (`"abc";x=1`, RFC 8941 section 3.1.2) are allowed and ignored: they do not name the key.
 fn unquote(value: &[u8]) -> Result<Vec<u8>, KeyError> {
-    if value.len() < 2 || value[value.len() - 1] != b'"' {
-        return Err(KeyError::MalformedString);
-    }
-    let inner = &value[1..value.len() - 1];
-    let mut out = Vec::with_capacity(inner.len());
-    let mut bytes = inner.iter();
-    while let Some(&b) = bytes.next() {
-        match b {
-            b'\\' => match bytes.next() {
-                Some(&escaped @ (b'"' | b'\\')) => out.push(escaped),
+    let mut out = Vec::with_capacity(value.len());
+    let mut bytes = value.iter().enumerate().skip(1);
+    let end = loop {
+        match bytes.next() {
+            None => return Err(KeyError::MalformedString),
+            Some((_, b'\\')) => match bytes.next() {
+                Some((_, &escaped @ (b'"' | b'\\'))) => out.push(escaped),
                 _ => return Err(KeyError::MalformedString),
             },
-            b'"' => return Err(KeyError::MalformedString),
-            other => out.push(other),
+            Some((index, b'"')) => break index,
+            Some((_, &other)) => out.push(other),
         }
+    };
+    let parameters = &value[end + 1..];
+    if !parameters.is_empty() && !is_parameters(parameters) {
+        return Err(KeyError::MalformedString);
     }
     Ok(out)
+}
+
+/// `;name` or `;name=value` pairs (RFC 8941 parameters), loosely: names of lowercase letters,
+/// digits and `_-.*`, values of visible ASCII other than `;`.
+fn is_parameters(text: &[u8]) -> bool {
+    text.split(|b| *b == b';').enumerate().all(|(index, parameter)| {
+        if index == 0 {
+            return parameter.trim_ascii().is_empty();
+        }
+        let parameter = parameter.trim_ascii();
+        let (name, value) = match parameter.iter().position(|b| *b == b'=') {
+            Some(at) => (&parameter[..at], Some(&parameter[at + 1..])),
+            None => (parameter, None),
+        };
+        !name.is_empty()
+            && name
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(b))
+            && value.is_none_or(|value| {
+                !value.is_empty() && value.iter().all(|b| (0x21..=0x7E).contains(b))
+            })
+    })
 }
 
 impl fmt::Debug for IdempotencyKey {
@@ -218,6 +242,17 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn structured_field_parameters_are_accepted_and_ignored() {
+        let plain = IdempotencyKey::parse_header(b"\"abc\"").unwrap();
+        for value in [&b"\"abc\";x=1"[..], b"\"abc\"; x=1;y", b"\"abc\";level=\"2\""] {
+            assert_eq!(IdempotencyKey::parse_header(value).unwrap(), plain, "{value:?}");
+        }
+        for value in [&b"\"abc\"x"[..], b"\"abc\";", b"\"abc\";X=1", b"\"abc\";x="] {
+            assert!(IdempotencyKey::parse_header(value).is_err(), "{value:?}");
+        }
+    }
 
     #[test]
     fn bare_and_quoted_forms_name_the_same_key() {

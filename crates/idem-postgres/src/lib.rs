@@ -177,7 +177,7 @@ pub async fn complete_in(
             ],
         )
         .await
-        .map_err(Error::unavailable)?;
+        .map_err(unavailable)?;
     let changed: i64 = rows
         .first()
         .ok_or_else(|| Error::Corrupt("no count came back".into()))?
@@ -365,18 +365,18 @@ impl PostgresStore {
 
     async fn migrate(&self, schema: Option<&str>) -> Result<()> {
         self.bounded(async {
-            let mut client = self.pool.get().await.map_err(Error::unavailable)?;
-            let transaction = client.transaction().await.map_err(Error::unavailable)?;
-            transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(Error::unavailable)?;
+            let mut client = self.pool.get().await.map_err(unavailable)?;
+            let transaction = client.transaction().await.map_err(unavailable)?;
+            transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(unavailable)?;
             // A migration that must wait for the table (behind a long transaction) gives up
             // instead of queueing every gateway's statements behind its lock.
-            transaction.batch_execute("SET LOCAL lock_timeout = '5s'").await.map_err(Error::unavailable)?;
+            transaction.batch_execute("SET LOCAL lock_timeout = '5s'").await.map_err(unavailable)?;
             if let Some(schema) = schema {
                 // Validated in parse_url: a plain lowercase identifier.
                 transaction
                     .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
                     .await
-                    .map_err(Error::unavailable)?;
+                    .map_err(unavailable)?;
             }
             transaction
                 .batch_execute(
@@ -385,11 +385,11 @@ impl PostgresStore {
                          applied_at timestamptz NOT NULL DEFAULT now())",
                 )
                 .await
-                .map_err(Error::unavailable)?;
+                .map_err(unavailable)?;
             let row = transaction
                 .query_one("SELECT coalesce(max(version), 0) FROM idem_schema_migrations", &[])
                 .await
-                .map_err(Error::unavailable)?;
+                .map_err(unavailable)?;
             let version = row.get::<_, i32>(0) as usize;
             if version > MIGRATIONS.len() {
                 return Err(Error::Config(format!(
@@ -398,15 +398,15 @@ impl PostgresStore {
                 )));
             }
             for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
-                transaction.batch_execute(migration).await.map_err(Error::unavailable)?;
+                transaction.batch_execute(migration).await.map_err(unavailable)?;
                 let applied = (index + 1) as i32;
                 transaction
                     .execute("INSERT INTO idem_schema_migrations (version) VALUES ($1)", &[&applied])
                     .await
-                    .map_err(Error::unavailable)?;
+                    .map_err(unavailable)?;
                 tracing::info!(version = applied, "migrated the idem schema");
             }
-            transaction.commit().await.map_err(Error::unavailable)
+            transaction.commit().await.map_err(unavailable)
         })
         .await
     }
@@ -426,9 +426,9 @@ impl PostgresStore {
     /// Runs one statement and returns the rows it changed.
     async fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64> {
         self.bounded(async {
-            let client = self.pool.get().await.map_err(Error::unavailable)?;
-            let statement = client.prepare_cached(sql).await.map_err(Error::unavailable)?;
-            client.execute(&statement, params).await.map_err(Error::unavailable)
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let statement = client.prepare_cached(sql).await.map_err(unavailable)?;
+            client.execute(&statement, params).await.map_err(unavailable)
         })
         .await
     }
@@ -439,9 +439,9 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<tokio_postgres::Row>> {
         self.bounded(async {
-            let client = self.pool.get().await.map_err(Error::unavailable)?;
-            let statement = client.prepare_cached(sql).await.map_err(Error::unavailable)?;
-            client.query(&statement, params).await.map_err(Error::unavailable)
+            let client = self.pool.get().await.map_err(unavailable)?;
+            let statement = client.prepare_cached(sql).await.map_err(unavailable)?;
+            client.query(&statement, params).await.map_err(unavailable)
         })
         .await
     }
@@ -557,6 +557,22 @@ impl PostgresStore {
             _ => Err(Error::Fenced),
         }
     }
+}
+
+/// A database failure as unavailable, with the server's own message (tokio-postgres says only
+/// "db error" at the top; the reason is in its source).
+fn unavailable(error: impl std::error::Error) -> Error {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    Error::unavailable(text)
 }
 
 fn to_sql(timestamp: Timestamp) -> i64 {

@@ -36,10 +36,10 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEM_STORE", value_name = "URL")]
     pub store: Option<String>,
     /// How long a completed response is replayed, e.g. 24h, 90m [default: 24h]
-    #[arg(long, env = "IDEM_TTL", value_name = "DURATION")]
+    #[arg(long, env = "IDEM_TTL", value_name = "DURATION", allow_hyphen_values = true)]
     pub ttl: Option<String>,
     /// How long an in-flight claim holds without renewal [default: 30s]
-    #[arg(long, env = "IDEM_LEASE", value_name = "DURATION")]
+    #[arg(long, env = "IDEM_LEASE", value_name = "DURATION", allow_hyphen_values = true)]
     pub lease: Option<String>,
     /// Refuse requests of the idempotent methods that carry no Idempotency-Key (400);
     /// --require-key=false turns off a `true` from the config file
@@ -64,11 +64,21 @@ pub struct ServeArgs {
     pub max_stored_body: Option<String>,
     /// How long a client waits for the upstream's response; past it the client gets 504 and
     /// a keyed call goes on, its outcome stored for the retry [default: 60s]
-    #[arg(long, env = "IDEM_UPSTREAM_TIMEOUT", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "IDEM_UPSTREAM_TIMEOUT",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
     pub upstream_timeout: Option<String>,
     /// The hard cap on an upstream call (and on silence in its response body); a keyed call
     /// past it is abandoned and its outcome is unknown [default: 10m]
-    #[arg(long, env = "IDEM_UPSTREAM_ABANDON_AFTER", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "IDEM_UPSTREAM_ABANDON_AFTER",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
     pub upstream_abandon_after: Option<String>,
     /// When the request was sent and the connection broke before a whole response (or the
     /// call was abandoned): hold the key with a stored 502 outcome-unknown until an operator
@@ -76,7 +86,7 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEM_UNKNOWN_OUTCOME", value_name = "hold|release")]
     pub unknown_outcome: Option<String>,
     /// The longest `Prefer: wait=N` honoured for a retry of a key in flight [default: 30s]
-    #[arg(long, env = "IDEM_MAX_WAIT", value_name = "DURATION")]
+    #[arg(long, env = "IDEM_MAX_WAIT", value_name = "DURATION", allow_hyphen_values = true)]
     pub max_wait: Option<String>,
     /// Forward requests without idempotency when the store is unreachable (default: refuse
     /// with 503); --fail-open=false turns off a `true` from the config file
@@ -86,10 +96,15 @@ pub struct ServeArgs {
     #[arg(long, env = "IDEM_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
     /// How often expired records are swept [default: 60s]
-    #[arg(long, env = "IDEM_SWEEP_INTERVAL", value_name = "DURATION")]
+    #[arg(long, env = "IDEM_SWEEP_INTERVAL", value_name = "DURATION", allow_hyphen_values = true)]
     pub sweep_interval: Option<String>,
     /// How long SIGTERM waits for in-flight requests to finish [default: 30s]
-    #[arg(long, env = "IDEM_SHUTDOWN_TIMEOUT", value_name = "DURATION")]
+    #[arg(
+        long,
+        env = "IDEM_SHUTDOWN_TIMEOUT",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
     pub shutdown_timeout: Option<String>,
     /// TOML file with any of these settings (keys as the flags, without the dashes prefix)
     #[arg(long, env = "IDEM_CONFIG", value_name = "FILE")]
@@ -294,6 +309,11 @@ impl ServeConfig {
         if self.sweep_interval.is_zero() {
             return Err(invalid("--sweep-interval must be longer than zero"));
         }
+        if self.max_request_body == 0 || self.max_stored_body == 0 {
+            return Err(invalid(
+                "--max-request-body and --max-stored-body must be at least 1 byte",
+            ));
+        }
         if self.max_stored_body > u32::MAX as usize / 2 {
             return Err(invalid("--max-stored-body must be under 2 GiB"));
         }
@@ -386,6 +406,9 @@ fn parse_header_name(name: &str, text: &str) -> Result<HeaderName, ConfigError> 
 }
 
 pub fn parse_duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
+    if text.trim_start().starts_with('-') {
+        return Err(invalid(format!("--{name} {text:?}: a duration cannot be negative")));
+    }
     humantime::parse_duration(text)
         .map_err(|error| invalid(format!("--{name} {text:?}: {error} (write it as 30s, 5m, 24h)")))
 }
@@ -520,6 +543,10 @@ mod tests {
         assert_eq!(parse(&["--require-key", "--fail-open"]), (Some(true), Some(true)));
         assert_eq!(parse(&["--require-key=false", "--fail-open=no"]), (Some(false), Some(false)));
         assert_eq!(parse(&["--require-key=true"]), (Some(true), None));
+        // A negative duration reaches the parser, which names the setting.
+        let negative = Cli::try_parse_from(["idem", "--upstream", "http://a", "--lease", "-5s"]);
+        let error = negative.unwrap().serve.resolve().unwrap_err().to_string();
+        assert!(error.contains("--lease") && error.contains("negative"), "{error}");
         assert!(Cli::try_parse_from(["idem", "--require-key=maybe"]).is_err());
     }
 
@@ -531,6 +558,11 @@ mod tests {
             (args("127.0.0.1:3000"), "needs http://"),
             (ServeArgs { ttl: Some("forever".into()), ..args("http://a") }, "--ttl \"forever\""),
             (ServeArgs { lease: Some("100ms".into()), ..args("http://a") }, "at least 1s"),
+            (ServeArgs { lease: Some("-5s".into()), ..args("http://a") }, "cannot be negative"),
+            (
+                ServeArgs { max_request_body: Some("0".into()), ..args("http://a") },
+                "--max-request-body and --max-stored-body must be at least 1 byte",
+            ),
             (ServeArgs { listen: Some("localhost".into()), ..args("http://a") }, "--listen"),
             (
                 ServeArgs { max_request_body: Some("10 parsecs".into()), ..args("http://a") },

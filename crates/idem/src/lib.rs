@@ -6,5 +6,6 @@ pub mod config;
 pub mod keys;
 pub mod proxy;
 pub mod relay;
+pub mod secrets;
 pub mod serve;
 pub mod store;

@@ -12,7 +12,7 @@ use idem_stream::rabbitmq::RabbitPublisher;
 use idem_stream::redis_streams::RedisStreamsPublisher;
 
 use crate::config::parse_duration;
-use crate::store::redact;
+use crate::secrets::{redact, scrub};
 
 #[derive(Debug, Args)]
 pub struct RelayArgs {
@@ -66,17 +66,26 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
     if stall_timeout < Duration::from_secs(1) {
         return Err("--stall-timeout must be at least 1s".into());
     }
-    let database: tokio_postgres::Config = args
-        .database
-        .parse()
-        .map_err(|error| format!("--database {}: {error}", redact(&args.database)))?;
-    let publisher =
-        publisher(&args).await.map_err(|e| format!("--broker {}: {e}", redact(&args.broker)))?;
+    let database: tokio_postgres::Config =
+        args.database.parse().map_err(|error: tokio_postgres::Error| {
+            format!(
+                "--database {}: {}",
+                redact(&args.database),
+                scrub(&error.to_string(), &args.database)
+            )
+        })?;
+    let publisher = publisher(&args).await.map_err(|error| {
+        format!("--broker {}: {}", redact(&args.broker), scrub(&error.to_string(), &args.broker))
+    })?;
     if args.migrate {
-        let (mut client, connection) = database
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|error| format!("--database {}: {error}", redact(&args.database)))?;
+        let (mut client, connection) =
+            database.connect(tokio_postgres::NoTls).await.map_err(|error| {
+                format!(
+                    "--database {}: {}",
+                    redact(&args.database),
+                    scrub(&error.to_string(), &args.database)
+                )
+            })?;
         tokio::spawn(connection);
         Outbox::migrate(&mut client).await.map_err(|error| error.to_string())?;
     }

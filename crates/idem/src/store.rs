@@ -45,38 +45,7 @@ async fn open_with(url: &str, migrating: bool) -> Result<Arc<dyn Store>, String>
             ));
         }
     };
-    opened.map_err(|error| format!("--store {}: {error}", redact(url)))
+    opened.map_err(|error| format!("--store {}: {}", redact(url), scrub(&error.to_string(), url)))
 }
 
-/// The URL without its password, for messages and logs.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{path}")
-            } else {
-                format!("{scheme}://{user}@{host}{path}")
-            }
-        }
-        None => url.to_owned(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(redact("postgres://idem:s3cret@db:5432/app"), "postgres://idem:***@db:5432/app");
-        assert_eq!(redact("redis://:s3cret@cache/0"), "redis://:***@cache/0");
-        assert_eq!(redact("postgres://idem@db/app"), "postgres://idem@db/app");
-        assert_eq!(redact("sqlite://idem.db"), "sqlite://idem.db");
-    }
-}
+pub use crate::secrets::{redact, scrub};

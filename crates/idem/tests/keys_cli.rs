@@ -113,6 +113,51 @@ fn bad_store_urls_get_readable_errors() {
     }
 }
 
+/// No secret reaches the terminal, in any form an address carries one: from `idem keys`,
+/// `idem serve` and `idem relay` failing to reach what they were given.
+#[test]
+fn no_secret_is_printed_in_any_form() {
+    let secrets = ["s3cretpw", "hunter22", "t0kenxyz", "sp4ce pw"];
+    let stores = [
+        "postgres://postgres:s3cretpw@127.0.0.1:1/postgres?password=hunter22&op_timeout_ms=300",
+        "redis://:s3cretpw@127.0.0.1:1/?op_timeout_ms=300",
+        "redis://127.0.0.1:1/?password=hunter22&op_timeout_ms=300",
+        "host=127.0.0.1 port=1 user=idem password='sp4ce pw' dbname=x",
+    ];
+    let check = |what: &str, output: std::process::Output| {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!output.status.success(), "{what}: {text}");
+        for secret in secrets {
+            assert!(!text.contains(secret), "{what} printed {secret:?}: {text}");
+        }
+        assert!(text.contains("***") || text.contains("expected memory://"), "{what}: {text}");
+    };
+    let idem = env!("CARGO_BIN_EXE_idem");
+    for store in stores {
+        let keys = std::process::Command::new(idem)
+            .args(["keys", "--store", store, "list"])
+            .output()
+            .unwrap();
+        check(&format!("idem keys --store {store}"), keys);
+        let serve = std::process::Command::new(idem)
+            .args(["serve", "--upstream", "http://127.0.0.1:1", "--store", store])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        check(&format!("idem serve --store {store}"), serve);
+    }
+    let relay = std::process::Command::new(idem)
+        .args(["relay", "--database", "postgres://idem:s3cretpw@127.0.0.1:1/x?connect_timeout=1"])
+        .args(["--broker", "nats://t0kenxyz@127.0.0.1:1"])
+        .output()
+        .unwrap();
+    check("idem relay", relay);
+}
+
 /// `idem keys` works on what a gateway set up: it never creates a SQLite file or a schema.
 #[test]
 fn keys_never_creates_or_migrates_a_store() {

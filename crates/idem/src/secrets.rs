@@ -1,0 +1,217 @@
+//! Keeping credentials out of every log line, error message and CLI output.
+//!
+//! Store and broker addresses carry secrets in several forms: a URL's userinfo
+//! (`postgres://idem:s3cret@db`, `redis://:s3cret@cache`, a NATS token `nats://t0ken@host`),
+//! query parameters (`?password=...`, `?token=...`), and libpq `key=value` strings
+//! (`host=db password='s3 cret'`). [`redact`] shows an address with each replaced by `***`;
+//! [`scrub`] removes them from any text (an error message that quotes what it was given).
+
+/// Query and libpq parameters whose values are secrets.
+const SECRET_PARAMETERS: &[&str] = &[
+    "password",
+    "passwd",
+    "pass",
+    "pwd",
+    "sslpassword",
+    "secret",
+    "token",
+    "auth",
+    "auth_token",
+    "access_token",
+    "api_key",
+    "apikey",
+];
+
+fn is_secret_parameter(name: &str) -> bool {
+    SECRET_PARAMETERS.iter().any(|secret| name.trim().eq_ignore_ascii_case(secret))
+}
+
+/// `address` with every secret in it replaced by `***`, each at its place.
+pub fn redact(address: &str) -> String {
+    let Some((scheme, rest)) = address.split_once("://") else {
+        let mut shown = address.to_owned();
+        for secret in libpq_secrets(address) {
+            shown = shown.replace(&format!("='{secret}'"), "='***'");
+            shown = shown.replace(&format!("={secret}"), "=***");
+        }
+        return shown;
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, password)) if !password.is_empty() => format!("{user}:***@{host}"),
+            None if is_token_scheme(scheme) && !userinfo.is_empty() => format!("***@{host}"),
+            _ => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, value)) if is_secret_parameter(name) && !value.is_empty() => {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", pairs.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+/// Schemes whose lone userinfo (no `:`) is a token, not a user name.
+fn is_token_scheme(scheme: &str) -> bool {
+    scheme.starts_with("nats") || scheme == "tls"
+}
+
+/// `text` with every secret of `address` (as written, and percent-decoded) replaced by `***`.
+/// Secrets shorter than 4 characters are only redacted where they are found by their place
+/// in an address, since replacing them anywhere in free text would garble it.
+pub fn scrub(text: &str, address: &str) -> String {
+    let mut scrubbed = text.to_owned();
+    for secret in secrets_in(address) {
+        for form in [secret.clone(), percent_decode(&secret)] {
+            if form.chars().count() >= 4 {
+                scrubbed = scrubbed.replace(&form, "***");
+            }
+        }
+    }
+    redact_addresses_in(&scrubbed)
+}
+
+/// The secret values an address carries, in the form they are written in it.
+fn secrets_in(address: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    match address.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(authority_end);
+            if let Some((userinfo, _host)) = authority.rsplit_once('@') {
+                match userinfo.split_once(':') {
+                    Some((_user, password)) if !password.is_empty() => {
+                        secrets.push(password.to_owned())
+                    }
+                    // A lone userinfo is a token for NATS; a user name elsewhere.
+                    None if is_token_scheme(scheme) => {
+                        if !userinfo.is_empty() {
+                            secrets.push(userinfo.to_owned());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some((_, query)) = tail.split_once('?') {
+                let query = query.split('#').next().unwrap_or(query);
+                for pair in query.split('&') {
+                    if let Some((name, value)) = pair.split_once('=')
+                        && is_secret_parameter(name)
+                        && !value.is_empty()
+                    {
+                        secrets.push(value.to_owned());
+                    }
+                }
+            }
+        }
+        // A libpq key=value string: `host=db password=s3cret` or `password='s3 cret'`.
+        None => secrets.extend(libpq_secrets(address)),
+    }
+    secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
+    secrets.dedup();
+    secrets
+}
+
+fn libpq_secrets(text: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    let mut rest = text;
+    while let Some(equals) = rest.find('=') {
+        let name = rest[..equals].rsplit(|c: char| c.is_whitespace()).next().unwrap_or("");
+        let after = rest[equals + 1..].trim_start();
+        let (value, remaining) = if let Some(quoted) = after.strip_prefix('\'') {
+            let end = quoted.find('\'').unwrap_or(quoted.len());
+            (&quoted[..end], &quoted[(end + 1).min(quoted.len())..])
+        } else {
+            let end = after.find(char::is_whitespace).unwrap_or(after.len());
+            (&after[..end], &after[end..])
+        };
+        if is_secret_parameter(name) && !value.is_empty() {
+            secrets.push(value.to_owned());
+        }
+        rest = remaining;
+    }
+    secrets
+}
+
+/// Any URL in `text` with userinfo passwords or secret parameters redacted too (an error
+/// message may quote an address other than the one configured).
+fn redact_addresses_in(text: &str) -> String {
+    text.split(' ')
+        .map(|word| if word.contains("://") { redact(word) } else { word.to_owned() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%'
+            && index + 2 < bytes.len()
+            && let Ok(byte) = u8::from_str_radix(&text[index + 1..index + 3], 16)
+        {
+            out.push(byte);
+            index += 3;
+            continue;
+        }
+        out.push(bytes[index]);
+        index += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_form_of_secret_is_redacted() {
+        for (address, shown) in [
+            ("postgres://idem:s3cret@db:5432/app", "postgres://idem:***@db:5432/app"),
+            ("redis://:s3cret@cache/0", "redis://:***@cache/0"),
+            ("rediss://default:s3cret@cache:6380", "rediss://default:***@cache:6380"),
+            (
+                "postgres://postgres:s3cret@db/postgres?password=hunter2&op_timeout_ms=300",
+                "postgres://postgres:***@db/postgres?password=***&op_timeout_ms=300",
+            ),
+            ("redis://cache/0?password=hunter2", "redis://cache/0?password=***"),
+            ("nats://t0ken@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
+            ("nats://user:pa55@127.0.0.1:4222", "nats://user:***@127.0.0.1:4222"),
+            ("amqp://guest:guest@127.0.0.1:5672/%2f", "amqp://guest:***@127.0.0.1:5672/%2f"),
+            (
+                "host=db user=idem password=s3cret dbname=app",
+                "host=db user=idem password=*** dbname=app",
+            ),
+            ("host=db password='s3 cret' dbname=app", "host=db password='***' dbname=app"),
+            ("postgres://idem@db/app", "postgres://idem@db/app"),
+            ("sqlite://idem.db", "sqlite://idem.db"),
+        ] {
+            assert_eq!(redact(address), shown, "{address}");
+        }
+    }
+
+    #[test]
+    fn messages_lose_the_secrets_they_quote() {
+        let address = "postgres://idem:p%40ss-w0rd@db/app?password=hunter2";
+        let message =
+            "password authentication failed for p@ss-w0rd (hunter2) at postgres://x:other@h/";
+        let scrubbed = scrub(message, address);
+        assert!(!scrubbed.contains("p@ss-w0rd") && !scrubbed.contains("hunter2"), "{scrubbed}");
+        assert!(!scrubbed.contains("other"), "{scrubbed}");
+        assert!(scrubbed.contains("password authentication failed"), "{scrubbed}");
+    }
+}
