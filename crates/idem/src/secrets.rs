@@ -97,10 +97,8 @@ fn secrets_in(address: &str) -> Vec<String> {
                         secrets.push(password.to_owned())
                     }
                     // A lone userinfo is a token for NATS; a user name elsewhere.
-                    None if is_token_scheme(scheme) => {
-                        if !userinfo.is_empty() {
-                            secrets.push(userinfo.to_owned());
-                        }
+                    None if is_token_scheme(scheme) && !userinfo.is_empty() => {
+                        secrets.push(userinfo.to_owned());
                     }
                     _ => {}
                 }
