@@ -46,6 +46,6 @@ pub use body::Body;
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
 pub use in_transaction::InTransaction;
 pub use layer::{IdempotencyConfig, IdempotencyLayer, OutcomeUnknown, ScopeSource, UnknownOutcome};
-pub use problem::{ProblemKind, problem};
+pub use problem::{BodyTooSlow, ProblemKind, problem};
 pub use service::{IdempotencyService, is_stored};
 pub use stored::StoredResponse;

@@ -15,6 +15,7 @@ pub enum ProblemKind {
     MissingKey,
     BodyTooLarge,
     UnreadableBody,
+    BodyTooSlow,
     KeyMismatch,
     InFlight,
     StoreUnavailable,
@@ -33,6 +34,7 @@ impl ProblemKind {
                 StatusCode::BAD_REQUEST
             }
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTooSlow => StatusCode::REQUEST_TIMEOUT,
             Self::KeyMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
             Self::StoreUnavailable | Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -49,6 +51,7 @@ impl ProblemKind {
             Self::MissingKey => "missing-key",
             Self::BodyTooLarge => "body-too-large",
             Self::UnreadableBody => "unreadable-body",
+            Self::BodyTooSlow => "body-too-slow",
             Self::KeyMismatch => "key-mismatch",
             Self::InFlight => "request-in-flight",
             Self::StoreUnavailable => "store-unavailable",
@@ -68,6 +71,7 @@ impl ProblemKind {
             Self::MissingKey => "Idempotency-Key required",
             Self::BodyTooLarge => "Request body too large",
             Self::UnreadableBody => "Request body could not be read",
+            Self::BodyTooSlow => "Request body too slow",
             Self::KeyMismatch => "Idempotency-Key reused with a different request",
             Self::InFlight => "A request with this Idempotency-Key is in progress",
             Self::StoreUnavailable => "Idempotency store unavailable",
@@ -105,3 +109,16 @@ pub(crate) fn problem_body(kind: ProblemKind, detail: impl Into<String>) -> Byte
 pub(crate) fn full(bytes: Bytes) -> Body {
     Body::from(bytes)
 }
+
+/// The error a request body fails with when its client sends it too slowly (the gateway's
+/// body rules); the layer answers it with `408 body-too-slow`.
+#[derive(Debug, Clone)]
+pub struct BodyTooSlow(pub String);
+
+impl std::fmt::Display for BodyTooSlow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BodyTooSlow {}

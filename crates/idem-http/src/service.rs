@@ -614,11 +614,27 @@ where
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(error) if is_too_slow(error.as_ref()) => Err(rejected(
+            ProblemKind::BodyTooSlow,
+            format!("{error}; nothing was run, send the body faster or retry later"),
+        )),
         Err(error) => Err(rejected(
             ProblemKind::UnreadableBody,
             format!("the request body could not be read: {error}"),
         )),
     }
+}
+
+/// Whether `error` (or what caused it) is a body cut off for arriving too slowly.
+fn is_too_slow(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<crate::BodyTooSlow>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 /// The caller's scope: from the first of the configured sources the request carries;

@@ -92,6 +92,18 @@ pub struct ServeArgs {
     /// with 503); --fail-open=false turns off a `true` from the config file
     #[arg(long, env = "IDEM_FAIL_OPEN", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = clap::builder::BoolishValueParser::new())]
     pub fail_open: Option<bool>,
+    /// Grace before a request body must keep up the minimum rate [default: 10s]
+    #[arg(
+        long,
+        env = "IDEM_REQUEST_BODY_TIMEOUT",
+        value_name = "DURATION",
+        allow_hyphen_values = true
+    )]
+    pub request_body_timeout: Option<String>,
+    /// The slowest a request body may arrive after the grace, per second, e.g. 1KiB
+    /// [default: 1KiB]
+    #[arg(long, env = "IDEM_REQUEST_BODY_MIN_RATE", value_name = "SIZE")]
+    pub request_body_min_rate: Option<String>,
     /// Most client connections served at once [default: 10000]
     #[arg(long, env = "IDEM_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -127,6 +139,8 @@ struct FileConfig {
     fingerprint_headers: Option<Vec<String>>,
     max_request_body: Option<Size>,
     max_stored_body: Option<Size>,
+    request_body_timeout: Option<String>,
+    request_body_min_rate: Option<Size>,
     upstream_timeout: Option<String>,
     upstream_abandon_after: Option<String>,
     unknown_outcome: Option<String>,
@@ -160,6 +174,8 @@ pub struct ServeConfig {
     pub fingerprint_headers: Vec<HeaderName>,
     pub max_request_body: usize,
     pub max_stored_body: usize,
+    pub request_body_timeout: Duration,
+    pub request_body_min_rate: usize,
     pub upstream_timeout: Duration,
     pub upstream_abandon_after: Duration,
     pub unknown_outcome: UnknownOutcome,
@@ -250,6 +266,18 @@ impl ServeArgs {
                 file.max_stored_body,
                 1 << 20,
             )?,
+            request_body_timeout: duration(
+                "request-body-timeout",
+                self.request_body_timeout,
+                file.request_body_timeout,
+                "10s",
+            )?,
+            request_body_min_rate: size(
+                "request-body-min-rate",
+                self.request_body_min_rate,
+                file.request_body_min_rate,
+                1 << 10,
+            )?,
             upstream_timeout: duration(
                 "upstream-timeout",
                 self.upstream_timeout,
@@ -308,6 +336,9 @@ impl ServeConfig {
         }
         if self.sweep_interval.is_zero() {
             return Err(invalid("--sweep-interval must be longer than zero"));
+        }
+        if self.request_body_min_rate == 0 {
+            return Err(invalid("--request-body-min-rate must be at least 1 byte"));
         }
         if self.max_request_body == 0 || self.max_stored_body == 0 {
             return Err(invalid(

@@ -8,15 +8,15 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use idem_core::{Engine, EngineConfig, StoreClock, SystemClock};
-use idem_http::{IdempotencyConfig, IdempotencyLayer};
+use idem_http::{IdempotencyConfig, IdempotencyLayer, IdempotencyService};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::config::ServeConfig;
+use crate::guard::BodyRules;
 use crate::proxy::Proxy;
 
 /// Records deleted per sweep batch, and batches per sweep: bounds on how long one sweep holds
@@ -118,6 +118,11 @@ pub async fn run(
     // One line on stdout, for people and for scripts that wait for readiness.
     println!("idem listening on http://{listen} (admin http://{admin}) -> {}", config.upstream);
 
+    let body_rules = BodyRules::new(
+        config.request_body_timeout,
+        config.request_body_min_rate as u64,
+        (config.max_connections / 4).max(1),
+    );
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(config.max_connections));
     let mut shutdown = std::pin::pin!(shutdown);
@@ -143,7 +148,7 @@ pub async fn run(
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service.clone()));
+            .serve_connection(TokioIo::new(stream), guarded(service.clone(), body_rules.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -179,6 +184,23 @@ pub async fn run(
     admin_task.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The gateway's service for one connection, every request body read under `rules`.
+fn guarded(
+    service: IdempotencyService<Proxy>,
+    rules: BodyRules,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = http::Response<idem_http::Body>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<http::Response<idem_http::Body>, std::convert::Infallible>>
+             + Send,
+> + Clone {
+    hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let request = request.map(|body| rules.guard(body));
+        tower::ServiceExt::oneshot(service.clone(), request)
+    })
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {

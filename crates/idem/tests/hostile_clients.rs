@@ -1,0 +1,89 @@
+//! Hostile and careless clients against the real binary: slow senders are cut off and cannot
+//! hold the connection limit, and every such refusal is counted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Gateway, Upstream, sqlite_store};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A client that declares a 5 MiB body and trickles it in, 1 KiB every 2 s; returns the
+/// status line it got (if any) and how long its connection lasted.
+async fn slow_sender(addr: std::net::SocketAddr, key: String) -> (Option<String>, Duration) {
+    let started = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: {key}\r\ncontent-length: {}\r\n\r\n",
+        5 << 20
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let feeding = tokio::spawn(async move {
+        let chunk = vec![b'x'; 1024];
+        for _ in 0..60 {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), reader.read_to_end(&mut answer)).await;
+    feeding.abort();
+    let status = String::from_utf8_lossy(&answer).lines().next().map(str::to_owned);
+    assert!(read.is_ok(), "a slow sender was never cut off");
+    (status.filter(|line| !line.is_empty()), started.elapsed())
+}
+
+/// The numbers scaled down: `--max-connections 20` and 20 slow senders. Before, they
+/// held every connection for as long as they fed it; now a quarter may take their time (and
+/// are cut when they fall under the minimum rate), the rest are cut after a second, and
+/// ordinary requests keep being served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_senders_are_cut_off_and_cannot_hold_the_connection_limit() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &sqlite_store(),
+        &[
+            "--max-connections",
+            "20",
+            "--request-body-timeout",
+            "2s",
+            "--request-body-min-rate",
+            "1KiB",
+        ],
+    );
+    let senders: Vec<_> =
+        (0..20).map(|i| tokio::spawn(slow_sender(gateway.addr, format!("slow-{i}")))).collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+    // Ordinary requests, one every 300 ms while the slow senders are at it.
+    let client = gateway.client();
+    let mut served = 0;
+    for i in 0..10 {
+        let reply = client.post(&format!("normal-{i}"), "{\"qty\":1}", &[]).await;
+        if reply.status == 201 {
+            served += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    let mut timed_out = 0;
+    let mut longest = Duration::ZERO;
+    for sender in senders {
+        let (status, lasted) = sender.await.unwrap();
+        longest = longest.max(lasted);
+        if status.as_deref().is_some_and(|line| line.starts_with("HTTP/1.1 408")) {
+            timed_out += 1;
+        }
+    }
+    eprintln!(
+        "20 slow senders: {timed_out} answered 408, the longest held its connection {longest:?}; {served} of 10 ordinary requests served meanwhile"
+    );
+    assert_eq!(served, 10, "ordinary requests were locked out");
+    assert_eq!(timed_out, 20, "every slow sender is told why");
+    assert!(longest < Duration::from_secs(10), "a slow sender held on for {longest:?}");
+    assert_eq!(upstream.calls(), 10, "no trickled body ran");
+}
