@@ -8,7 +8,7 @@ use bytes::{Bytes, BytesMut};
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body::{Body as HttpBody, Frame};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use idem_core::{
     Begin, BoxError, Claim, Engine, Error, Fingerprint, IdempotencyKey, RecordKey, Scope,
 };
@@ -608,21 +608,64 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
+    let mut body = std::pin::pin!(body);
     if declared.is_some_and(|len| len > limit as u64) {
+        drain(body.as_mut(), limit).await;
         return Err(too_large());
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) if is_too_slow(error.as_ref()) => Err(rejected(
-            ProblemKind::BodyTooSlow,
-            format!("{error}; nothing was run, send the body faster or retry later"),
-        )),
-        Err(error) => Err(rejected(
-            ProblemKind::UnreadableBody,
-            format!("the request body could not be read: {error}"),
-        )),
+    // One allocation, sized from Content-Length (or grown geometrically for a chunked body),
+    // however small the pieces the body arrives in: each is copied in and dropped at once.
+    let mut buffer = BytesMut::with_capacity(declared.map_or(8 * 1024, |len| len as usize));
+    loop {
+        let next = body.as_mut().frame().await.map(|frame| frame.map_err(Into::<BoxError>::into));
+        match next {
+            None => return Ok(buffer.freeze()),
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if buffer.len() + data.len() > limit {
+                        drain(body.as_mut(), limit).await;
+                        return Err(too_large());
+                    }
+                    buffer.extend_from_slice(&data);
+                }
+            }
+            Some(Err(error)) => {
+                if is_too_slow(error.as_ref()) {
+                    return Err(rejected(
+                        ProblemKind::BodyTooSlow,
+                        format!("{error}; nothing was run, send the body faster or retry later"),
+                    ));
+                }
+                return Err(rejected(
+                    ProblemKind::UnreadableBody,
+                    format!("the request body could not be read: {error}"),
+                ));
+            }
+        }
     }
+}
+
+/// Reads and discards what is left of an oversized body, up to twice the limit (at least
+/// 1 MiB, at most 64 MiB) and for at most 10 s, before the 413 is sent: a client that
+/// writes its whole body before it reads (Python's urllib) then gets the 413 instead of a
+/// connection reset. A body larger still is cut off, as nginx's lingering close does.
+async fn drain<B>(mut body: Pin<&mut B>, limit: usize)
+where
+    B: HttpBody<Data = Bytes>,
+{
+    let bound = (limit as u64).saturating_mul(2).clamp(1 << 20, 64 << 20);
+    let mut discarded = 0u64;
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while discarded <= bound {
+            match body.as_mut().frame().await {
+                Some(Ok(frame)) => {
+                    discarded += frame.data_ref().map_or(0, |data| data.len() as u64);
+                }
+                _ => return,
+            }
+        }
+    })
+    .await;
 }
 
 /// Whether `error` (or what caused it) is a body cut off for arriving too slowly.

@@ -87,3 +87,39 @@ async fn slow_senders_are_cut_off_and_cannot_hold_the_connection_limit() {
     assert!(longest < Duration::from_secs(10), "a slow sender held on for {longest:?}");
     assert_eq!(upstream.calls(), 10, "no trickled body ran");
 }
+
+/// A client that writes its whole oversized body before reading (as Python's urllib does)
+/// gets the 413, not a connection reset: the gateway reads and discards the rest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_writes_its_whole_oversized_body_first_gets_the_413() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &sqlite_store(), &["--max-request-body", "1MiB"]);
+    for declared in [true, false] {
+        let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+        let size = 2 << 20;
+        let mut request = if declared {
+            format!("POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: big\r\nconnection: close\r\ncontent-length: {size}\r\n\r\n")
+                .into_bytes()
+        } else {
+            b"POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: big\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec()
+        };
+        if declared {
+            request.extend(std::iter::repeat_n(b'x', size));
+        } else {
+            for _ in 0..(size / 65_536) {
+                request.extend_from_slice(b"10000\r\n");
+                request.extend(std::iter::repeat_n(b'x', 65_536));
+                request.extend_from_slice(b"\r\n");
+            }
+            request.extend_from_slice(b"0\r\n\r\n");
+        }
+        stream.write_all(&request).await.expect("the whole body is taken in");
+        let mut answer = Vec::new();
+        let _ =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "declared {declared}: {answer:?}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+    }
+    assert_eq!(upstream.calls(), 0);
+}
