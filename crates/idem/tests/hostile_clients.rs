@@ -93,10 +93,11 @@ async fn slow_senders_are_cut_off_and_cannot_hold_the_connection_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_writes_its_whole_oversized_body_first_gets_the_413() {
     let upstream = Upstream::start().await;
-    let gateway = Gateway::start(&upstream.url(), &sqlite_store(), &["--max-request-body", "1MiB"]);
+    let gateway = Gateway::start(&upstream.url(), &sqlite_store(), &["--max-request-body", "4MiB"]);
     for declared in [true, false] {
         let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
-        let size = 2 << 20;
+        // Larger than the socket buffers between client and gateway can hold.
+        let size = 7 << 20;
         let mut request = if declared {
             format!("POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: big\r\nconnection: close\r\ncontent-length: {size}\r\n\r\n")
                 .into_bytes()
