@@ -153,7 +153,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records matching `query`, the oldest first, for operators (`idem keys list`).
     async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>>;
 
-    /// A cheap round trip that proves the store answers (for health checks).
+    /// A cheap round trip that proves the store answers and can take a write (for health
+    /// checks, and at start): a read-only database or a full disk fails it, with the reason.
     async fn ping(&self) -> Result<()>;
 
     /// The store server's own clock (PostgreSQL's `clock_timestamp()`, Redis's `TIME`), which

@@ -795,8 +795,25 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    /// Fails on a database that cannot take writes (a standby, or read-only transactions).
     async fn ping(&self) -> Result<()> {
-        self.query("SELECT 1", &[]).await.map(drop)
+        let rows = self
+            .query(
+                "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'",
+                &[],
+            )
+            .await?;
+        let read_only: bool = rows
+            .first()
+            .ok_or_else(|| Error::Corrupt("no answer to the health check".into()))?
+            .try_get(0)
+            .map_err(|error| Error::Corrupt(error.to_string()))?;
+        if read_only {
+            return Err(Error::unavailable(
+                "the database is read-only (a standby, or default_transaction_read_only)",
+            ));
+        }
+        Ok(())
     }
 
     async fn server_time(&self) -> Result<Option<Timestamp>> {

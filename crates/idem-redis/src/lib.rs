@@ -567,13 +567,25 @@ impl Store for RedisStore {
         Ok(found)
     }
 
+    /// A write of a key that expires at once: a read-only replica, or a server out of memory
+    /// under `noeviction`, fails it.
     async fn ping(&self) -> Result<()> {
         let mut connection = self.connection.clone();
-        let pong: String = self.bounded(redis::cmd("PING").query_async(&mut connection)).await?;
-        if pong == "PONG" {
+        let health = format!("{}:health", self.prefix);
+        let answer: String = self
+            .bounded(
+                redis::cmd("SET")
+                    .arg(&health)
+                    .arg("1")
+                    .arg("PX")
+                    .arg(1_000)
+                    .query_async(&mut connection),
+            )
+            .await?;
+        if answer == "OK" {
             Ok(())
         } else {
-            Err(Error::unavailable(format!("PING answered {pong:?}")))
+            Err(Error::unavailable(format!("a health write answered {answer:?}")))
         }
     }
 

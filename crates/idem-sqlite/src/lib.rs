@@ -687,9 +687,18 @@ impl Store for SqliteStore {
         .await
     }
 
+    /// A write that leaves nothing behind: a row inserted and deleted again in the group's
+    /// transaction, so a read-only file or a full disk fails it.
     async fn ping(&self) -> Result<()> {
         self.with_connection(|connection| {
-            connection.query_row("SELECT 1", [], |_| Ok(())).map_err(unavailable)
+            connection
+                .execute_batch(
+                    "INSERT OR REPLACE INTO idem_records
+                     (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
+                     VALUES (' health', ' health', x'', 1, NULL, NULL, x'', 0, 0);
+                     DELETE FROM idem_records WHERE scope = ' health' AND key = ' health';",
+                )
+                .map_err(unavailable)
         })
         .await
     }

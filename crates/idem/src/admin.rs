@@ -24,12 +24,12 @@ pub fn router(store: Arc<dyn Store>, metrics: PrometheusHandle) -> Router {
         .with_state(AdminState { store, metrics })
 }
 
-/// Healthy when the store answers a round trip within two seconds.
+/// Healthy when the store answers, and takes a write, within two seconds.
 async fn healthz(State(state): State<AdminState>) -> Response {
     match tokio::time::timeout(Duration::from_secs(2), state.store.ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ok\n").into_response(),
         Ok(Err(error)) => {
-            (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {error}\n"))
+            (StatusCode::SERVICE_UNAVAILABLE, format!("the store cannot take a write: {error}\n"))
                 .into_response()
         }
         Err(_) => {

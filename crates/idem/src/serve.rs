@@ -56,6 +56,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let store = crate::store::open(&config.store).await.map_err(ServeError::Store)?;
+    // A store that answers but cannot take a write would fail every keyed request: refuse now.
+    store.ping().await.map_err(|error| {
+        ServeError::Store(format!(
+            "--store {}: the store cannot take a write: {}",
+            crate::secrets::redact(&config.store),
+            crate::secrets::scrub(&error.to_string(), &config.store)
+        ))
+    })?;
     // Leases and expiry on the store's clock where it has one, so that gateways whose clocks
     // disagree still agree on when a lease ends.
     let clock = StoreClock::start(Arc::clone(&store), SystemClock)

@@ -124,3 +124,55 @@ async fn a_client_that_writes_its_whole_oversized_body_first_gets_the_413() {
     }
     assert_eq!(upstream.calls(), 0);
 }
+
+/// Makes `path` immutable (`chattr +i`, which even root cannot write through) or writable
+/// again; `false` if this machine cannot (not root, not a file system with the attribute).
+fn immutable(path: &std::path::Path, on: bool) -> bool {
+    std::process::Command::new("chattr")
+        .arg(if on { "+i" } else { "-i" })
+        .arg(path)
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// The database and its write-ahead log (where SQLite's writes land first) made immutable,
+/// or writable again.
+fn database_immutable(db: &std::path::Path, on: bool) -> bool {
+    let wal = db.with_extension("db-wal");
+    immutable(db, on) && (!wal.exists() || immutable(&wal, on))
+}
+
+/// A store that answers but cannot take a write: `/healthz` says so with the reason, and a
+/// gateway refuses to start on it, instead of answering ready and failing every keyed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_take_a_write_is_unhealthy_and_refused_at_start() {
+    let upstream = Upstream::start().await;
+    let dir = common::temp_dir();
+    let db = dir.join("idem.db");
+    let store = format!("sqlite://{}", db.display());
+    let gateway = Gateway::start(&upstream.url(), &store, &[]);
+    let admin = common::TestClient::new(gateway.admin);
+    assert_eq!(admin.get_text("/healthz").await.0, 200);
+    assert_eq!(gateway.client().post("before", "x", &[]).await.status, 201);
+    if !database_immutable(&db, true) {
+        idem_core::conformance::skip("chattr +i is not possible here (needs root on ext4)");
+        return;
+    }
+    let (status, reason) = admin.get_text("/healthz").await;
+    let refused = gateway.client().post("during", "x", &[]).await;
+    assert!(gateway.client().post("before", "x", &[]).await.is_replay(), "reads still replay");
+    drop(gateway);
+    let second_start = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+        .args(["serve", "--upstream", &upstream.url(), "--store", &store])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(database_immutable(&db, false));
+    assert_eq!(status, 503, "{reason}");
+    assert!(reason.contains("cannot take a write"), "{reason}");
+    refused.assert_problem(503, "store-unavailable");
+    assert!(!second_start.status.success());
+    let stderr = String::from_utf8_lossy(&second_start.stderr);
+    assert!(stderr.contains("cannot take a write"), "{stderr}");
+    assert_eq!(upstream.calls(), 1, "nothing ran while the store could not record it");
+}
