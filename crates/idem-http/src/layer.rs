@@ -44,6 +44,9 @@ pub struct IdempotencyConfig {
     /// Most keyed requests handled at once, their calls included (which go on after a client
     /// times out or leaves); more get `503 overloaded` before anything runs.
     pub max_running: usize,
+    /// Most bytes of keyed request bodies held in memory at once, all requests together. A
+    /// body that would pass it waits up to a second for room, then gets `503 overloaded`.
+    pub max_buffered: usize,
 }
 
 /// Where a caller's identity (the scope its keys live in) is read from.
@@ -101,6 +104,7 @@ impl Default for IdempotencyConfig {
             unknown_outcome: UnknownOutcome::Hold,
             max_wait: Duration::from_secs(30),
             max_running: 10_000,
+            max_buffered: 1 << 30,
         }
     }
 }
@@ -172,6 +176,11 @@ impl IdempotencyConfig {
         self.max_running = max_running;
         self
     }
+
+    pub fn max_buffered(mut self, bytes: usize) -> Self {
+        self.max_buffered = bytes;
+        self
+    }
 }
 
 /// Gives the wrapped service Idempotency-Key semantics. See the crate docs.
@@ -182,17 +191,20 @@ pub struct IdempotencyLayer {
     pub(crate) tasks: TaskTracker,
     pub(crate) abandon: CancellationToken,
     pub(crate) running: Arc<tokio::sync::Semaphore>,
+    pub(crate) buffered: Arc<crate::service::BufferBudget>,
 }
 
 impl IdempotencyLayer {
     pub fn new(engine: Engine, config: IdempotencyConfig) -> Self {
         let running = Arc::new(tokio::sync::Semaphore::new(config.max_running));
+        let buffered = Arc::new(crate::service::BufferBudget::new(config.max_buffered));
         Self {
             engine,
             config: Arc::new(config),
             tasks: TaskTracker::new(),
             abandon: CancellationToken::new(),
             running,
+            buffered,
         }
     }
 
@@ -222,6 +234,7 @@ impl<S> Layer<S> for IdempotencyLayer {
             tasks: self.tasks.clone(),
             abandon: self.abandon.clone(),
             running: Arc::clone(&self.running),
+            buffered: Arc::clone(&self.buffered),
         }
     }
 }

@@ -35,6 +35,33 @@ pub struct IdempotencyService<S> {
     pub(crate) abandon: CancellationToken,
     /// Keyed requests being handled, their calls included (which go on after a client left).
     pub(crate) running: Arc<tokio::sync::Semaphore>,
+    /// Bytes of keyed request bodies held in memory, all requests together.
+    pub(crate) buffered: Arc<BufferBudget>,
+}
+
+/// A budget of bytes shared by every request body held in memory.
+#[derive(Debug)]
+pub(crate) struct BufferBudget {
+    bytes: Arc<tokio::sync::Semaphore>,
+    /// Semaphore permits count at most `u32::MAX` at a time: budgets are kept in KiB.
+    total_kib: u32,
+}
+
+/// How long a body waits for room in the budget before it is refused.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
+
+impl BufferBudget {
+    pub(crate) fn new(bytes: usize) -> Self {
+        let total_kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).max(1);
+        Self { bytes: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)), total_kib }
+    }
+
+    /// Room for `bytes` more, waiting up to a second; `None` if there is none.
+    async fn reserve(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).min(self.total_kib);
+        let wanted = Arc::clone(&self.bytes).acquire_many_owned(kib);
+        tokio::time::timeout(BUDGET_WAIT, wanted).await.ok()?.ok()
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -86,7 +113,7 @@ where
         ReqBody: HttpBody<Data = Bytes> + Send + 'static,
         ReqBody::Error: Into<BoxError>,
     {
-        let Self { inner, engine, config, tasks, abandon, running } = self;
+        let Self { inner, engine, config, tasks, abandon, running, buffered } = self;
         if !config.methods.contains(request.method()) {
             return pass_through(inner, request.map(Body::new), &config).await;
         }
@@ -106,10 +133,12 @@ where
         };
 
         let (parts, body) = request.into_parts();
-        let body = match read_request_body(&parts, body, config.max_request_body).await {
-            Ok(body) => body,
-            Err(response) => return Ok(response),
-        };
+        // Held until the request is done with its body (dropped with it, or with the call).
+        let (body, _budget) =
+            match read_request_body(&parts, body, config.max_request_body, &buffered).await {
+                Ok(body) => body,
+                Err(response) => return Ok(response),
+            };
         // Bounded: calls go on after their clients left (a timeout, a hang-up), so the number
         // of connections alone does not bound them.
         let Ok(permit) = running.try_acquire_owned() else {
@@ -592,7 +621,12 @@ fn parse_key(headers: &HeaderMap) -> Result<Option<IdempotencyKey>, Response<Bod
 }
 
 #[allow(clippy::result_large_err)]
-async fn read_request_body<B>(parts: &Parts, body: B, limit: usize) -> Result<Bytes, Response<Body>>
+async fn read_request_body<B>(
+    parts: &Parts,
+    body: B,
+    limit: usize,
+    budget: &BufferBudget,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), Response<Body>>
 where
     B: HttpBody<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -613,18 +647,49 @@ where
         drain(body.as_mut(), limit).await;
         return Err(too_large());
     }
+    let over_budget = || {
+        metrics::counter!("idem_rejected_total", "reason" => "memory-budget").increment(1);
+        let mut response = problem(
+            ProblemKind::Overloaded,
+            "the gateway holds as many request bodies in memory as it may; nothing was run, retry later",
+        );
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
+        response
+    };
+    // Room in the memory budget for what the body declares (or, chunked, as it arrives).
+    let mut reserved = match declared {
+        Some(len) => match budget.reserve(len as usize).await {
+            Some(permit) => Some(permit),
+            None => return Err(over_budget()),
+        },
+        None => None,
+    };
+    let mut reserved_bytes = declared.unwrap_or(0) as usize;
     // One allocation, sized from Content-Length (or grown geometrically for a chunked body),
     // however small the pieces the body arrives in: each is copied in and dropped at once.
     let mut buffer = BytesMut::with_capacity(declared.map_or(8 * 1024, |len| len as usize));
     loop {
         let next = body.as_mut().frame().await.map(|frame| frame.map_err(Into::<BoxError>::into));
         match next {
-            None => return Ok(buffer.freeze()),
+            None => return Ok((buffer.freeze(), reserved)),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
                     if buffer.len() + data.len() > limit {
                         drain(body.as_mut(), limit).await;
                         return Err(too_large());
+                    }
+                    let needed = buffer.len() + data.len();
+                    if declared.is_none() && needed > reserved_bytes {
+                        // Geometric steps, as the buffer itself grows.
+                        let step = (needed - reserved_bytes).max(reserved_bytes).max(64 * 1024);
+                        let Some(more) = budget.reserve(step).await else {
+                            return Err(over_budget());
+                        };
+                        reserved_bytes += step;
+                        match &mut reserved {
+                            Some(held) => held.merge(more),
+                            None => reserved = Some(more),
+                        }
                     }
                     buffer.extend_from_slice(&data);
                 }

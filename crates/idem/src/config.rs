@@ -92,6 +92,10 @@ pub struct ServeArgs {
     /// with 503); --fail-open=false turns off a `true` from the config file
     #[arg(long, env = "IDEM_FAIL_OPEN", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = clap::builder::BoolishValueParser::new())]
     pub fail_open: Option<bool>,
+    /// Most bytes of request bodies held in memory at once, all requests together; past it a
+    /// request waits a second for room, then gets 503 [default: 1GiB]
+    #[arg(long, env = "IDEM_MAX_BUFFERED_BODIES", value_name = "SIZE")]
+    pub max_buffered_bodies: Option<String>,
     /// Grace before a request body must keep up the minimum rate [default: 10s]
     #[arg(
         long,
@@ -139,6 +143,7 @@ struct FileConfig {
     fingerprint_headers: Option<Vec<String>>,
     max_request_body: Option<Size>,
     max_stored_body: Option<Size>,
+    max_buffered_bodies: Option<Size>,
     request_body_timeout: Option<String>,
     request_body_min_rate: Option<Size>,
     upstream_timeout: Option<String>,
@@ -174,6 +179,7 @@ pub struct ServeConfig {
     pub fingerprint_headers: Vec<HeaderName>,
     pub max_request_body: usize,
     pub max_stored_body: usize,
+    pub max_buffered_bodies: usize,
     pub request_body_timeout: Duration,
     pub request_body_min_rate: usize,
     pub upstream_timeout: Duration,
@@ -266,6 +272,12 @@ impl ServeArgs {
                 file.max_stored_body,
                 1 << 20,
             )?,
+            max_buffered_bodies: size(
+                "max-buffered-bodies",
+                self.max_buffered_bodies,
+                file.max_buffered_bodies,
+                1 << 30,
+            )?,
             request_body_timeout: duration(
                 "request-body-timeout",
                 self.request_body_timeout,
@@ -336,6 +348,11 @@ impl ServeConfig {
         }
         if self.sweep_interval.is_zero() {
             return Err(invalid("--sweep-interval must be longer than zero"));
+        }
+        if self.max_buffered_bodies < self.max_request_body {
+            return Err(invalid(
+                "--max-buffered-bodies must be at least --max-request-body, or no body that large could ever be taken",
+            ));
         }
         if self.request_body_min_rate == 0 {
             return Err(invalid("--request-body-min-rate must be at least 1 byte"));

@@ -88,7 +88,8 @@ pub async fn run(
             .abandon_after(Some(config.upstream_abandon_after))
             .unknown_outcome(config.unknown_outcome)
             .max_wait(config.max_wait)
-            .max_running(config.max_connections),
+            .max_running(config.max_connections)
+            .max_buffered(config.max_buffered_bodies),
     );
     let connect_timeout = config.upstream_timeout.min(Duration::from_secs(10));
     let proxy = Proxy::new(&config.upstream, connect_timeout, config.upstream_abandon_after);

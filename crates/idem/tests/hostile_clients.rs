@@ -248,3 +248,41 @@ async fn burst_of_unfinished_bodies(gateway: &Gateway, burst: usize) -> (u64, u6
     let (after, _) = memory_mib(gateway.pid());
     (holding, after)
 }
+
+/// All request bodies together have a memory budget: a body that would pass it waits a second
+/// for room, then gets `503 overloaded` with `Retry-After`, and nothing runs; room comes back
+/// when the bodies holding it are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_share_one_memory_budget() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &sqlite_store(),
+        &["--max-buffered-bodies", "8MiB", "--max-request-body", "6MiB"],
+    );
+    // A 6 MiB body, all but its last byte: it holds 6 MiB of the budget.
+    let size = 6 << 20;
+    let mut holder = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: holder\r\nconnection: close\r\ncontent-length: {size}\r\n\r\n"
+    );
+    holder.write_all(head.as_bytes()).await.unwrap();
+    holder.write_all(&vec![b'x'; size - 1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let client = gateway.client();
+    let four_mib = "y".repeat(4 << 20);
+    let refused = client.post("too-much", &four_mib, &[]).await;
+    refused.assert_problem(503, "overloaded");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    let small = client.post("small", "{}", &[]).await;
+    assert_eq!(small.status, 201, "a body that fits the rest of the budget is taken");
+
+    holder.write_all(b"x").await.unwrap();
+    let mut answer = Vec::new();
+    holder.read_to_end(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 201"));
+    let later = client.post("too-much", &four_mib, &[]).await;
+    assert_eq!(later.status, 201, "the budget came back");
+    assert_eq!(upstream.calls(), 3);
+}
