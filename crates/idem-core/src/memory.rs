@@ -38,19 +38,62 @@ pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
     changes: ChangeFeed,
+    /// Roughly how many bytes the records hold, and the most they may.
+    used: std::sync::atomic::AtomicUsize,
+    max_bytes: usize,
+}
+
+/// What a record costs besides its key and payload (map entry, fingerprint, times).
+const RECORD_OVERHEAD: usize = 128;
+
+fn record_bytes(key: &RecordKey, record: &Record) -> usize {
+    let payload = match &record.state {
+        RecordState::Completed { payload } => payload.len(),
+        RecordState::InFlight { .. } => 0,
+    };
+    RECORD_OVERHEAD + key.scope.as_str().len() + key.key.as_str().len() + payload
 }
 
 impl Default for MemoryStore {
     fn default() -> Self {
+        Self::with_max_bytes(Self::DEFAULT_MAX_BYTES)
+    }
+}
+
+impl MemoryStore {
+    /// The default bound on what the records hold: 1 GiB.
+    pub const DEFAULT_MAX_BYTES: usize = 1 << 30;
+
+    /// A store whose records hold at most about `max_bytes` (keys, payloads and a fixed cost
+    /// per record). When full, a claim of a new key fails as unavailable (the gateway answers
+    /// 503) until expired records are swept; completions of claims already made, replays and
+    /// everything else go on.
+    pub fn with_max_bytes(max_bytes: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             changes: ChangeFeed::new(),
+            used: std::sync::atomic::AtomicUsize::new(0),
+            max_bytes,
         }
     }
 }
 
 impl MemoryStore {
+    /// Roughly how many bytes the records hold.
+    pub fn bytes(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn account(&self, added: usize, removed: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if added >= removed {
+            self.used.fetch_add(added - removed, Relaxed);
+        } else {
+            self.used.fetch_sub(removed - added, Relaxed);
+        }
+    }
+
     pub fn new() -> Self {
         Self::default()
     }
@@ -95,18 +138,26 @@ impl Store for MemoryStore {
         let mut records = self.shard(request.key);
         let decision = decide(records.get(request.key), request.fingerprint, request.now);
         if decision == Decision::Acquire {
-            records.insert(
-                request.key.clone(),
-                Record {
-                    fingerprint: *request.fingerprint,
-                    state: RecordState::InFlight {
-                        token: request.token,
-                        lease_expires_at: request.lease_expires_at,
-                    },
-                    created_at: request.now,
-                    expires_at: request.expires_at,
+            if self.bytes() >= self.max_bytes {
+                return Err(Error::unavailable(format!(
+                    "the memory store is full ({} bytes); new keys are refused until records expire",
+                    self.max_bytes
+                )));
+            }
+            let record = Record {
+                fingerprint: *request.fingerprint,
+                state: RecordState::InFlight {
+                    token: request.token,
+                    lease_expires_at: request.lease_expires_at,
                 },
-            );
+                created_at: request.now,
+                expires_at: request.expires_at,
+            };
+            let added = record_bytes(request.key, &record);
+            let removed = records
+                .insert(request.key.clone(), record)
+                .map_or(0, |old| record_bytes(request.key, &old));
+            self.account(added, removed);
         }
         Ok(decision)
     }
@@ -119,20 +170,23 @@ impl Store for MemoryStore {
         _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
+        let added = payload.len();
         self.with_owned_record(key, token, |records| {
             if let Some(record) = records.get_mut(key) {
                 record.state = RecordState::Completed { payload };
                 record.expires_at = expires_at;
             }
         })?;
+        self.account(added, 0);
         self.changes.notify(key);
         Ok(())
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
-        self.with_owned_record(key, token, |records| {
-            records.remove(key);
+        let removed = self.with_owned_record(key, token, |records| {
+            records.remove(key).map_or(0, |old| record_bytes(key, &old))
         })?;
+        self.account(0, removed);
         self.changes.notify(key);
         Ok(())
     }
@@ -158,7 +212,9 @@ impl Store for MemoryStore {
     }
 
     async fn delete(&self, key: &RecordKey) -> Result<bool> {
-        let deleted = self.shard(key).remove(key).is_some();
+        let removed = self.shard(key).remove(key);
+        let deleted = removed.is_some();
+        self.account(0, removed.map_or(0, |old| record_bytes(key, &old)));
         self.changes.notify(key);
         Ok(deleted)
     }
@@ -173,12 +229,17 @@ impl Store for MemoryStore {
             let mut records = lock(shard);
             let before = records.len();
             let mut budget = limit - deleted;
-            records.retain(|_, record| {
+            let mut freed = 0;
+            records.retain(|key, record| {
                 let remove = budget > 0 && record.is_expired(now);
                 budget -= usize::from(remove);
+                if remove {
+                    freed += record_bytes(key, record);
+                }
                 !remove
             });
             deleted += before - records.len();
+            self.account(0, freed);
         }
         Ok(deleted)
     }
@@ -221,5 +282,47 @@ impl Store for MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::{FencingToken, Fingerprint, IdempotencyKey, Scope};
+
     crate::store_conformance_tests!(async { Some(super::MemoryStore::new()) });
+
+    #[tokio::test]
+    async fn a_full_store_refuses_new_keys_and_takes_them_again_once_records_expire() {
+        let store = MemoryStore::with_max_bytes(10_000);
+        let fingerprint = Fingerprint::builder().part(b"x").finish();
+        let claim = |name: String, now: u64| {
+            let store = &store;
+            async move {
+                let key = RecordKey::new(Scope::named("s"), IdempotencyKey::new(name).unwrap());
+                let token = FencingToken::generate();
+                let decision = store
+                    .claim(ClaimRequest {
+                        key: &key,
+                        fingerprint: &fingerprint,
+                        token,
+                        now: Timestamp::from_millis(now),
+                        lease_expires_at: Timestamp::from_millis(now + 1_000),
+                        expires_at: Timestamp::from_millis(now + 60_000),
+                    })
+                    .await?;
+                assert_eq!(decision, Decision::Acquire);
+                let payload = Bytes::from(vec![7u8; 3_000]);
+                let expires = Timestamp::from_millis(now + 60_000);
+                store.complete(&key, token, payload, Timestamp::from_millis(now), expires).await
+            }
+        };
+        let mut stored = 0;
+        while claim(format!("k{stored}"), 1_000).await.is_ok() {
+            stored += 1;
+            assert!(stored < 10, "the bound was never reached");
+        }
+        let full = claim("one-more".into(), 1_000).await.unwrap_err();
+        assert!(full.to_string().contains("memory store is full"), "{full}");
+        assert_eq!(stored, 4, "10,000 bytes hold 4 records of about 3 KiB");
+        // Past their expiry, swept: room again.
+        assert_eq!(store.sweep(Timestamp::from_millis(62_000), 100).await.unwrap(), stored);
+        assert!(store.bytes() < 200, "{} bytes left", store.bytes());
+        claim("after".into(), 62_000).await.unwrap();
+    }
 }

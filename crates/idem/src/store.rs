@@ -22,7 +22,7 @@ pub async fn open_existing(url: &str) -> Result<Arc<dyn Store>, String> {
 async fn open_with(url: &str, migrating: bool) -> Result<Arc<dyn Store>, String> {
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     let opened: Result<Arc<dyn Store>, idem_core::Error> = match scheme {
-        Some("memory") => Ok(Arc::new(MemoryStore::new())),
+        Some("memory") => memory(url).map(|store| Arc::new(store) as Arc<dyn Store>),
         Some("sqlite") if migrating => {
             SqliteStore::from_url(url).map(|store| Arc::new(store) as Arc<dyn Store>)
         }
@@ -49,3 +49,30 @@ async fn open_with(url: &str, migrating: bool) -> Result<Arc<dyn Store>, String>
 }
 
 pub use crate::secrets::{redact, scrub};
+
+/// `memory://` or `memory://?max_bytes=SIZE` (default 1GiB): when full, new keys get 503.
+fn memory(url: &str) -> Result<MemoryStore, idem_core::Error> {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    let mut max_bytes = MemoryStore::DEFAULT_MAX_BYTES;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        match pair.split_once('=') {
+            Some(("max_bytes", value)) => {
+                max_bytes = crate::config::parse_size("max_bytes", value)
+                    .ok()
+                    .and_then(|bytes| usize::try_from(bytes).ok())
+                    .filter(|bytes| *bytes > 0)
+                    .ok_or_else(|| {
+                        idem_core::Error::Config(format!(
+                            "max_bytes must be a size such as 256MiB, not {value:?} (in the memory:// URL)"
+                        ))
+                    })?;
+            }
+            _ => {
+                return Err(idem_core::Error::Config(format!(
+                    "unknown memory:// URL parameter {pair:?} (known: max_bytes)"
+                )));
+            }
+        }
+    }
+    Ok(MemoryStore::with_max_bytes(max_bytes))
+}

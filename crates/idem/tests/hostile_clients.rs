@@ -286,3 +286,29 @@ async fn request_bodies_share_one_memory_budget() {
     assert_eq!(later.status, 201, "the budget came back");
     assert_eq!(upstream.calls(), 3);
 }
+
+/// The memory store is bounded in bytes: when full, new keys get 503 and run nowhere, while
+/// stored responses still replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_memory_store_refuses_new_keys_and_still_replays() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), "memory://?max_bytes=1MiB", &[]);
+    let client = gateway.client();
+    let big = [("x-test-body-bytes", "300000")];
+    let mut stored = Vec::new();
+    let refused = loop {
+        let key = format!("fill-{}", stored.len());
+        let reply = client.post(&key, "x", &big).await;
+        if reply.status != 201 {
+            break reply;
+        }
+        stored.push(key);
+        assert!(stored.len() < 10, "the bound was never reached");
+    };
+    refused.assert_problem(503, "store-unavailable");
+    assert_eq!(stored.len(), 4, "1 MiB holds four responses of 300 kB");
+    for key in &stored {
+        assert!(client.post(key, "x", &big).await.is_replay(), "{key} still replays");
+    }
+    assert_eq!(upstream.calls(), 4, "the refused key ran nowhere");
+}
