@@ -14,6 +14,11 @@ pub enum Error {
     /// The store could not be reached or did not answer in time.
     #[error("the store is unavailable: {0}")]
     Unavailable(#[source] BoxError),
+    /// The store holds as much as it may (a bounded memory store): no new key is taken until
+    /// records expire. Not "unavailable": failing open on it would let anyone who fills the
+    /// store turn deduplication off.
+    #[error("the store is full: {0}")]
+    Full(String),
     /// A stored record could not be read back as written.
     #[error("a stored record is corrupt: {0}")]
     Corrupt(String),

@@ -139,8 +139,8 @@ impl Store for MemoryStore {
         let decision = decide(records.get(request.key), request.fingerprint, request.now);
         if decision == Decision::Acquire {
             if self.bytes() >= self.max_bytes {
-                return Err(Error::unavailable(format!(
-                    "the memory store is full ({} bytes); new keys are refused until records expire",
+                return Err(Error::Full(format!(
+                    "the memory store holds its {} bytes; new keys are refused until records expire",
                     self.max_bytes
                 )));
             }
@@ -318,7 +318,7 @@ mod tests {
             assert!(stored < 10, "the bound was never reached");
         }
         let full = claim("one-more".into(), 1_000).await.unwrap_err();
-        assert!(full.to_string().contains("memory store is full"), "{full}");
+        assert!(matches!(full, Error::Full(_)), "{full}");
         assert_eq!(stored, 4, "10,000 bytes hold 4 records of about 3 KiB");
         // Past their expiry, swept: room again.
         assert_eq!(store.sweep(Timestamp::from_millis(62_000), 100).await.unwrap(), stored);

@@ -133,7 +133,8 @@ where
         };
 
         let (parts, body) = request.into_parts();
-        // Held until the request is done with its body (dropped with it, or with the call).
+        // The body's share of the memory budget, held while this request is handled here (a
+        // call that goes on after its client left no longer counts).
         let (body, _budget) =
             match read_request_body(&parts, body, config.max_request_body, &buffered).await {
                 Ok(body) => body,
@@ -179,7 +180,7 @@ where
                 };
                 run_claimed(running, claim, inner, request).await
             }
-            Ok(Begin::Replay(payload)) => Ok(replay(payload)),
+            Ok(Begin::Replay(payload)) => Ok(replay(payload, &record_key.scope)),
             Ok(Begin::Mismatch) => Ok(problem(
                 ProblemKind::KeyMismatch,
                 format!(
@@ -196,6 +197,16 @@ where
                     ),
                 );
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                Ok(response)
+            }
+            // A full store (never failed open: filling it must not turn deduplication off).
+            Err(Error::Full(reason)) => {
+                tracing::warn!(%reason, "the store is full; refusing new keys");
+                let mut response = problem(
+                    ProblemKind::Overloaded,
+                    "the idempotency store is full, so the request was not forwarded; retry later",
+                );
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
                 Ok(response)
             }
             // A record the store cannot read back: never forwarded, even failing open, since
@@ -570,9 +581,10 @@ async fn release(claim: Claim) {
     }
 }
 
-fn replay(payload: Bytes) -> Response<Body> {
+fn replay(payload: Bytes, scope: &Scope) -> Response<Body> {
+    // Also at replay: a record stored by an older version may still carry cookies.
     let stored = match StoredResponse::decode(payload) {
-        Ok(stored) => stored,
+        Ok(stored) => stored.without_cookies_for(scope),
         Err(error) => {
             tracing::error!(%error, "stored response is unreadable");
             return problem(
@@ -656,33 +668,34 @@ where
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
         response
     };
-    // Room in the memory budget for what the body declares (or, chunked, as it arrives).
-    let mut reserved = match declared {
-        Some(len) => match budget.reserve(len as usize).await {
-            Some(permit) => Some(permit),
-            None => return Err(over_budget()),
-        },
-        None => None,
-    };
-    let mut reserved_bytes = declared.unwrap_or(0) as usize;
-    // One allocation, sized from Content-Length (or grown geometrically for a chunked body),
-    // however small the pieces the body arrives in: each is copied in and dropped at once.
-    let mut buffer = BytesMut::with_capacity(declared.map_or(8 * 1024, |len| len as usize));
+    // Room in the memory budget is taken as the body arrives (in growing steps, never past
+    // what it declares or the limit), so a client that declares a large body and sends
+    // nothing holds no budget.
+    let most = declared.map_or(limit, |len| len as usize);
+    let mut reserved: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut reserved_bytes = 0usize;
+    // One allocation, sized from Content-Length when the first bytes arrive (or grown
+    // geometrically for a chunked body), however small the pieces the body arrives in: each
+    // is copied in and dropped at once.
+    let mut buffer = BytesMut::new();
     loop {
         let next = body.as_mut().frame().await.map(|frame| frame.map_err(Into::<BoxError>::into));
         match next {
             None => return Ok((buffer.freeze(), reserved)),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    if buffer.len() + data.len() > limit {
+                    let needed = buffer.len() + data.len();
+                    if needed > limit {
                         drain(body.as_mut(), limit).await;
                         return Err(too_large());
                     }
-                    let needed = buffer.len() + data.len();
-                    if declared.is_none() && needed > reserved_bytes {
-                        // Geometric steps, as the buffer itself grows.
-                        let step = (needed - reserved_bytes).max(reserved_bytes).max(64 * 1024);
+                    if needed > reserved_bytes {
+                        let step = (needed - reserved_bytes)
+                            .max(reserved_bytes)
+                            .max(64 * 1024)
+                            .min(most.max(needed) - reserved_bytes);
                         let Some(more) = budget.reserve(step).await else {
+                            drain(body.as_mut(), limit).await;
                             return Err(over_budget());
                         };
                         reserved_bytes += step;
@@ -690,6 +703,9 @@ where
                             Some(held) => held.merge(more),
                             None => reserved = Some(more),
                         }
+                    }
+                    if buffer.capacity() == 0 {
+                        buffer.reserve(declared.map_or(8 * 1024, |len| len as usize));
                     }
                     buffer.extend_from_slice(&data);
                 }
@@ -772,16 +788,20 @@ fn scope_of(headers: &HeaderMap, config: &IdempotencyConfig) -> Scope {
     Scope::anonymous()
 }
 
-/// The value of the cookie `name` in the request's `Cookie` headers, if present and not empty.
-fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The value of the cookie `name` in the request's `Cookie` headers, if present and not empty
+/// (read as bytes: another cookie with non-ASCII bytes does not hide it).
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(cookie, value)| *cookie == name && !value.is_empty())
-        .map(|(_, value)| value)
+        .flat_map(|value| value.as_bytes().split(|b| *b == b';'))
+        .filter_map(|pair| {
+            let pair = pair.trim_ascii();
+            let at = pair.iter().position(|b| *b == b'=')?;
+            Some((&pair[..at], &pair[at + 1..]))
+        })
+        .find(|(cookie, value)| *cookie == name.as_bytes() && !value.is_empty())
+        .map(|(_, value)| String::from_utf8_lossy(value).into_owned())
 }
 
 fn fingerprint_of(parts: &Parts, body: &Bytes, config: &IdempotencyConfig) -> Fingerprint {

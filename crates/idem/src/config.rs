@@ -354,6 +354,9 @@ impl ServeConfig {
                 "--max-buffered-bodies must be at least --max-request-body, or no body that large could ever be taken",
             ));
         }
+        if self.request_body_timeout < Duration::from_secs(1) {
+            return Err(invalid("--request-body-timeout must be at least 1s"));
+        }
         if self.request_body_min_rate == 0 {
             return Err(invalid("--request-body-min-rate must be at least 1 byte"));
         }

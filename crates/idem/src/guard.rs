@@ -3,7 +3,8 @@
 //!
 //! - a **minimum rate** after a grace period (as Apache's `mod_reqtimeout`): by
 //!   `grace + received / min_rate` from its start the body must have arrived so far, so a
-//!   client that sends nothing, or sends 1 KiB every 5 s, is cut off;
+//!   client that sends nothing, or sends 1 KiB every 5 s, is cut off; and no pause between two
+//!   pieces may last longer than the grace (as nginx's `client_body_timeout`);
 //! - a **share of the connections**: a body still arriving after its first second needs one of
 //!   the slow-body places (a quarter of `--max-connections`); with none free it is cut off at
 //!   once. Slow senders can then never hold the whole connection limit, and ordinary requests
@@ -51,6 +52,7 @@ impl BodyRules {
             rules: self.clone(),
             started: None,
             received: 0,
+            last_piece: None,
             place: None,
             sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
         }
@@ -64,6 +66,8 @@ pub struct GuardedBody<B> {
     rules: BodyRules,
     started: Option<Instant>,
     received: u64,
+    /// When the last piece of the body arrived.
+    last_piece: Option<Instant>,
     place: Option<OwnedSemaphorePermit>,
     sleep: Pin<Box<Sleep>>,
 }
@@ -75,29 +79,31 @@ impl<B> GuardedBody<B> {
         started + self.rules.grace + allowed
     }
 
-    /// Checks both rules at `now`; the instant of the next check if they hold.
+    /// Checks the rules at `now`; the instant of the next check if they hold.
     fn check(&mut self, started: Instant, now: Instant) -> Result<Instant, BodyTooSlow> {
-        if self.place.is_none() {
-            let needs_place = started + SLOW_AFTER;
-            if now >= needs_place {
-                match Arc::clone(&self.rules.slow_places).try_acquire_owned() {
-                    Ok(place) => self.place = Some(place),
-                    Err(_) => {
-                        return Err(BodyTooSlow(
-                            "the request body is arriving slowly and every place for slow bodies is taken".into(),
-                        ));
-                    }
-                }
-            } else {
-                return Ok(needs_place.min(self.rate_deadline(started)));
-            }
-        }
-        let deadline = self.rate_deadline(started);
+        // Silence counts from the last piece that arrived: credit earned by sending early
+        // does not buy a long pause.
+        let idle_deadline = self.last_piece.unwrap_or(started) + self.rules.grace;
+        let deadline = self.rate_deadline(started).min(idle_deadline);
         if now >= deadline {
             return Err(BodyTooSlow(format!(
-                "the request body arrived slower than {} bytes/s after {:?}",
+                "the request body arrived slower than {} bytes/s, or paused for {:?}",
                 self.rules.min_rate, self.rules.grace
             )));
+        }
+        if self.place.is_none() {
+            let needs_place = started + SLOW_AFTER;
+            if now < needs_place {
+                return Ok(needs_place.min(deadline));
+            }
+            match Arc::clone(&self.rules.slow_places).try_acquire_owned() {
+                Ok(place) => self.place = Some(place),
+                Err(_) => {
+                    return Err(BodyTooSlow(
+                        "the request body is arriving slowly and every place for slow bodies is taken".into(),
+                    ));
+                }
+            }
         }
         Ok(deadline)
     }
@@ -122,6 +128,7 @@ where
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Some(data) = frame.data_ref() {
                         self.received += data.len() as u64;
+                        self.last_piece = Some(Instant::now());
                     }
                     if let Err(error) = self.check(started, Instant::now()) {
                         return Poll::Ready(Some(Err(error.into())));

@@ -38,11 +38,19 @@ fn fix_malloc_mmap_threshold() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         use std::os::unix::process::CommandExt;
+        // Once only: glibc drops GLIBC_TUNABLES for set-id or file-capability programs, so
+        // the tunable alone cannot tell whether this process already restarted itself.
+        const RESTARTED: &str = "IDEM_MALLOC_TUNED";
         let current = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
-        if current.contains("glibc.malloc.mmap_threshold") {
+        if current.contains("glibc.malloc.mmap_threshold") || std::env::var_os(RESTARTED).is_some()
+        {
             return;
         }
         let Ok(program) = std::env::current_exe() else { return };
+        // Started through the dynamic loader (`ld.so ./idem`): restarting would run the loader.
+        if program.file_name().is_some_and(|name| name.to_string_lossy().starts_with("ld-")) {
+            return;
+        }
         let tunables = if current.is_empty() {
             MMAP_THRESHOLD_TUNABLE.to_owned()
         } else {
@@ -51,6 +59,7 @@ fn fix_malloc_mmap_threshold() {
         let error = std::process::Command::new(program)
             .args(std::env::args_os().skip(1))
             .env("GLIBC_TUNABLES", tunables)
+            .env(RESTARTED, "1")
             .exec();
         // Only returns on failure: run on with the default behaviour.
         eprintln!(

@@ -108,6 +108,14 @@ impl Service<Request<Body>> for Proxy {
         Box::pin(async move {
             let response = match forwarded.await {
                 Ok(response) => response,
+                Err(error) if caused_by_slow_body(&error) => {
+                    // The client's own body stalled while it streamed through (a request
+                    // without a key): its fault, not the upstream's.
+                    return Ok(problem(
+                        ProblemKind::BodyTooSlow,
+                        "the request body arrived too slowly and was cut off; it carried no Idempotency-Key, so whether the upstream acted on part of it is unknown",
+                    ));
+                }
                 Err(error) if nothing_sent(&error) => {
                     tracing::warn!(error = %error_chain(&error), "upstream unreachable; nothing was sent");
                     metrics::counter!("idem_upstream_unreachable_total").increment(1);
@@ -133,6 +141,18 @@ impl Service<Request<Body>> for Proxy {
             Ok(Response::from_parts(parts, Body::new(body)))
         })
     }
+}
+
+/// Whether the request failed because its own body was cut off for arriving too slowly.
+fn caused_by_slow_body(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<idem_http::BodyTooSlow>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Whether the upstream cannot have seen any of the request: the connection never opened, or

@@ -28,23 +28,35 @@ fn is_secret_parameter(name: &str) -> bool {
 
 /// `address` with every secret in it replaced by `***`, each at its place.
 pub fn redact(address: &str) -> String {
+    // A list of servers (`nats://u:p@a,nats://u:p@b`): each one.
+    if address.matches("://").count() > 1 && address.contains(',') {
+        return address.split(',').map(redact).collect::<Vec<_>>().join(",");
+    }
     let Some((scheme, rest)) = address.split_once("://") else {
         let mut shown = address.to_owned();
         for secret in libpq_secrets(address) {
-            shown = shown.replace(&format!("='{secret}'"), "='***'");
-            shown = shown.replace(&format!("={secret}"), "=***");
+            shown = shown.replace(&format!("'{secret}'"), "'***'");
+            shown = shown.replace(&secret, "***");
         }
         return shown;
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, password)) if !password.is_empty() => format!("{user}:***@{host}"),
-            None if is_token_scheme(scheme) && !userinfo.is_empty() => format!("***@{host}"),
-            _ => authority.to_owned(),
-        },
-        None => authority.to_owned(),
+    // The userinfo ends at the first `@`, as the PostgreSQL and Redis clients read it, even
+    // when an unencoded password holds a `/`, `?` or `#`.
+    let (authority, tail) = match rest.split_once('@') {
+        Some((userinfo, after)) => {
+            let host_end = after.find(['/', '?', '#']).unwrap_or(after.len());
+            let (host, tail) = after.split_at(host_end);
+            let shown = match userinfo.split_once(':') {
+                Some((user, password)) if !password.is_empty() => format!("{user}:***@{host}"),
+                None if is_token_scheme(scheme) && !userinfo.is_empty() => format!("***@{host}"),
+                _ => format!("{userinfo}@{host}"),
+            };
+            (shown, tail)
+        }
+        None => {
+            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            (rest[..end].to_owned(), &rest[end..])
+        }
     };
     let tail = match tail.split_once('?') {
         Some((path, query)) => {
@@ -87,11 +99,18 @@ pub fn scrub(text: &str, address: &str) -> String {
 /// The secret values an address carries, in the form they are written in it.
 fn secrets_in(address: &str) -> Vec<String> {
     let mut secrets = Vec::new();
+    if address.matches("://").count() > 1 && address.contains(',') {
+        return address.split(',').flat_map(secrets_in).collect();
+    }
     match address.split_once("://") {
         Some((scheme, rest)) => {
-            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            let (authority, tail) = rest.split_at(authority_end);
-            if let Some((userinfo, _host)) = authority.rsplit_once('@') {
+            let (userinfo, tail) = match rest.split_once('@') {
+                Some((userinfo, after)) => {
+                    (Some(userinfo), &after[after.find(['/', '?', '#']).unwrap_or(after.len())..])
+                }
+                None => (None, &rest[rest.find(['/', '?', '#']).unwrap_or(rest.len())..]),
+            };
+            if let Some(userinfo) = userinfo {
                 match userinfo.split_once(':') {
                     Some((_user, password)) if !password.is_empty() => {
                         secrets.push(password.to_owned())
@@ -127,7 +146,8 @@ fn libpq_secrets(text: &str) -> Vec<String> {
     let mut secrets = Vec::new();
     let mut rest = text;
     while let Some(equals) = rest.find('=') {
-        let name = rest[..equals].rsplit(|c: char| c.is_whitespace()).next().unwrap_or("");
+        let name =
+            rest[..equals].trim_end().rsplit(|c: char| c.is_whitespace()).next().unwrap_or("");
         let after = rest[equals + 1..].trim_start();
         let (value, remaining) = if let Some(quoted) = after.strip_prefix('\'') {
             let end = quoted.find('\'').unwrap_or(quoted.len());
@@ -160,7 +180,8 @@ fn percent_decode(text: &str) -> String {
     while index < bytes.len() {
         if bytes[index] == b'%'
             && index + 2 < bytes.len()
-            && let Ok(byte) = u8::from_str_radix(&text[index + 1..index + 3], 16)
+            && let Ok(hex) = std::str::from_utf8(&bytes[index + 1..index + 3])
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
         {
             out.push(byte);
             index += 3;
@@ -196,10 +217,23 @@ mod tests {
             ),
             ("host=db password='s3 cret' dbname=app", "host=db password='***' dbname=app"),
             ("postgres://idem@db/app", "postgres://idem@db/app"),
+            ("postgres://idem:ab/cd?ef@db/app", "postgres://idem:***@db/app"),
+            ("host=db password = s3cret dbname=app", "host=db password = *** dbname=app"),
+            (
+                "nats://u:pw1x@n1:4222,nats://u:pw2x@n2:4222",
+                "nats://u:***@n1:4222,nats://u:***@n2:4222",
+            ),
             ("sqlite://idem.db", "sqlite://idem.db"),
         ] {
             assert_eq!(redact(address), shown, "{address}");
         }
+    }
+
+    #[test]
+    fn odd_percent_signs_do_not_panic() {
+        let address = "postgres://idem:100%\u{e9}lan@db/app";
+        assert_eq!(redact(address), "postgres://idem:***@db/app");
+        assert!(!scrub("failed for 100%\u{e9}lan", address).contains("lan"));
     }
 
     #[test]

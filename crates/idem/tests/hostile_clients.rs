@@ -285,6 +285,37 @@ async fn request_bodies_share_one_memory_budget() {
     let later = client.post("too-much", &four_mib, &[]).await;
     assert_eq!(later.status, 201, "the budget came back");
     assert_eq!(upstream.calls(), 3);
+
+    // A body that declares 6 MiB and sends nothing holds none of the budget.
+    let mut silent = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let head = format!(
+        "POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: silent\r\ncontent-length: {size}\r\n\r\n"
+    );
+    silent.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.post("beside-silent", &four_mib, &[]).await.status, 201);
+
+    // A chunked body close to the whole budget is taken (its reservation never passes the
+    // limit).
+    let tight = Gateway::start(
+        &upstream.url(),
+        &sqlite_store(),
+        &["--max-buffered-bodies", "6MiB", "--max-request-body", "6MiB"],
+    );
+    let mut stream = tokio::net::TcpStream::connect(tight.addr).await.unwrap();
+    let mut request = b"POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: chunked\r\nconnection: close\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..80 {
+        request.extend_from_slice(b"10000\r\n");
+        request.extend(std::iter::repeat_n(b'z', 65_536));
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&request).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 201"), "a 5 MiB chunked body: {answer:?}");
+    assert_eq!(upstream.calls(), 5);
 }
 
 /// The memory store is bounded in bytes: when full, new keys get 503 and run nowhere, while
@@ -305,10 +336,21 @@ async fn a_full_memory_store_refuses_new_keys_and_still_replays() {
         stored.push(key);
         assert!(stored.len() < 10, "the bound was never reached");
     };
-    refused.assert_problem(503, "store-unavailable");
+    refused.assert_problem(503, "overloaded");
     assert_eq!(stored.len(), 4, "1 MiB holds four responses of 300 kB");
     for key in &stored {
         assert!(client.post(key, "x", &big).await.is_replay(), "{key} still replays");
     }
     assert_eq!(upstream.calls(), 4, "the refused key ran nowhere");
+
+    // Even failing open, a full store is not a reason to forward without idempotency.
+    let open = Gateway::start(&upstream.url(), "memory://?max_bytes=1MiB", &["--fail-open"]);
+    let client = open.client();
+    for i in 0..6 {
+        let reply = client.post(&format!("open-{i}"), "x", &big).await;
+        if i >= 4 {
+            reply.assert_problem(503, "overloaded");
+        }
+    }
+    assert_eq!(upstream.calls(), 8);
 }

@@ -498,5 +498,8 @@ async fn no_caller_receives_another_callers_cookies_or_response() {
     assert_eq!(retry.body, first.body);
     let stranger = client.post("pay", "x", &[("cookie", "theme=light; sid=dave")]).await;
     assert!(!stranger.is_replay());
+    // Another cookie with non-ASCII bytes does not hide the session cookie.
+    let accented = client.post("pay", "x", &[("cookie", "name=Andr\u{e9}; sid=carol")]).await;
+    assert!(accented.is_replay(), "still carol's scope");
     assert_eq!(upstream.calls(), 5);
 }
