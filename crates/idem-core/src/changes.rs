@@ -57,3 +57,42 @@ pub enum Notifies {
     /// Subscribers in every process sharing the store.
     AllProcesses,
 }
+
+/// The state of a store's listening connection (PostgreSQL `LISTEN`, a Redis subscriber),
+/// shared by the store and the task that keeps the connection: started once, on the first
+/// waiter, and whether it listens right now.
+#[derive(Debug)]
+pub struct ChangeListener {
+    started: std::sync::atomic::AtomicBool,
+    listening: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for ChangeListener {
+    fn default() -> Self {
+        Self { started: false.into(), listening: tokio::sync::watch::Sender::new(false) }
+    }
+}
+
+impl ChangeListener {
+    /// `true` once: the caller starts the connection's task.
+    pub fn claim_start(&self) -> bool {
+        !self.started.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Gives the start back (no runtime to start it on): a later waiter tries again.
+    pub fn start_failed(&self) {
+        self.started.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Called by the connection's task as it starts and stops listening.
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.send_replace(listening);
+    }
+
+    /// Waits up to `within` for the connection to listen; `false` if it does not by then.
+    pub async fn ready(&self, within: std::time::Duration) -> bool {
+        let mut listening = self.listening.subscribe();
+        tokio::time::timeout(within, async { listening.wait_for(|on| *on).await.is_ok() }).await
+            == Ok(true)
+    }
+}

@@ -785,72 +785,11 @@ mod tests {
         assert!(engine.store().get(&key("old-0")).await.unwrap().is_none());
     }
 
-    /// A store whose first `failures` completions find it unavailable.
-    struct Flaky {
-        inner: MemoryStore,
-        failures: AtomicUsize,
-    }
-
-    #[async_trait::async_trait]
-    impl Store for Flaky {
-        async fn claim(&self, request: crate::ClaimRequest<'_>) -> Result<crate::Decision> {
-            self.inner.claim(request).await
-        }
-        async fn complete(
-            &self,
-            key: &RecordKey,
-            token: FencingToken,
-            payload: Bytes,
-            now: Timestamp,
-            expires_at: Timestamp,
-        ) -> Result<()> {
-            let left = self.failures.load(Ordering::SeqCst);
-            if left > 0 {
-                self.failures.store(left - 1, Ordering::SeqCst);
-                return Err(Error::unavailable("connection refused"));
-            }
-            self.inner.complete(key, token, payload, now, expires_at).await
-        }
-        async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
-            self.inner.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            key: &RecordKey,
-            token: FencingToken,
-            now: Timestamp,
-            lease: Timestamp,
-            expires_at: Timestamp,
-        ) -> Result<()> {
-            self.inner.renew(key, token, now, lease, expires_at).await
-        }
-        async fn get(&self, key: &RecordKey) -> Result<Option<crate::Record>> {
-            self.inner.get(key).await
-        }
-        async fn delete(&self, key: &RecordKey) -> Result<bool> {
-            self.inner.delete(key).await
-        }
-        async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
-            self.inner.sweep(now, limit).await
-        }
-        async fn list(&self, query: &crate::ListQuery) -> Result<Vec<crate::RecordSummary>> {
-            self.inner.list(query).await
-        }
-        async fn ping(&self) -> Result<()> {
-            Ok(())
-        }
-        fn capabilities(&self) -> crate::Capabilities {
-            self.inner.capabilities()
-        }
-    }
-
     #[tokio::test(start_paused = true)]
     async fn completion_rides_out_a_brief_store_outage_within_the_lease() {
-        let engine = Engine::new(
-            Flaky { inner: MemoryStore::new(), failures: AtomicUsize::new(3) },
-            crate::SystemClock,
-            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
-        );
+        let store = Stalling::new(true);
+        store.fail_completes.store(3, Ordering::SeqCst);
+        let engine = engine_on(&store);
         let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
             panic!("first begin must run");
         };
@@ -861,12 +800,8 @@ mod tests {
         assert_eq!(payload, "paid");
 
         // An outage that outlasts the attempts: the error comes back, nothing is pretended.
-        let engine = Engine::new(
-            Flaky { inner: MemoryStore::new(), failures: AtomicUsize::new(1_000) },
-            crate::SystemClock,
-            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
-        );
-        let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+        store.fail_completes.store(1_000, Ordering::SeqCst);
+        let Begin::Run(claim) = engine.begin(key("k2"), fp("a")).await.unwrap() else {
             panic!("first begin must run");
         };
         let failed = claim.complete(Bytes::from_static(b"paid")).await;
@@ -890,13 +825,15 @@ mod tests {
         assert!(matches!(engine.begin(key("k"), fp("a")).await.unwrap(), Begin::Run(_)));
     }
 
-    /// A memory store whose claims wait for a permit (a paused store), and whose claims and
-    /// completions can be told to report failure after they did their work (a reply lost).
+    /// A memory store whose claims wait for a permit (a paused store), whose claims and
+    /// completions can be told to report failure after they did their work (a reply lost), and
+    /// whose completions can be told to fail before doing it (an outage).
     struct Stalling {
         inner: Arc<MemoryStore>,
         gate: tokio::sync::Semaphore,
         lose_claim_replies: std::sync::atomic::AtomicBool,
         lose_complete_replies: AtomicUsize,
+        fail_completes: AtomicUsize,
         claims_done: AtomicUsize,
         /// The server's clock, this far ahead of the system clock; `None`: no clock.
         clock_ahead_ms: Option<u64>,
@@ -909,6 +846,7 @@ mod tests {
                 gate: tokio::sync::Semaphore::new(if open { 1_000 } else { 0 }),
                 lose_claim_replies: false.into(),
                 lose_complete_replies: AtomicUsize::new(0),
+                fail_completes: AtomicUsize::new(0),
                 claims_done: AtomicUsize::new(0),
                 clock_ahead_ms: None,
             })
@@ -934,6 +872,10 @@ mod tests {
             now: Timestamp,
             expires_at: Timestamp,
         ) -> Result<()> {
+            if self.fail_completes.load(Ordering::SeqCst) > 0 {
+                self.fail_completes.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::unavailable("connection refused"));
+            }
             self.inner.complete(key, token, payload, now, expires_at).await?;
             if self.lose_complete_replies.load(Ordering::SeqCst) > 0 {
                 self.lose_complete_replies.fetch_sub(1, Ordering::SeqCst);

@@ -33,7 +33,7 @@ mod memory;
 mod record;
 mod store;
 
-pub use changes::{ChangeFeed, Notifies};
+pub use changes::{ChangeFeed, ChangeListener, Notifies};
 pub use clock::{Clock, ClockDebug, ManualClock, StoreClock, SystemClock, Timestamp};
 pub use engine::{Begin, Claim, Completion, Engine, EngineConfig, Outcome};
 pub use error::{BoxError, Error, Result};

@@ -37,9 +37,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use idem_core::{
-    Capabilities, ChangeFeed, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery,
-    Notifies, Record, RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp,
-    decide,
+    Capabilities, ChangeFeed, ChangeListener, ClaimRequest, Decision, Error, FencingToken,
+    Fingerprint, ListQuery, Notifies, Record, RecordKey, RecordState, RecordSummary, Result,
+    StateFilter, Store, Timestamp, decide,
 };
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -201,13 +201,7 @@ pub struct PostgresStore {
     config: std::sync::Arc<tokio_postgres::Config>,
     changes: ChangeFeed,
     /// Whether the LISTEN connection was started, and whether it listens now.
-    listener: std::sync::Arc<Listener>,
-}
-
-#[derive(Debug)]
-struct Listener {
-    started: std::sync::atomic::AtomicBool,
-    listening: tokio::sync::watch::Sender<bool>,
+    listener: std::sync::Arc<ChangeListener>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -355,10 +349,7 @@ impl PostgresStore {
             op_timeout: settings.op_timeout,
             config: std::sync::Arc::new(settings.config),
             changes: ChangeFeed::new(),
-            listener: std::sync::Arc::new(Listener {
-                started: false.into(),
-                listening: tokio::sync::watch::Sender::new(false),
-            }),
+            listener: std::sync::Arc::default(),
         };
         Ok((store, settings.schema))
     }
@@ -469,11 +460,11 @@ impl PostgresStore {
     /// reconnects (backoff to 5 s) when it is lost. Waiters re-read records every 5 s anyway,
     /// so an announcement lost while it reconnects costs a delay, never a wrong answer.
     fn start_listener(&self) {
-        if self.listener.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if !self.listener.claim_start() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.listener.started.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.listener.start_failed();
             return;
         };
         let config = std::sync::Arc::clone(&self.config);
@@ -501,7 +492,7 @@ impl PostgresStore {
                                         listening = true;
                                         match result {
                                             Ok(()) => {
-                                                alive.listening.send_replace(true);
+                                                alive.set_listening(true);
                                             }
                                             Err(_) => failed = true,
                                         }
@@ -542,7 +533,7 @@ impl PostgresStore {
                     }
                     Err(error) => tracing::debug!(%error, "cannot open the LISTEN connection"),
                 }
-                alive.listening.send_replace(false);
+                alive.set_listening(false);
                 drop(alive);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -847,12 +838,7 @@ impl Store for PostgresStore {
     /// is missed.
     async fn watch(&self, key: &RecordKey) -> Result<()> {
         self.start_listener();
-        let mut listening = self.listener.listening.subscribe();
-        let ready = tokio::time::timeout(Duration::from_secs(1), async {
-            listening.wait_for(|on| *on).await.is_ok()
-        })
-        .await;
-        if ready != Ok(true) {
+        if !self.listener.ready(Duration::from_secs(1)).await {
             return Err(Error::unavailable("the LISTEN connection is not up"));
         }
         self.execute(

@@ -41,8 +41,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
-    Capabilities, ChangeFeed, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery,
-    Notifies, Record, RecordKey, RecordState, RecordSummary, Result, Store, Timestamp, decide,
+    Capabilities, ChangeFeed, ChangeListener, ClaimRequest, Decision, Error, FencingToken,
+    Fingerprint, ListQuery, Notifies, Record, RecordKey, RecordState, RecordSummary, Result, Store,
+    Timestamp, decide,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
@@ -158,13 +159,7 @@ pub struct RedisStore {
     /// For the subscriber connection, opened when the first waiter subscribes.
     client: redis::Client,
     changes: ChangeFeed,
-    listener: std::sync::Arc<Listener>,
-}
-
-#[derive(Debug)]
-struct Listener {
-    started: std::sync::atomic::AtomicBool,
-    listening: tokio::sync::watch::Sender<bool>,
+    listener: std::sync::Arc<ChangeListener>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -236,10 +231,7 @@ impl RedisStore {
                 )));
             }
         };
-        let listener = std::sync::Arc::new(Listener {
-            started: false.into(),
-            listening: tokio::sync::watch::Sender::new(false),
-        });
+        let listener = std::sync::Arc::default();
         let store =
             Self { connection, prefix, op_timeout, client, changes: ChangeFeed::new(), listener };
         store.ping().await?;
@@ -256,11 +248,11 @@ impl RedisStore {
     /// anyway, so an announcement lost meanwhile costs a delay, never a wrong answer.
     fn start_listener(&self) {
         use futures_util::StreamExt;
-        if self.listener.started.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if !self.listener.claim_start() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            self.listener.started.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.listener.start_failed();
             return;
         };
         let client = self.client.clone();
@@ -274,7 +266,7 @@ impl RedisStore {
                 match client.get_async_pubsub().await {
                     Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
                         Ok(()) => {
-                            alive.listening.send_replace(true);
+                            alive.set_listening(true);
                             backoff = Duration::from_millis(100);
                             let mut messages = pubsub.on_message();
                             loop {
@@ -304,7 +296,7 @@ impl RedisStore {
                     },
                     Err(error) => tracing::debug!(%error, "cannot open the subscriber connection"),
                 }
-                alive.listening.send_replace(false);
+                alive.set_listening(false);
                 drop(alive);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -619,12 +611,7 @@ impl Store for RedisStore {
     /// now on is missed.
     async fn watch(&self, key: &RecordKey) -> Result<()> {
         self.start_listener();
-        let mut listening = self.listener.listening.subscribe();
-        let ready = tokio::time::timeout(Duration::from_secs(1), async {
-            listening.wait_for(|on| *on).await.is_ok()
-        })
-        .await;
-        if ready != Ok(true) {
+        if !self.listener.ready(Duration::from_secs(1)).await {
             return Err(Error::unavailable("the subscriber connection is not up"));
         }
         let invocation = WATCH.key(self.record_key(key));
