@@ -786,25 +786,26 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    /// Fails on a database that cannot take writes (a standby, or read-only transactions).
+    /// A write that leaves nothing behind: a row no key can name (keys have no spaces)
+    /// inserted and deleted in one committed transaction, so a standby, read-only
+    /// transactions or a disk too full for the log fail it, with the server's reason.
     async fn ping(&self) -> Result<()> {
-        let rows = self
-            .query(
-                "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'",
-                &[],
-            )
-            .await?;
-        let read_only: bool = rows
-            .first()
-            .ok_or_else(|| Error::Corrupt("no answer to the health check".into()))?
-            .try_get(0)
-            .map_err(|error| Error::Corrupt(error.to_string()))?;
-        if read_only {
-            return Err(Error::unavailable(
-                "the database is read-only (a standby, or default_transaction_read_only)",
-            ));
-        }
-        Ok(())
+        self.bounded(async {
+            let mut client = self.pool.get().await.map_err(unavailable)?;
+            let transaction = client.transaction().await.map_err(unavailable)?;
+            transaction
+                .batch_execute(
+                    "INSERT INTO idem_records
+                         (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
+                     VALUES (' health', ' health', '', 1, NULL, NULL, '', 0, 0)
+                     ON CONFLICT (scope, key) DO NOTHING;
+                     DELETE FROM idem_records WHERE scope = ' health' AND key = ' health';",
+                )
+                .await
+                .map_err(unavailable)?;
+            transaction.commit().await.map_err(unavailable)
+        })
+        .await
     }
 
     async fn server_time(&self) -> Result<Option<Timestamp>> {

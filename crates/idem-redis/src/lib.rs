@@ -127,6 +127,17 @@ static DELETE: LazyLock<Script> = LazyLock::new(|| {
     )
 });
 
+/// The health write: a hash (so a listing skips it) that expires in a second.
+static HEALTH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+        redis.call('HSET', KEYS[1], 'h', '1')
+        redis.call('PEXPIRE', KEYS[1], 1000)
+        return 1
+        ",
+    )
+});
+
 /// Marks an in-flight record watched. ARGV: none.
 static WATCH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -559,26 +570,13 @@ impl Store for RedisStore {
         Ok(found)
     }
 
-    /// A write of a key that expires at once: a read-only replica, or a server out of memory
-    /// under `noeviction`, fails it.
+    /// A write of a record-shaped key that expires at once (`<prefix>:r:health`, inside the
+    /// key space an ACL grants idem; no record's name, which are hashes in braces): a
+    /// read-only replica, or a server out of memory under `noeviction`, fails it.
     async fn ping(&self) -> Result<()> {
+        let invocation = HEALTH.key(format!("{}:r:health", self.prefix));
         let mut connection = self.connection.clone();
-        let health = format!("{}:health", self.prefix);
-        let answer: String = self
-            .bounded(
-                redis::cmd("SET")
-                    .arg(&health)
-                    .arg("1")
-                    .arg("PX")
-                    .arg(1_000)
-                    .query_async(&mut connection),
-            )
-            .await?;
-        if answer == "OK" {
-            Ok(())
-        } else {
-            Err(Error::unavailable(format!("a health write answered {answer:?}")))
-        }
+        self.bounded(invocation.invoke_async::<i64>(&mut connection)).await.map(drop)
     }
 
     async fn server_time(&self) -> Result<Option<Timestamp>> {
