@@ -176,3 +176,15 @@ fn keys_never_creates_or_migrates_a_store() {
     assert!(err.contains("no idem schema"), "{err}");
     assert_eq!(std::fs::metadata(&foreign).unwrap().len(), 0, "the file was written to");
 }
+
+/// A database error carries the server's own words (tokio-postgres alone says "db error").
+#[test]
+fn database_errors_carry_the_servers_message() {
+    let Some(url) = service_url("IDEM_TEST_POSTGRES_URL") else { return };
+    let base = url.split('?').next().unwrap();
+    let (root, _) = base.rsplit_once('/').unwrap();
+    let missing = format!("{root}/idem_no_such_database");
+    let (code, _, err) = keys(&missing, &["list"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("database \"idem_no_such_database\" does not exist"), "{err}");
+}
