@@ -26,13 +26,69 @@ fn is_secret_parameter(name: &str) -> bool {
     SECRET_PARAMETERS.iter().any(|secret| name.trim().eq_ignore_ascii_case(secret))
 }
 
+/// A URL-style address split as the PostgreSQL and Redis clients read it: the userinfo ends at
+/// the first `@`, even when an unencoded password holds a `/`, `?` or `#`.
+struct Address<'a> {
+    scheme: &'a str,
+    userinfo: Option<&'a str>,
+    host: &'a str,
+    /// Path, query and fragment.
+    tail: &'a str,
+}
+
+impl<'a> Address<'a> {
+    fn parse(address: &'a str) -> Option<Self> {
+        let (scheme, rest) = address.split_once("://")?;
+        let (userinfo, after) = match rest.split_once('@') {
+            Some((userinfo, after)) => (Some(userinfo), after),
+            None => (None, rest),
+        };
+        let end = after.find(['/', '?', '#']).unwrap_or(after.len());
+        Some(Self { scheme, userinfo, host: &after[..end], tail: &after[end..] })
+    }
+
+    /// The secret the userinfo ends with: a password, or all of it where it is a token.
+    fn userinfo_secret(&self) -> Option<&'a str> {
+        let userinfo = self.userinfo?;
+        match userinfo.split_once(':') {
+            Some((_, password)) if !password.is_empty() => Some(password),
+            None if is_token_scheme(self.scheme) && !userinfo.is_empty() => Some(userinfo),
+            _ => None,
+        }
+    }
+
+    /// The query, if there is one.
+    fn query_pairs(&self) -> Option<Query<'a>> {
+        let (path, rest) = self.tail.split_once('?')?;
+        let (query, fragment) = rest.find('#').map_or((rest, ""), |at| rest.split_at(at));
+        let pairs = query
+            .split('&')
+            .map(|pair| {
+                let secret = pair
+                    .split_once('=')
+                    .is_some_and(|(name, value)| is_secret_parameter(name) && !value.is_empty());
+                (pair, secret)
+            })
+            .collect();
+        Some(Query { path, pairs, fragment })
+    }
+}
+
+/// The path, the query's `name=value` pairs each marked secret or not, and the fragment
+/// (`#...`, or empty).
+struct Query<'a> {
+    path: &'a str,
+    pairs: Vec<(&'a str, bool)>,
+    fragment: &'a str,
+}
+
 /// `address` with every secret in it replaced by `***`, each at its place.
 pub fn redact(address: &str) -> String {
     // A list of servers (`nats://u:p@a,nats://u:p@b`): each one.
     if address.matches("://").count() > 1 && address.contains(',') {
         return address.split(',').map(redact).collect::<Vec<_>>().join(",");
     }
-    let Some((scheme, rest)) = address.split_once("://") else {
+    let Some(parsed) = Address::parse(address) else {
         let mut shown = address.to_owned();
         for secret in libpq_secrets(address) {
             shown = shown.replace(&format!("'{secret}'"), "'***'");
@@ -40,40 +96,29 @@ pub fn redact(address: &str) -> String {
         }
         return shown;
     };
-    // The userinfo ends at the first `@`, as the PostgreSQL and Redis clients read it, even
-    // when an unencoded password holds a `/`, `?` or `#`.
-    let (authority, tail) = match rest.split_once('@') {
-        Some((userinfo, after)) => {
-            let host_end = after.find(['/', '?', '#']).unwrap_or(after.len());
-            let (host, tail) = after.split_at(host_end);
-            let shown = match userinfo.split_once(':') {
-                Some((user, password)) if !password.is_empty() => format!("{user}:***@{host}"),
-                None if is_token_scheme(scheme) && !userinfo.is_empty() => format!("***@{host}"),
-                _ => format!("{userinfo}@{host}"),
-            };
-            (shown, tail)
+    let host = parsed.host;
+    let authority = match (parsed.userinfo, parsed.userinfo_secret()) {
+        // The secret ends the userinfo: keep what comes before it (`user:`, or nothing).
+        (Some(userinfo), Some(secret)) => {
+            format!("{}***@{host}", &userinfo[..userinfo.len() - secret.len()])
         }
-        None => {
-            let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-            (rest[..end].to_owned(), &rest[end..])
-        }
+        (Some(userinfo), None) => format!("{userinfo}@{host}"),
+        (None, _) => host.to_owned(),
     };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let pairs: Vec<String> = query
-                .split('&')
-                .map(|pair| match pair.split_once('=') {
-                    Some((name, value)) if is_secret_parameter(name) && !value.is_empty() => {
-                        format!("{name}=***")
-                    }
+    let tail = match parsed.query_pairs() {
+        Some(Query { path, pairs, fragment }) => {
+            let pairs: Vec<String> = pairs
+                .into_iter()
+                .map(|(pair, secret)| match pair.split_once('=') {
+                    Some((name, _)) if secret => format!("{name}=***"),
                     _ => pair.to_owned(),
                 })
                 .collect();
-            format!("{path}?{}", pairs.join("&"))
+            format!("{path}?{}{fragment}", pairs.join("&"))
         }
-        None => tail.to_owned(),
+        None => parsed.tail.to_owned(),
     };
-    format!("{scheme}://{authority}{tail}")
+    format!("{}://{authority}{tail}", parsed.scheme)
 }
 
 /// Schemes whose lone userinfo (no `:`) is a token, not a user name.
@@ -98,45 +143,23 @@ pub fn scrub(text: &str, address: &str) -> String {
 
 /// The secret values an address carries, in the form they are written in it.
 fn secrets_in(address: &str) -> Vec<String> {
-    let mut secrets = Vec::new();
     if address.matches("://").count() > 1 && address.contains(',') {
         return address.split(',').flat_map(secrets_in).collect();
     }
-    match address.split_once("://") {
-        Some((scheme, rest)) => {
-            let (userinfo, tail) = match rest.split_once('@') {
-                Some((userinfo, after)) => {
-                    (Some(userinfo), &after[after.find(['/', '?', '#']).unwrap_or(after.len())..])
-                }
-                None => (None, &rest[rest.find(['/', '?', '#']).unwrap_or(rest.len())..]),
-            };
-            if let Some(userinfo) = userinfo {
-                match userinfo.split_once(':') {
-                    Some((_user, password)) if !password.is_empty() => {
-                        secrets.push(password.to_owned())
-                    }
-                    // A lone userinfo is a token for NATS; a user name elsewhere.
-                    None if is_token_scheme(scheme) && !userinfo.is_empty() => {
-                        secrets.push(userinfo.to_owned());
-                    }
-                    _ => {}
-                }
+    let mut secrets = match Address::parse(address) {
+        Some(parsed) => {
+            let mut secrets: Vec<String> =
+                parsed.userinfo_secret().map(str::to_owned).into_iter().collect();
+            if let Some(query) = parsed.query_pairs() {
+                secrets.extend(query.pairs.into_iter().filter(|(_, secret)| *secret).filter_map(
+                    |(pair, _)| pair.split_once('=').map(|(_, value)| value.to_owned()),
+                ));
             }
-            if let Some((_, query)) = tail.split_once('?') {
-                let query = query.split('#').next().unwrap_or(query);
-                for pair in query.split('&') {
-                    if let Some((name, value)) = pair.split_once('=')
-                        && is_secret_parameter(name)
-                        && !value.is_empty()
-                    {
-                        secrets.push(value.to_owned());
-                    }
-                }
-            }
+            secrets
         }
         // A libpq key=value string: `host=db password=s3cret` or `password='s3 cret'`.
-        None => secrets.extend(libpq_secrets(address)),
-    }
+        None => libpq_secrets(address),
+    };
     secrets.sort_by_key(|secret| std::cmp::Reverse(secret.len()));
     secrets.dedup();
     secrets
