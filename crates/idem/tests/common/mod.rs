@@ -177,26 +177,7 @@ impl Gateway {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        Self::start_under(&[], upstream, store, extra, env)
-    }
-
-    /// Starts the binary under a wrapper command (e.g. `faketime -f +10m`); none if empty.
-    pub fn start_under(
-        wrapper: &[&str],
-        upstream: &str,
-        store: &str,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Self {
-        let binary = env!("CARGO_BIN_EXE_idem");
-        let mut command = match wrapper.split_first() {
-            Some((program, args)) => {
-                let mut command = Command::new(program);
-                command.args(args).arg(binary);
-                command
-            }
-            None => Command::new(binary),
-        };
+        let mut command = Command::new(env!("CARGO_BIN_EXE_idem"));
         command
             .args(["serve", "--upstream", upstream, "--store", store])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
