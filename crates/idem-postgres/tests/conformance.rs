@@ -13,11 +13,18 @@ async fn store() -> Option<PostgresStore> {
 
 idem_core::store_conformance_tests!(store());
 
+/// A plain connection to the test database, to look at what the store did.
+async fn admin() -> tokio_postgres::Client {
+    let url = service_url("IDEM_TEST_POSTGRES_URL").expect("checked by fresh_schema_url");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 /// A schema of its own for one test, dropped first so the test starts from nothing.
 async fn fresh_schema_url(name: &str) -> Option<String> {
     let url = service_url("IDEM_TEST_POSTGRES_URL")?;
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
-    tokio::spawn(connection);
+    let client = admin().await;
     client.batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE")).await.unwrap();
     let separator = if url.contains('?') { '&' } else { '?' };
     Some(format!("{url}{separator}schema={name}"))
@@ -35,13 +42,7 @@ async fn instances_starting_at_once_migrate_once() {
     for start in starts {
         start.await.unwrap().expect("every instance starts, whichever migrated");
     }
-    let (client, connection) = tokio_postgres::connect(
-        &service_url("IDEM_TEST_POSTGRES_URL").unwrap(),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let client = admin().await;
     let versions = client
         .query(
             "SELECT version FROM idem_migration_race.idem_schema_migrations ORDER BY version",
@@ -71,13 +72,7 @@ async fn connecting_to_an_existing_store_never_migrates() {
     let Some(url) = fresh_schema_url("idem_existing_only").await else { return };
     let error = PostgresStore::connect_existing(&url).await.unwrap_err().to_string();
     assert!(error.contains("no idem schema"), "{error}");
-    let (client, connection) = tokio_postgres::connect(
-        &service_url("IDEM_TEST_POSTGRES_URL").unwrap(),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .unwrap();
-    tokio::spawn(connection);
+    let client = admin().await;
     let tables = client
         .query(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'idem_existing_only'",
