@@ -6,12 +6,19 @@
 # standard loopback address when something answers there; otherwise they skip, and the summary
 # at the end says which and why (IDEM_REQUIRE_SERVICES=1 turns a skip into a failure, as in CI).
 # Arguments go to `cargo test`, e.g. scripts/test.sh -p idem-core, or -- --show-output.
+# The gateway tests drive the release build of `idem` (what users run; the memory bounds they
+# check depend on it), built first; IDEM_TEST_BIN points them at it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 skips=$(mktemp)
 trap 'rm -f "$skips"' EXIT
 export IDEM_SKIP_LOG="$skips"
+
+locked=()
+for arg in "$@"; do [ "$arg" = --locked ] && locked=(--locked); done
+cargo build --release --quiet -p idem "${locked[@]}" || exit 1
+export IDEM_TEST_BIN="$PWD/target/release/idem"
 
 cargo test --workspace "$@"
 status=$?

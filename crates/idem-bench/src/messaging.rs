@@ -339,7 +339,7 @@ impl Bench {
                     let size = batch.len();
                     credit_batch(pool, inbox, batch).await?;
                     count(size);
-                    Ok(())
+                    consume::HandlerResult::Ok(())
                 }
             };
             consume::run_batches(subscription, handler, dead_letters, config, shutdown).await?
@@ -349,7 +349,7 @@ impl Bench {
                 async move {
                     credit(pool, inbox, message).await?;
                     count(1);
-                    Ok(())
+                    consume::HandlerResult::Ok(())
                 }
             };
             consume::run(subscription, handler, dead_letters, config, shutdown).await?

@@ -10,6 +10,8 @@
 //! others' unless a case needs otherwise, so the cases can run at once against one shared
 //! database.
 
+pub mod servers;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

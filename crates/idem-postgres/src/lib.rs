@@ -357,6 +357,22 @@ impl PostgresStore {
     async fn migrate(&self, schema: Option<&str>) -> Result<()> {
         self.bounded(async {
             let mut client = self.pool.get().await.map_err(unavailable)?;
+            // A schema already current needs no lock and no DDL: gateways start without queueing
+            // on each other, and a database that cannot take a write (a standby) is then told
+            // by the write probe, in its own words, rather than by a failed CREATE.
+            let exists = client
+                .query_one("SELECT to_regclass('idem_schema_migrations') IS NOT NULL", &[])
+                .await
+                .map_err(unavailable)?;
+            if exists.get::<_, bool>(0) {
+                let row = client
+                    .query_one("SELECT coalesce(max(version), 0) FROM idem_schema_migrations", &[])
+                    .await
+                    .map_err(unavailable)?;
+                if row.get::<_, i32>(0) as usize == MIGRATIONS.len() {
+                    return Ok(());
+                }
+            }
             let transaction = client.transaction().await.map_err(unavailable)?;
             transaction.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(unavailable)?;
             // A migration that must wait for the table (behind a long transaction) gives up

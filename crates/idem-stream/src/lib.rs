@@ -61,6 +61,8 @@ pub enum Error {
     InvalidConsumer(String),
     #[error("invalid event: {0}")]
     InvalidEvent(String),
+    #[error("{0}")]
+    Config(String),
     #[error("the database connection was lost")]
     Disconnected,
     #[cfg(feature = "postgres")]
@@ -72,6 +74,54 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether the error says the database is unavailable for now (connection lost or refused,
+    /// the server shutting down, starting, out of resources, read-only, or asking for the
+    /// transaction to be tried again), rather than that this operation is wrong: a consumer
+    /// retries such a message without counting it as a failed attempt
+    /// ([`consume::Failure::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Disconnected => true,
+            #[cfg(feature = "postgres")]
+            Self::Postgres(error) => postgres_unavailable(error),
+            #[cfg(feature = "sqlite")]
+            Self::Sqlite(error) => matches!(
+                error.sqlite_error_code(),
+                Some(
+                    rusqlite::ErrorCode::DatabaseBusy
+                        | rusqlite::ErrorCode::DatabaseLocked
+                        | rusqlite::ErrorCode::DiskFull
+                        | rusqlite::ErrorCode::SystemIoFailure
+                        | rusqlite::ErrorCode::CannotOpen
+                        | rusqlite::ErrorCode::ReadOnly
+                )
+            ),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(feature = "postgres")]
+fn postgres_unavailable(error: &tokio_postgres::Error) -> bool {
+    if error.is_closed() {
+        return true;
+    }
+    match error.code() {
+        // Connection exception, insufficient resources, operator intervention (shutdown,
+        // crash, cannot connect now), a read-only transaction (a standby), and serialization
+        // failures and deadlocks (try the transaction again).
+        Some(code) => {
+            let code = code.code();
+            ["08", "53", "57P"].iter().any(|class| code.starts_with(class))
+                || ["25006", "40001", "40P01"].contains(&code)
+        }
+        // No server error: unavailable if the cause was I/O (refused, reset, timed out).
+        None => std::iter::successors(std::error::Error::source(error), |cause| cause.source())
+            .any(|cause| cause.is::<std::io::Error>()),
+    }
+}
 
 fn check_consumer(consumer: &str) -> Result<()> {
     if consumer.is_empty() || consumer.len() > MAX_CONSUMER_LEN {

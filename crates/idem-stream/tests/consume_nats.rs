@@ -37,7 +37,7 @@ async fn batches_apply_each_payment_once_through_redelivery_duplicates_and_failu
 async fn scenario(batched: bool) {
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
     let name = if batched { "batches" } else { "single" };
-    let Some((client, database)) = common::ledger_database(&format!("idem_consume_{name}")).await
+    let Some((_client, database)) = common::ledger_database(&format!("idem_consume_{name}")).await
     else {
         return;
     };
@@ -127,13 +127,14 @@ async fn scenario(batched: bool) {
         }
     };
 
-    let dead_letters = Arc::new(DeadLetters::new(Arc::new(client), "ledger").unwrap());
+    let dead_letters = Arc::new(DeadLetters::connect(&database, "ledger").unwrap());
     let config = RunnerConfig {
         concurrency: 4,
         max_attempts: 3,
         backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(200),
         fetch_wait: Duration::from_millis(200),
+        ..RunnerConfig::default()
     };
     let dropped = Arc::new(Mutex::new(0));
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -68,7 +68,7 @@ async fn the_runner_rides_out_a_dropped_broker_connection() {
             let mut seen = seen.lock().unwrap();
             seen.0.insert(message.id);
             seen.1 += 1;
-            Ok(())
+            consume::HandlerResult::Ok(())
         }
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

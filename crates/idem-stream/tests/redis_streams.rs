@@ -98,6 +98,7 @@ async fn redelivered_and_republished_entries_apply_once() {
     .build()
     .unwrap();
     let inbox = Inbox::new("ledger").unwrap();
+    let dead_letters = Arc::new(DeadLetters::new(pool.clone(), "ledger").unwrap());
     let handler = move |message: Received| {
         let (pool, inbox) = (pool.clone(), inbox.clone());
         async move {
@@ -110,9 +111,6 @@ async fn redelivered_and_republished_entries_apply_once() {
                 .map_err(|e| e.to_string())
         }
     };
-    let (observer, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let dead_letters = Arc::new(DeadLetters::new(Arc::new(observer), "ledger").unwrap());
     let config = RunnerConfig {
         concurrency: 8,
         fetch_wait: Duration::from_millis(100),

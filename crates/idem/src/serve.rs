@@ -24,6 +24,14 @@ use crate::proxy::Proxy;
 const SWEEP_BATCH: usize = 1_000;
 const SWEEP_MAX_BATCHES: usize = 100;
 
+/// What one request's header block may hold: refused past these with a `431` problem. The HTTP
+/// parser is given room beyond them (`PARSER_MAX_HEADERS`, and hyper's 408 KiB read buffer) so
+/// that a client a little over the limit, the usual careless case (cookies piling up), is told
+/// why in a problem body; only a block past the parser's own room gets its bare `431`.
+pub const MAX_REQUEST_HEADERS: usize = 100;
+pub const MAX_REQUEST_HEADER_BYTES: usize = 64 * 1024;
+const PARSER_MAX_HEADERS: usize = 4 * MAX_REQUEST_HEADERS;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{0}")]
@@ -157,6 +165,7 @@ pub async fn run(
         let connection = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(Duration::from_secs(30))
+            .max_headers(PARSER_MAX_HEADERS)
             .serve_connection(TokioIo::new(stream), guarded(service.clone(), body_rules.clone()));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -207,9 +216,38 @@ fn guarded(
              + Send,
 > + Clone {
     hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let refusal = headers_too_large(&request);
         let request = request.map(|body| rules.guard(body));
-        tower::ServiceExt::oneshot(service.clone(), request)
+        let service = service.clone();
+        async move {
+            if let Some(refusal) = refusal {
+                return Ok(refusal);
+            }
+            tower::ServiceExt::oneshot(service, request).await
+        }
     })
+}
+
+/// A `431` problem for a header block over the gateway's limits; the body is left unread and
+/// the connection closed after the answer.
+fn headers_too_large<B>(request: &http::Request<B>) -> Option<http::Response<idem_http::Body>> {
+    let headers = request.headers();
+    let bytes: usize =
+        headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    let detail = if headers.len() > MAX_REQUEST_HEADERS {
+        format!("{} header fields; at most {MAX_REQUEST_HEADERS} are taken", headers.len())
+    } else if bytes > MAX_REQUEST_HEADER_BYTES {
+        format!("{bytes} bytes of header fields; at most {MAX_REQUEST_HEADER_BYTES} are taken")
+    } else {
+        return None;
+    };
+    metrics::counter!("idem_rejected_total", "reason" => idem_http::ProblemKind::HeadersTooLarge.slug())
+        .increment(1);
+    let mut response = idem_http::problem(idem_http::ProblemKind::HeadersTooLarge, detail);
+    response
+        .headers_mut()
+        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+    Some(response)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {

@@ -162,7 +162,7 @@ async fn a_store_that_cannot_take_a_write_is_unhealthy_and_refused_at_start() {
     let refused = gateway.client().post("during", "x", &[]).await;
     assert!(gateway.client().post("before", "x", &[]).await.is_replay(), "reads still replay");
     drop(gateway);
-    let second_start = std::process::Command::new(env!("CARGO_BIN_EXE_idem"))
+    let second_start = std::process::Command::new(common::idem_bin())
         .args(["serve", "--upstream", &upstream.url(), "--store", &store])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .output()
@@ -353,4 +353,105 @@ async fn a_full_memory_store_refuses_new_keys_and_still_replays() {
         }
     }
     assert_eq!(upstream.calls(), 8);
+}
+
+/// Sends one request whose header block is `fields` extra `x-filler-N` fields of `value`, and
+/// returns the raw answer.
+async fn with_filler_headers(addr: std::net::SocketAddr, fields: usize, value: &str) -> String {
+    let mut request =
+        String::from("POST /orders HTTP/1.1\r\nhost: x\r\nidempotency-key: heads\r\n");
+    for i in 0..fields {
+        request.push_str(&format!("x-filler-{i}: {value}\r\n"));
+    }
+    request.push_str("content-length: 1\r\nconnection: close\r\n\r\nx");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A header block over the limits (100 fields, 64 KiB) is refused with a `431` problem that
+/// says which limit, and runs nothing; only a block past the HTTP parser's own room (400
+/// fields) gets the parser's bare `431`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_or_too_large_headers_get_a_431_problem() {
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(&upstream.url(), &sqlite_store(), &[]);
+    let within = with_filler_headers(gateway.addr, 90, "v").await;
+    assert!(within.starts_with("HTTP/1.1 201"), "{within}");
+
+    let many = with_filler_headers(gateway.addr, 150, "v").await;
+    assert!(many.starts_with("HTTP/1.1 431"), "{many}");
+    assert!(many.contains("application/problem+json"), "{many}");
+    assert!(many.contains("urn:idem:problem:headers-too-large"), "{many}");
+    assert!(many.contains("at most 100 are taken"), "{many}");
+
+    let large = with_filler_headers(gateway.addr, 10, &"c".repeat(8_000)).await;
+    assert!(large.starts_with("HTTP/1.1 431"), "{large}");
+    assert!(large.contains("bytes of header fields; at most 65536"), "{large}");
+
+    let beyond = with_filler_headers(gateway.addr, 500, "v").await;
+    assert!(beyond.starts_with("HTTP/1.1 431"), "{beyond}");
+    assert_eq!(upstream.calls(), 1, "only the request within the limits ran");
+    let admin = common::TestClient::new(gateway.admin);
+    let metrics = common::metrics(&admin.get_text("/metrics").await.1);
+    assert_eq!(metrics.get("idem_rejected_total{reason=\"headers-too-large\"}"), Some(&2.0));
+}
+
+/// The SQLite store's disk full (a small tmpfs of the test's own, filled by another file):
+/// `/healthz` says so, a new key is refused without running, stored responses still replay,
+/// and room made again heals it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_under_sqlite_is_unhealthy_and_runs_nothing() {
+    let dir = common::temp_dir();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&dir)
+        .status()
+        .is_ok_and(|status| status.success());
+    if !mounted {
+        idem_core::conformance::skip("cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let upstream = Upstream::start().await;
+    let store = format!("sqlite://{}", dir.join("idem.db").display());
+    let gateway = Gateway::start(&upstream.url(), &store, &[]);
+    let admin = common::TestClient::new(gateway.admin);
+    assert_eq!(gateway.client().post("before", "x", &[]).await.status, 201);
+
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    while std::io::Write::write_all(&mut file, &chunk).is_ok() {}
+    drop(file);
+
+    let (status, reason) = admin.get_text("/healthz").await;
+    let refused = gateway.client().post("during", "x", &[("x-test-body-bytes", "200000")]).await;
+    let replay = gateway.client().post("before", "x", &[]).await;
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(status, 503, "{reason}");
+    assert!(reason.contains("full"), "{reason}");
+    refused.assert_problem(503, "store-unavailable");
+    assert!(replay.is_replay(), "stored responses still replay");
+    wait_healthy_admin(&admin).await;
+    assert_eq!(gateway.client().post("during", "x", &[]).await.status, 201);
+    assert_eq!(upstream.calls(), 2, "nothing ran while the disk was full");
+}
+
+async fn wait_healthy_admin(admin: &common::TestClient) {
+    for _ in 0..100 {
+        if admin.get_text("/healthz").await.0 == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never healthy again: {}", admin.get_text("/healthz").await.1);
 }

@@ -136,21 +136,21 @@ fn no_secret_is_printed_in_any_form() {
         }
         assert!(text.contains("***") || text.contains("expected memory://"), "{what}: {text}");
     };
-    let idem = env!("CARGO_BIN_EXE_idem");
+    let idem = common::idem_bin();
     for store in stores {
-        let keys = std::process::Command::new(idem)
+        let keys = std::process::Command::new(&idem)
             .args(["keys", "--store", store, "list"])
             .output()
             .unwrap();
         check(&format!("idem keys --store {store}"), keys);
-        let serve = std::process::Command::new(idem)
+        let serve = std::process::Command::new(&idem)
             .args(["serve", "--upstream", "http://127.0.0.1:1", "--store", store])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
             .output()
             .unwrap();
         check(&format!("idem serve --store {store}"), serve);
     }
-    let relay = std::process::Command::new(idem)
+    let relay = std::process::Command::new(&idem)
         .args(["relay", "--database", "postgres://idem:s3cretpw@127.0.0.1:1/x?connect_timeout=1"])
         .args(["--broker", "nats://t0kenxyz@127.0.0.1:1"])
         .output()

@@ -49,8 +49,13 @@ impl<S: Subscription + Sync> Subscription for DroppingAcks<S> {
 /// double application would show). Returns a client on it and its URL.
 pub async fn ledger_database(schema: &str) -> Option<(tokio_postgres::Client, String)> {
     let database = idem_core::conformance::fresh_postgres_schema(schema).await?;
+    Some((ledger_at(&database).await, database))
+}
+
+/// The ledger fixture's tables made in the (empty) database at `database`.
+pub async fn ledger_at(database: &str) -> tokio_postgres::Client {
     let (mut client, connection) =
-        tokio_postgres::connect(&database, tokio_postgres::NoTls).await.unwrap();
+        tokio_postgres::connect(database, tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     idem_stream::postgres::Outbox::migrate(&mut client).await.unwrap();
     idem_stream::postgres::Inbox::migrate(&mut client).await.unwrap();
@@ -62,7 +67,7 @@ pub async fn ledger_database(schema: &str) -> Option<(tokio_postgres::Client, St
         )
         .await
         .unwrap();
-    Some((client, database))
+    client
 }
 
 /// The handler of the ledger fixture: credits `cents` once per message, in the transaction

@@ -177,7 +177,7 @@ impl Gateway {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_idem"));
+        let mut command = Command::new(idem_bin());
         command
             .args(["serve", "--upstream", upstream, "--store", store])
             .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
@@ -254,6 +254,19 @@ fn between<'a>(text: &'a str, start: &str, end: &str) -> &'a str {
 }
 
 /// A fresh directory for a test's database files.
+/// The `idem` binary the tests drive: `IDEM_TEST_BIN` when set (`scripts/test.sh` sets it to
+/// the release build, what users run), else the debug build cargo made for these tests.
+pub fn idem_bin() -> PathBuf {
+    match std::env::var_os("IDEM_TEST_BIN") {
+        Some(path) if !path.is_empty() => {
+            let path = PathBuf::from(path);
+            assert!(path.exists(), "IDEM_TEST_BIN={} does not exist", path.display());
+            path
+        }
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_idem")),
+    }
+}
+
 pub fn temp_dir() -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos =
@@ -564,7 +577,7 @@ impl Drop for BreakingUpstream {
 
 /// Runs `idem keys --store STORE ARGS...`: exit code, stdout, stderr.
 pub fn idem_keys(store: &str, args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_idem"))
+    let output = Command::new(idem_bin())
         .args(["keys", "--store", store])
         .args(args)
         .output()

@@ -90,7 +90,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     let inbox = Inbox::new("ledger")?;
-    let dead_letters = Arc::new(DeadLetters::new(Arc::new(client), "ledger")?);
+    let dead_letters = Arc::new(DeadLetters::new(pool.clone(), "ledger")?);
     let handler = move |message: Received| apply(pool.clone(), inbox.clone(), message);
     println!("ledger consuming {} as {}", args.stream, args.durable);
     let config = RunnerConfig { concurrency: args.concurrency, ..RunnerConfig::default() };
