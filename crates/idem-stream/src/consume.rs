@@ -7,9 +7,12 @@
 //! relay sets; see [`OrderBy`]) are handled one after another in the order they arrived;
 //! different keys run in parallel, up to `concurrency` handlers at once. A failed message is
 //! retried in place, after its backoff, before anything later of its key runs: a message being
-//! retried holds its key's later messages, and only those (the other keys flow on). A key
-//! holding more than a quarter of `max_buffered` messages sheds its newest ones back to the
-//! broker until it drains, so one parked key never fills the runner.
+//! retried holds its key's later messages, and only those (the other keys flow on). Messages
+//! fetched and not yet settled are bounded by `max_buffered`: should a parked key's later
+//! messages fill it, fetching pauses until the key moves on (its retries are bounded by
+//! `max_attempts`), rather than handing messages back, which would let the broker redeliver
+//! them out of order. Order holds within one runner; several runners on one subscription
+//! share keys only as the broker partitions them (see docs/messaging.md).
 //!
 //! **Two kinds of failure.** A handler fails with [`Failure::Rejected`] when the message
 //! cannot be handled (it counts toward `max_attempts`, then the message is dead-lettered), or
@@ -169,7 +172,8 @@ pub struct RunnerConfig {
     pub fetch_wait: Duration,
     /// Which messages are handled in order.
     pub order_by: OrderBy,
-    /// Messages fetched and not yet settled, at most (0: four times `concurrency`, at least 16).
+    /// Messages fetched and not yet settled, at most (0: sixteen times `concurrency`, at
+    /// least 64).
     pub max_buffered: usize,
 }
 
@@ -190,7 +194,7 @@ impl Default for RunnerConfig {
 impl RunnerConfig {
     fn max_buffered(&self) -> usize {
         match self.max_buffered {
-            0 => (self.concurrency.max(1) * 4).max(16),
+            0 => (self.concurrency.max(1) * 16).max(64),
             set => set.max(1),
         }
     }
@@ -212,8 +216,7 @@ pub struct RunReport {
     pub fetch_errors: u64,
     /// Handler runs that failed as [`Failure::Unavailable`] and were retried, uncounted.
     pub unavailable: u64,
-    /// Messages handed back to the broker because their key already held its share of the
-    /// buffer, or because the runner was stopping.
+    /// Messages handed back to the broker unhandled because the runner was stopping.
     pub returned: u64,
 }
 
@@ -324,8 +327,6 @@ struct Lane<T> {
     sender: mpsc::UnboundedSender<Received>,
     /// The tokens of the messages sent to the lane and not yet settled, in order.
     tokens: VecDeque<(String, T)>,
-    /// Past its share of the buffer: new messages go back to the broker until it drains.
-    shedding: bool,
 }
 
 /// Sleeps for `delay`; `false` if the runner began stopping first.
@@ -442,7 +443,6 @@ where
     const BUSY_WAIT: Duration = Duration::from_millis(20);
     let concurrency = config.concurrency.max(1);
     let max_buffered = config.max_buffered();
-    let lane_share = (max_buffered / 4).max(1);
     let (stop, stopping) = watch::channel(false);
     let (done_sender, mut done) = mpsc::unbounded_channel();
     let shared = Arc::new(Lanes {
@@ -521,9 +521,7 @@ where
                 next_batch.push((lane, message, token));
                 continue;
             }
-            if let Some(returned) = to_lane(&shared, &mut lanes, lane_share, lane, message, token) {
-                give_back(&subscription, &mut buffered, &mut report, returned, &config).await;
-            }
+            to_lane(&shared, &mut lanes, lane, message, token);
         }
         if let Some(batch) = &batch
             && !next_batch.is_empty()
@@ -548,12 +546,7 @@ where
                 Err(failure) => {
                     tracing::debug!(count, %failure, "batch failed; handling its messages one by one");
                     for (lane, message, token) in next_batch {
-                        if let Some(returned) =
-                            to_lane(&shared, &mut lanes, lane_share, lane, message, token)
-                        {
-                            give_back(&subscription, &mut buffered, &mut report, returned, &config)
-                                .await;
-                        }
+                        to_lane(&shared, &mut lanes, lane, message, token);
                     }
                 }
             }
@@ -561,46 +554,24 @@ where
     }
 }
 
-/// Gives `message` to its lane, starting one if there is none; hands it back when the lane
-/// already holds its share (or is shedding until it drains).
+/// Gives `message` to its lane, starting one if there is none.
 fn to_lane<D, T>(
     shared: &Arc<Lanes<D>>,
     lanes: &mut HashMap<String, Lane<T>>,
-    lane_share: usize,
     key: String,
     message: Received,
     token: T,
-) -> Option<(Received, T)>
-where
+) where
     D: DeadLetter + ?Sized + 'static,
 {
     let lane = lanes.entry(key.clone()).or_insert_with(|| {
         let (sender, receiver) = mpsc::unbounded_channel();
         tokio::spawn(Arc::clone(shared).run(key, receiver));
-        Lane { sender, tokens: VecDeque::new(), shedding: false }
+        Lane { sender, tokens: VecDeque::new() }
     });
-    if lane.shedding || lane.tokens.len() >= lane_share {
-        lane.shedding = true;
-        return Some((message, token));
-    }
     lane.tokens.push_back((message.id.clone(), token));
     // The lane's task lives until the lane is dropped, so the send cannot fail.
     let _ = lane.sender.send(message);
-    None
-}
-
-/// Hands a message back to the broker unhandled, to be delivered again after a retry delay.
-async fn give_back<S: Subscription>(
-    subscription: &S,
-    buffered: &mut HashSet<String>,
-    report: &mut RunReport,
-    (message, token): (Received, S::Token),
-    config: &RunnerConfig,
-) {
-    buffered.remove(&message.id);
-    report.returned += 1;
-    let delay = config.retry_delay(1);
-    settle(subscription, &message.id, token, Settle::Retry(delay), report).await;
 }
 
 /// Settles the oldest message of a lane, which its task reports done.

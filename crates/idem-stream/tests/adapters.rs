@@ -23,7 +23,7 @@ use idem_stream::publish::{OutboxMessage, Publisher};
 /// One broker under test. Each case gets a fresh, empty topic of its own.
 #[async_trait]
 trait Broker: Send + Sync {
-    type Sub: Subscription + Sync;
+    type Sub: Subscription + Sync + 'static;
     /// Creates an empty topic for `case` (stream, queue, ...), with one consumer group on it.
     async fn topic(&self, case: &str) -> String;
     /// A topic the broker refuses to take a message on.
@@ -33,6 +33,11 @@ trait Broker: Send + Sync {
     async fn subscribe(&self, topic: &str) -> Self::Sub;
     /// How long a message held by a vanished consumer waits before it is delivered again.
     fn redelivery_after(&self) -> Duration;
+    /// Whether an ack dropped on purpose comes back as a redelivery while the consumer runs
+    /// (not on RabbitMQ, which keeps an unacknowledged message with its channel).
+    fn redelivers_unacked(&self) -> bool {
+        true
+    }
 }
 
 fn message(topic: &str, id: i64, key: &str, seq: i64) -> OutboxMessage {
@@ -213,6 +218,143 @@ async fn consumers_in_a_group_share_the_work<B: Broker>(broker: &B) {
     );
 }
 
+/// What the ordered consumer below saw.
+#[derive(Default)]
+struct OrderLog {
+    /// Each key's last sequence number applied (or buried).
+    last: HashMap<String, i64>,
+    /// Ids applied or buried, once each.
+    done: HashSet<String>,
+    runs: HashMap<String, u32>,
+    out_of_order: Vec<String>,
+    running: usize,
+    most_running: usize,
+}
+
+impl OrderLog {
+    /// Takes a message as applied (or buried) in its key's order, or notes that it was not.
+    fn apply(&mut self, received: &Received) {
+        let key = header(received, "Idem-Key").unwrap().to_owned();
+        let seq: i64 = header(received, "Idem-Seq").unwrap().parse().unwrap();
+        if !self.done.insert(received.id.clone()) {
+            return; // a duplicate, as an inbox would skip it
+        }
+        let previous = self.last.insert(key.clone(), seq).unwrap_or(0);
+        if seq != previous + 1 {
+            self.out_of_order.push(format!("{key}: {seq} after {previous}"));
+        }
+    }
+}
+
+struct OrderedDeadLetters(Arc<std::sync::Mutex<OrderLog>>);
+
+#[async_trait]
+impl idem_stream::consume::DeadLetter for OrderedDeadLetters {
+    async fn bury(&self, message: &Received, _failure: &str) -> Result<(), String> {
+        self.0.lock().unwrap().apply(message);
+        Ok(())
+    }
+}
+
+/// The consumer runner on this broker: 12 keys of 15 events each, some failing once
+/// (rejected), some twice (unavailable), some always (buried after 3 attempts), acks dropped
+/// on purpose where the broker then redelivers. Each key's events are applied in their order,
+/// each once, different keys at once.
+async fn the_runner_keeps_each_keys_order_through_failures_and_redeliveries<B: Broker>(broker: &B) {
+    use idem_stream::consume::{self, Failure, RunnerConfig};
+    let topic = broker.topic("ordered").await;
+    let publisher = broker.publisher().await;
+    let (keys, per_key) = (12, 15);
+    for seq in 1..=per_key {
+        let layer: Vec<_> =
+            (0..keys).map(|k| message(&topic, seq * 100 + k, &format!("key-{k}"), seq)).collect();
+        publish_all(publisher.as_ref(), &layer).await;
+    }
+    let total = (keys * per_key) as usize;
+    // key-5's 5th event (whose ack DroppingAcks keeps: a dropped one would run it again).
+    let poison = |id: i64| id == 505;
+    let log: Arc<std::sync::Mutex<OrderLog>> = Arc::default();
+    let handler = {
+        let log = Arc::clone(&log);
+        move |received: Received| {
+            let log = Arc::clone(&log);
+            async move {
+                let id: i64 = received.id.trim_start_matches("idem-outbox-").parse().unwrap();
+                let runs = {
+                    let mut log = log.lock().unwrap();
+                    log.running += 1;
+                    log.most_running = log.most_running.max(log.running);
+                    let runs = log.runs.entry(received.id.clone()).or_default();
+                    *runs += 1;
+                    *runs
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let verdict = if poison(id) {
+                    Err(Failure::rejected("poison"))
+                } else if id % 9 == 0 && runs == 1 {
+                    Err(Failure::rejected("fails once"))
+                } else if id % 11 == 0 && runs <= 2 {
+                    Err(Failure::unavailable("database down"))
+                } else {
+                    log.lock().unwrap().apply(&received);
+                    Ok(())
+                };
+                log.lock().unwrap().running -= 1;
+                verdict
+            }
+        }
+    };
+    let config = RunnerConfig {
+        concurrency: 4,
+        max_attempts: 3,
+        backoff: Duration::from_millis(30),
+        max_backoff: Duration::from_millis(200),
+        fetch_wait: Duration::from_millis(100),
+        ..RunnerConfig::default()
+    };
+    let subscription = broker.subscribe(&topic).await;
+    let dropped = Arc::new(std::sync::Mutex::new(0));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let dead_letters = Arc::new(OrderedDeadLetters(Arc::clone(&log)));
+    let shutdown = async {
+        let _ = stopped.await;
+    };
+    let runner = if broker.redelivers_unacked() {
+        let subscription =
+            common::DroppingAcks { inner: subscription, dropped: Arc::clone(&dropped) };
+        tokio::spawn(consume::run(subscription, handler, dead_letters, config, shutdown))
+    } else {
+        tokio::spawn(consume::run(subscription, handler, dead_letters, config, shutdown))
+    };
+    let started = Instant::now();
+    while log.lock().unwrap().done.len() < total {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "stuck at {} of {total}",
+            log.lock().unwrap().done.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the redelivery of the dropped acks.
+    tokio::time::sleep(broker.redelivery_after() * 2).await;
+    let _ = stop.send(());
+    let report = runner.await.unwrap().unwrap();
+    let log = log.lock().unwrap();
+    assert!(log.out_of_order.is_empty(), "out of order: {:?}", log.out_of_order);
+    assert_eq!(log.done.len(), total);
+    assert!(log.last.values().all(|last| *last == per_key), "{:?}", log.last);
+    let poison_runs = log.runs.iter().filter(|(id, _)| poison(id[12..].parse().unwrap()));
+    assert!(poison_runs.clone().all(|(_, runs)| *runs == 3), "buried after 3 attempts");
+    assert_eq!(report.dead_lettered, 1, "{report:?}");
+    assert!(report.unavailable > 0 && report.retried > 0, "{report:?}");
+    assert!(log.most_running > 1 && log.most_running <= 4, "{} at once", log.most_running);
+    eprintln!(
+        "ordered consumer: {total} events, {} acks dropped, {report:?}, at most {} at once",
+        dropped.lock().unwrap(),
+        log.most_running
+    );
+}
+
 macro_rules! adapter_suite {
     ($module:ident, $broker:expr) => {
         mod $module {
@@ -240,6 +382,13 @@ macro_rules! adapter_suite {
             async fn a_vanished_consumer_loses_nothing() {
                 let Some(broker) = $broker.await else { return };
                 super::a_vanished_consumer_loses_nothing(&broker).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn the_runner_keeps_each_keys_order_through_failures_and_redeliveries() {
+                let Some(broker) = $broker.await else { return };
+                super::the_runner_keeps_each_keys_order_through_failures_and_redeliveries(&broker)
+                    .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -415,5 +564,9 @@ impl Broker for Rabbit {
     fn redelivery_after(&self) -> Duration {
         // RabbitMQ returns a closed channel's unacknowledged messages at once.
         Duration::from_millis(300)
+    }
+
+    fn redelivers_unacked(&self) -> bool {
+        false
     }
 }
