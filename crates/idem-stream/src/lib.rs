@@ -123,6 +123,39 @@ fn postgres_unavailable(error: &tokio_postgres::Error) -> bool {
     }
 }
 
+/// The one message-id rule every adapter follows: a message's id is the one its producer gave
+/// (the relay's `idem-outbox-N`; JetStream's `Nats-Msg-Id`, RabbitMQ's `message-id`, the
+/// Redis entry's `id` field), else one derived from its content: `<prefix><sha256 hex>` of its
+/// subject, headers and payload, each part prefixed by its length. A producer that retries
+/// without setting an id is then deduplicated by the inbox like any redelivery, and identical
+/// messages count as one.
+pub(crate) fn content_id(
+    prefix: &str,
+    subject: &str,
+    headers: &[(String, String)],
+    payload: &[u8],
+) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write as _;
+    let mut hasher = Sha256::new();
+    let mut part = |bytes: &[u8]| {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    };
+    part(subject.as_bytes());
+    for (name, value) in headers {
+        part(name.as_bytes());
+        part(value.as_bytes());
+    }
+    part(payload);
+    let mut id = String::with_capacity(prefix.len() + 64);
+    id.push_str(prefix);
+    for byte in hasher.finalize() {
+        let _ = write!(id, "{byte:02x}");
+    }
+    id
+}
+
 fn check_consumer(consumer: &str) -> Result<()> {
     if consumer.is_empty() || consumer.len() > MAX_CONSUMER_LEN {
         return Err(Error::InvalidConsumer(format!(

@@ -120,10 +120,8 @@ impl crate::consume::Subscription for JetStreamSubscription {
                 .find(|(name, _)| name == "Nats-Msg-Id")
                 .map(|(_, value)| value.clone())
                 .unwrap_or_else(|| {
-                    message.info().map_or_else(
-                        |_| String::new(),
-                        |info| format!("stream-seq-{}", info.stream_sequence),
-                    )
+                    // Not the stream sequence: a producer's retry is a new sequence.
+                    crate::content_id("sha256-", &message.subject, &headers, &message.payload)
                 });
             let item = crate::consume::Received {
                 id,

@@ -4,9 +4,11 @@
 //!
 //! RabbitMQ does not deduplicate: a republished event is a second message, which the
 //! consumer's inbox absorbs by its `message-id`. Use quorum queues ([`declare_queue`] declares
-//! one): they survive a broker restart and count deliveries (`x-delivery-count`), which is how
-//! the consumer runner knows an attempt's number and when to dead-letter. On a classic queue a
-//! redelivery is only flagged, so every redelivery counts as attempt 2.
+//! one): they survive a broker restart and count deliveries (`x-delivery-count`). A handler
+//! that fails is retried and dead-lettered by the runner's own count on either kind of queue;
+//! the broker's count matters when a message comes back after its consumer died, and a classic
+//! queue only flags such a redelivery (counted as attempt 2, and warned about once), so a
+//! message that kills its consumer every time is dead-lettered only on a quorum queue.
 //!
 //! A message published without a `message-id` (by another producer) gets an id derived from
 //! its routing key, headers and payload, stable across redeliveries: identical messages then
@@ -45,26 +47,6 @@ async fn open_channel(uri: &str, name: &str) -> Result<(Connection, Channel), St
 
 fn short(text: &str, what: &str) -> Result<ShortString, String> {
     ShortString::try_new(text).map_err(|error| format!("{what} {text:?}: {error}"))
-}
-
-/// `rabbitmq-sha256-<hex>` of a message's routing key, headers and payload.
-fn content_id(routing_key: &ShortString, headers: &[(String, String)], payload: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    // Each part prefixed by its length, so no two different messages hash the same input.
-    let mut part = |bytes: &[u8]| {
-        hasher.update((bytes.len() as u64).to_be_bytes());
-        hasher.update(bytes);
-    };
-    part(routing_key.as_str().as_bytes());
-    for (name, value) in headers {
-        part(name.as_bytes());
-        part(value.as_bytes());
-    }
-    part(payload);
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("rabbitmq-sha256-{hex}")
 }
 
 /// Declares a durable quorum queue `queue` and, unless `exchange` is empty (the default
@@ -220,6 +202,8 @@ pub struct RabbitSubscription {
     queue: ShortString,
     prefetch: u16,
     consumer: Option<(Connection, Channel, lapin::Consumer)>,
+    /// Whether the operator was told that this is a classic queue (once).
+    told_classic: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for RabbitSubscription {
@@ -241,6 +225,7 @@ impl RabbitSubscription {
             queue: short(queue, "queue")?,
             prefetch: prefetch.clamp(1, MAX_PREFETCH),
             consumer: None,
+            told_classic: std::sync::atomic::AtomicBool::new(false),
         };
         subscription.connect().await?;
         Ok(subscription)
@@ -294,12 +279,28 @@ impl RabbitSubscription {
             Some(count) => count.saturating_add(1),
             None => 1 + u64::from(delivery.redelivered),
         };
+        if delivery.redelivered
+            && delivery_count.is_none()
+            && !self.told_classic.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                queue = %self.queue,
+                "a classic queue: RabbitMQ does not count its redeliveries, so a message that \
+                 kills its consumer each time is never dead-lettered; use a quorum queue"
+            );
+        }
         let id = match properties.message_id() {
             Some(id) if !id.as_str().is_empty() => id.as_str().to_owned(),
             // Published without a message-id: the id is derived from the content, which a
             // redelivery repeats, so messages with identical routing key, headers and payload
             // count as one (content-based deduplication).
-            _ => content_id(&delivery.routing_key, &headers, &delivery.data),
+            // (The prefix keeps the ids inboxes stored before the rule was shared.)
+            _ => crate::content_id(
+                "rabbitmq-sha256-",
+                delivery.routing_key.as_str(),
+                &headers,
+                &delivery.data,
+            ),
         };
         Received {
             id,

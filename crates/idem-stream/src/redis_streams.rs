@@ -162,12 +162,13 @@ impl RedisStreamsSubscription {
             })
             .collect();
         headers.sort();
-        let id = match text("id") {
-            id if id.is_empty() => format!("{}-{}", self.stream, entry.id),
-            id => id,
-        };
         headers.push(("Idem-Key".into(), text("key")));
         headers.push(("Idem-Seq".into(), text("seq")));
+        let id = match text("id") {
+            // Not the entry id: a producer's retry is a new entry.
+            id if id.is_empty() => crate::content_id("sha256-", &self.stream, &headers, &payload),
+            id => id,
+        };
         Received { id, subject: self.stream.clone(), payload, headers, attempt }
     }
 }

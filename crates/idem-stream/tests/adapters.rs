@@ -38,6 +38,8 @@ trait Broker: Send + Sync {
     fn redelivers_unacked(&self) -> bool {
         true
     }
+    /// Publishes `payload` to `topic` as another producer would, without a message id.
+    async fn publish_without_id(&self, topic: &str, payload: &str);
 }
 
 fn message(topic: &str, id: i64, key: &str, seq: i64) -> OutboxMessage {
@@ -355,6 +357,23 @@ async fn the_runner_keeps_each_keys_order_through_failures_and_redeliveries<B: B
     );
 }
 
+/// One message-id rule on every broker: a message its producer gave no id gets one from its
+/// content, the same on every copy, so a producer's retry is deduplicated like a redelivery.
+async fn a_message_without_a_producer_id_gets_one_from_its_content<B: Broker>(broker: &B) {
+    let topic = broker.topic("noid").await;
+    for payload in ["same", "same", "other"] {
+        broker.publish_without_id(&topic, payload).await;
+    }
+    let mut subscription = broker.subscribe(&topic).await;
+    let batch = fetch_at_least(&mut subscription, 3, Duration::from_secs(10)).await;
+    let ids: Vec<&str> = batch.iter().map(|(received, _)| received.id.as_str()).collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(ids[0].contains("sha256-") && ids[0].len() > 64, "{ids:?}");
+    assert_eq!(ids[0], ids[1], "a retried publish of the same content has the same id");
+    assert_ne!(ids[0], ids[2], "different content, a different id");
+    ack_all(&subscription, batch).await;
+}
+
 macro_rules! adapter_suite {
     ($module:ident, $broker:expr) => {
         mod $module {
@@ -382,6 +401,12 @@ macro_rules! adapter_suite {
             async fn a_vanished_consumer_loses_nothing() {
                 let Some(broker) = $broker.await else { return };
                 super::a_vanished_consumer_loses_nothing(&broker).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_message_without_a_producer_id_gets_one_from_its_content() {
+                let Some(broker) = $broker.await else { return };
+                super::a_message_without_a_producer_id_gets_one_from_its_content(&broker).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -451,6 +476,11 @@ impl Broker for Nats {
         Arc::new(idem_stream::nats::JetStreamPublisher::new(self.jetstream.clone()))
     }
 
+    async fn publish_without_id(&self, topic: &str, payload: &str) {
+        let payload = Bytes::from(payload.to_owned());
+        self.jetstream.publish(topic.to_owned(), payload).await.unwrap().await.unwrap();
+    }
+
     async fn subscribe(&self, topic: &str) -> Self::Sub {
         let stream = self.jetstream.get_stream(Self::stream_name(topic)).await.unwrap();
         let ack_wait = self.redelivery_after();
@@ -508,6 +538,17 @@ impl Broker for RedisStreams {
         ))
     }
 
+    async fn publish_without_id(&self, topic: &str, payload: &str) {
+        let _: String = redis::cmd("XADD")
+            .arg(topic)
+            .arg("*")
+            .arg("payload")
+            .arg(payload)
+            .query_async(&mut self.connection.clone())
+            .await
+            .unwrap();
+    }
+
     async fn subscribe(&self, topic: &str) -> Self::Sub {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let consumer =
@@ -555,6 +596,25 @@ impl Broker for Rabbit {
 
     async fn publisher(&self) -> Arc<dyn Publisher> {
         Arc::new(idem_stream::rabbitmq::RabbitPublisher::connect(&self.url, "").await.unwrap())
+    }
+
+    async fn publish_without_id(&self, topic: &str, payload: &str) {
+        let connection = lapin::Connection::connect(&self.url, Default::default()).await.unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        channel.confirm_select(Default::default()).await.unwrap();
+        channel
+            .basic_publish(
+                "".into(),
+                topic.into(),
+                Default::default(),
+                payload.as_bytes(),
+                Default::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        connection.close(200, "published".into()).await.unwrap();
     }
 
     async fn subscribe(&self, topic: &str) -> Self::Sub {

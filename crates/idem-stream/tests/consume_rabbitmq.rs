@@ -170,3 +170,102 @@ async fn a_message_without_a_message_id_gets_one_from_its_content() {
         subscription.settle(token, idem_stream::consume::Settle::Ack).await.unwrap();
     }
 }
+
+/// Records each burial and how many times each message ran.
+#[derive(Default)]
+struct Burials {
+    buried: Mutex<Vec<(String, u64)>>,
+}
+
+#[async_trait::async_trait]
+impl DeadLetter for Burials {
+    async fn bury(&self, message: &Received, _failure: &str) -> Result<(), String> {
+        self.buried.lock().unwrap().push((message.id.clone(), message.attempt));
+        Ok(())
+    }
+}
+
+/// A message that always fails is dead-lettered after exactly `max_attempts` runs on a
+/// classic queue as on a quorum queue: the runner counts its own retries (a classic queue only
+/// flags a redelivery, so counting on the broker left such messages running for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_message_is_dead_lettered_after_max_attempts_on_classic_and_quorum_queues() {
+    let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
+    for classic in [true, false] {
+        let queue = format!("idemtest.consume.rabbit.poison{classic}.{}", std::process::id());
+        let (connection, channel) = common::fresh_rabbit_queue(&url, &queue).await;
+        if classic {
+            channel.queue_delete(queue.as_str().into(), Default::default()).await.unwrap();
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions::durable(),
+                    Default::default(),
+                )
+                .await
+                .unwrap();
+        }
+        connection.close(200, "declared".into()).await.unwrap();
+        let publisher = RabbitPublisher::connect(&url, "").await.unwrap();
+        let messages: Vec<_> = (1..=3)
+            .map(|id| OutboxMessage {
+                id,
+                topic: queue.clone(),
+                key: format!("k{id}"),
+                seq: 1,
+                payload: bytes::Bytes::from(if id == 2 { "poison" } else { "ok" }),
+                headers: Vec::new(),
+            })
+            .collect();
+        for result in publisher.publish(&messages).await {
+            result.unwrap();
+        }
+        let runs: Arc<Mutex<std::collections::HashMap<String, u64>>> = Arc::default();
+        let handler = {
+            let runs = Arc::clone(&runs);
+            move |message: Received| {
+                let runs = Arc::clone(&runs);
+                async move {
+                    *runs.lock().unwrap().entry(message.id.clone()).or_default() += 1;
+                    if &message.payload[..] == b"poison" {
+                        return Err("poison".to_owned());
+                    }
+                    Ok(())
+                }
+            }
+        };
+        let burials = Arc::new(Burials::default());
+        let config = RunnerConfig {
+            concurrency: 4,
+            max_attempts: 5,
+            backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+            fetch_wait: Duration::from_millis(100),
+            ..RunnerConfig::default()
+        };
+        let subscription = RabbitSubscription::consume(&url, &queue, 16).await.unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let runner = tokio::spawn(consume::run(
+            subscription,
+            handler,
+            Arc::clone(&burials),
+            config,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let started = Instant::now();
+        while burials.buried.lock().unwrap().is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(20), "classic {classic}: never buried");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = stop.send(());
+        let report = runner.await.unwrap().unwrap();
+        let buried = burials.buried.lock().unwrap().clone();
+        let runs = runs.lock().unwrap().clone();
+        assert_eq!(buried, [("idem-outbox-2".to_owned(), 5)], "classic {classic}");
+        assert_eq!(runs.get("idem-outbox-2"), Some(&5), "classic {classic}: {runs:?}");
+        assert_eq!(report.handled, 2, "classic {classic}: {report:?}");
+    }
+}
