@@ -16,12 +16,22 @@ use redis::streams::{StreamId, StreamPendingCountReply, StreamReadOptions, Strea
 use crate::consume::{Received, Settle, Subscription};
 use crate::publish::{OutboxMessage, PublishError, Publisher};
 
-/// Publishes outbox events with `XADD <topic> MAXLEN ~ <max_len> *`.
+/// Publishes outbox events with `XADD`, and trims each stream of what every consumer group has
+/// acknowledged, never more.
+///
+/// A stream is bounded by `max_len` entries: while it holds that many (a consumer group lags
+/// that far behind, or none has been created to read it), publishing to it fails, and the
+/// relay keeps the events pending in the outbox, rather than trimming entries some group has
+/// not read (which `XADD MAXLEN` would do, silently). Trimming (`XTRIM MINID`, up to the oldest
+/// entry any group still holds pending, or has not yet been given) runs on publish, at most
+/// once a second per stream, in one script, so a group created meanwhile is not cut short.
 #[derive(Clone)]
 pub struct RedisStreamsPublisher {
     connection: ConnectionManager,
-    /// Keeps each stream at about this many entries (`MAXLEN ~`), so it cannot grow forever.
+    /// The most entries a stream may hold.
     max_len: usize,
+    /// When each stream was last trimmed (bounded: cleared past `MAX_TRACKED` streams).
+    trimmed: std::sync::Arc<std::sync::Mutex<HashMap<String, std::time::Instant>>>,
 }
 
 impl std::fmt::Debug for RedisStreamsPublisher {
@@ -32,20 +42,95 @@ impl std::fmt::Debug for RedisStreamsPublisher {
     }
 }
 
+/// `XADD` unless the stream already holds `ARGV[1]` entries.
+const BOUNDED_XADD: &str = r"
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then
+  return redis.error_reply('IDEMFULL')
+end
+return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))
+";
+
+/// Trims the stream `KEYS[1]` below the oldest entry any consumer group still needs: its
+/// oldest pending entry, else the entry after its last delivered one. Returns the entries
+/// removed (none when the stream has no group).
+const TRIM_ACKNOWLEDGED: &str = r"
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function before(a, b)
+  local ams, aseq = parse(a)
+  local bms, bseq = parse(b)
+  return ams < bms or (ams == bms and aseq < bseq)
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+if #groups == 0 then return 0 end
+local keep = nil
+for _, group in ipairs(groups) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  local needed = info['last-delivered-id']
+  if tonumber(info['pending']) > 0 then
+    needed = redis.call('XPENDING', KEYS[1], info['name'])[2]
+  end
+  if keep == nil or before(needed, keep) then keep = needed end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', keep)
+";
+
+/// Streams whose last trim is remembered, at most.
+const MAX_TRACKED: usize = 10_000;
+
 impl RedisStreamsPublisher {
     pub fn new(connection: ConnectionManager, max_len: usize) -> Self {
-        Self { connection, max_len }
+        Self { connection, max_len: max_len.max(1), trimmed: Default::default() }
+    }
+
+    /// Trims `stream` of what every group has acknowledged, if not done in the last second.
+    async fn trim(&self, stream: &str) {
+        {
+            let mut trimmed = self.trimmed.lock().unwrap_or_else(|poison| poison.into_inner());
+            let now = std::time::Instant::now();
+            if trimmed
+                .get(stream)
+                .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1))
+            {
+                return;
+            }
+            if trimmed.len() >= MAX_TRACKED {
+                trimmed.clear();
+            }
+            trimmed.insert(stream.to_owned(), now);
+        }
+        let mut connection = self.connection.clone();
+        let trim = redis::cmd("EVAL")
+            .arg(TRIM_ACKNOWLEDGED)
+            .arg(1)
+            .arg(stream)
+            .query_async::<u64>(&mut connection)
+            .await;
+        match trim {
+            Ok(removed) => tracing::debug!(stream, removed, "trimmed acknowledged entries"),
+            Err(error) => tracing::warn!(stream, %error, "trimming the stream failed"),
+        }
     }
 }
 
 #[async_trait]
 impl Publisher for RedisStreamsPublisher {
     async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        let mut topics: Vec<&str> = messages.iter().map(|message| message.topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        for topic in topics {
+            self.trim(topic).await;
+        }
         // One pipeline for the layer: one key each, so their relative order does not matter.
         let mut pipeline = redis::pipe();
         for message in messages {
-            let mut command = redis::cmd("XADD");
-            command.arg(&message.topic).arg("MAXLEN").arg("~").arg(self.max_len).arg("*");
+            let mut command = redis::cmd("EVAL");
+            command.arg(BOUNDED_XADD).arg(1).arg(&message.topic).arg(self.max_len);
             command.arg("id").arg(message.message_id()).arg("key").arg(&message.key);
             command.arg("seq").arg(message.seq).arg("payload").arg(&message.payload[..]);
             for (name, value) in &message.headers {
@@ -57,21 +142,35 @@ impl Publisher for RedisStreamsPublisher {
         // its own message.
         pipeline.ignore_errors();
         let mut connection = self.connection.clone();
-        let failed =
-            |message: &OutboxMessage, reason: String| PublishError { id: message.id, reason };
+        let max_len = self.max_len;
+        let failed = |message: &OutboxMessage, error: redis::RedisError| {
+            let reason = if error.to_string().contains("IDEMFULL") {
+                format!(
+                    "stream {} holds {max_len} entries not yet acknowledged by every consumer group (one lags, or none reads it); publishing resumes as they catch up",
+                    message.topic
+                )
+            } else {
+                error.to_string()
+            };
+            PublishError { id: message.id, reason }
+        };
         match pipeline.query_async::<Vec<redis::RedisResult<String>>>(&mut connection).await {
             Ok(replies) if replies.len() == messages.len() => messages
                 .iter()
                 .zip(replies)
-                .map(|(message, reply)| reply.map(drop).map_err(|e| failed(message, e.to_string())))
+                .map(|(message, reply)| reply.map(drop).map_err(|e| failed(message, e)))
                 .collect(),
             Ok(replies) => {
                 let reason = format!("{} replies to {} XADDs", replies.len(), messages.len());
-                messages.iter().map(|message| Err(failed(message, reason.clone()))).collect()
+                messages
+                    .iter()
+                    .map(|message| Err(PublishError { id: message.id, reason: reason.clone() }))
+                    .collect()
             }
-            Err(error) => {
-                messages.iter().map(|message| Err(failed(message, error.to_string()))).collect()
-            }
+            Err(error) => messages
+                .iter()
+                .map(|message| Err(PublishError { id: message.id, reason: error.to_string() }))
+                .collect(),
         }
     }
 }

@@ -214,3 +214,77 @@ async fn redelivered_and_republished_entries_apply_once() {
         PAYMENTS + 100
     );
 }
+
+/// Trimming never drops what a consumer group has not read: with one group reading everything
+/// and another lagging, the stream stops taking entries at its bound (the publisher says why,
+/// the relay would keep the events pending) instead of trimming unread ones; once the slow
+/// group catches up, acknowledged entries are trimmed and publishing resumes. Both groups get
+/// every event. (`XADD MAXLEN ~` dropped the slow group's unread entries silently.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_group_loses_nothing_to_trimming() {
+    use idem_stream::consume::{Settle, Subscription};
+    use idem_stream::publish::OutboxMessage;
+    let Some(redis_url) = service_url("IDEM_TEST_REDIS_URL") else { return };
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let redis = client.get_connection_manager().await.unwrap();
+    let stream = format!("idemtest.rs.lagging.{}", std::process::id());
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut redis.clone()).await.unwrap();
+    let join = |group: &'static str| {
+        RedisStreamsSubscription::join(&client, &stream, group, "only", Duration::from_secs(30))
+    };
+    let (mut fast, mut slow) = (join("fast").await.unwrap(), join("slow").await.unwrap());
+    let publisher = RedisStreamsPublisher::new(redis.clone(), 100);
+    let message = |id: i64| OutboxMessage {
+        id,
+        topic: stream.clone(),
+        key: format!("k{id}"),
+        seq: 1,
+        payload: bytes::Bytes::from(id.to_string()),
+        headers: Vec::new(),
+    };
+    async fn read_all(subscription: &mut RedisStreamsSubscription, into: &mut Vec<String>) {
+        loop {
+            let batch = subscription.fetch(50, Duration::from_millis(50)).await.unwrap();
+            if batch.is_empty() {
+                return;
+            }
+            for (received, token) in batch {
+                into.push(received.id);
+                subscription.settle(token, Settle::Ack).await.unwrap();
+            }
+        }
+    }
+    let xlen = || {
+        let mut redis = redis.clone();
+        let stream = stream.clone();
+        async move { redis::cmd("XLEN").arg(&stream).query_async::<u64>(&mut redis).await.unwrap() }
+    };
+
+    let (mut published, mut refused) = (Vec::new(), Vec::new());
+    for id in 1..=150 {
+        match publisher.publish(&[message(id)]).await.remove(0) {
+            Ok(()) => published.push(id),
+            Err(error) => refused.push((id, error.reason)),
+        }
+    }
+    assert_eq!(published.len(), 100, "the bound: {refused:?}");
+    assert!(refused[0].1.contains("not yet acknowledged by every consumer group"), "{refused:?}");
+    let (mut fast_seen, mut slow_seen) = (Vec::new(), Vec::new());
+    read_all(&mut fast, &mut fast_seen).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(publisher.publish(&[message(101)]).await[0].is_err(), "the slow group still lags");
+    assert_eq!(xlen().await, 100, "nothing the slow group has not read was trimmed");
+
+    read_all(&mut slow, &mut slow_seen).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for id in 101..=150 {
+        publisher.publish(&[message(id)]).await.remove(0).unwrap();
+    }
+    assert!(xlen().await <= 51, "acknowledged entries were trimmed: {}", xlen().await);
+    read_all(&mut fast, &mut fast_seen).await;
+    read_all(&mut slow, &mut slow_seen).await;
+    let expected: Vec<String> = (1..=150).map(|id| format!("idem-outbox-{id}")).collect();
+    assert_eq!(fast_seen, expected, "the fast group got every event, in order");
+    assert_eq!(slow_seen, expected, "the slow group got every event, in order");
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut redis.clone()).await.unwrap();
+}

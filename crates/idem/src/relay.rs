@@ -35,7 +35,8 @@ pub struct RelayArgs {
     /// to the queue named by its topic
     #[arg(long, env = "IDEM_RELAY_EXCHANGE", default_value = "")]
     pub exchange: String,
-    /// Redis Streams only: keep each stream at about this many entries (XADD MAXLEN ~)
+    /// Redis Streams only: the most entries a stream may hold; past it publishing waits for
+    /// the slowest consumer group (acknowledged entries are trimmed, never unread ones)
     #[arg(long, env = "IDEM_RELAY_STREAM_MAX_LEN", default_value_t = 1_000_000)]
     pub stream_max_len: usize,
     /// Poll this often even without a NOTIFY
