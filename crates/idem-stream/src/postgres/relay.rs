@@ -1,0 +1,336 @@
+//! The relay: publishes pending outbox events, each key in order, several relays at once.
+
+use std::time::Duration;
+
+use crate::Result;
+
+/// How much one relay round takes on.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayConfig {
+    /// Keys claimed per round.
+    pub max_keys: i64,
+    /// Events per key per round.
+    pub max_events_per_key: i64,
+    /// A relay whose session stays idle in its transaction this long (stalled mid-publish)
+    /// is disconnected by PostgreSQL, which releases its keys to other relays.
+    pub stall_timeout: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self { max_keys: 64, max_events_per_key: 100, stall_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// What one relay round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub keys: usize,
+    pub published: usize,
+    pub failed: usize,
+}
+
+/// Publishes pending outbox events. Several relays may run at once, on several hosts.
+///
+/// A round, in one transaction: claim up to `max_keys` keys with pending events by taking a
+/// transaction-scoped advisory lock on each (keys another relay holds are skipped); read each
+/// key's pending events in sequence order; publish them in layers (the next event of every key
+/// at once, so keys proceed in parallel while each key stays in order), checking before each
+/// layer that the session is still alive (a relay that lost its session may have lost its
+/// keys); mark what was published and commit. A relay that dies after publishing and before
+/// its commit leaves the events unmarked: the next round republishes them with the same
+/// message ids, and the broker's deduplication (and the consumers' inbox) absorbs the repeat.
+#[derive(Debug)]
+pub struct Relay<P> {
+    publisher: P,
+    config: RelayConfig,
+}
+
+impl<P: crate::publish::Publisher> Relay<P> {
+    pub fn new(publisher: P, config: RelayConfig) -> Self {
+        Self { publisher, config }
+    }
+
+    /// One round; see the type's docs. Traced as the span `relay_round`, with the keys
+    /// claimed and the events published and failed.
+    pub async fn run_once(&self, client: &mut tokio_postgres::Client) -> Result<RoundReport> {
+        use tracing::Instrument;
+        let span = tracing::debug_span!(
+            "relay_round",
+            keys = tracing::field::Empty,
+            published = tracing::field::Empty,
+            failed = tracing::field::Empty
+        );
+        let report = self.round(client).instrument(span.clone()).await?;
+        span.record("keys", report.keys);
+        span.record("published", report.published);
+        span.record("failed", report.failed);
+        Ok(report)
+    }
+
+    async fn round(&self, client: &mut tokio_postgres::Client) -> Result<RoundReport> {
+        let transaction = client.transaction().await?;
+        let stall_ms = self.config.stall_timeout.as_millis().max(1) as i64;
+        transaction
+            .batch_execute(&format!("SET LOCAL idle_in_transaction_session_timeout = {stall_ms}"))
+            .await?;
+        // Candidates first (bounded), then the locks. The inner LIMIT keeps the planner from
+        // trying locks on rows it would not return; the outer one stops trying once enough keys
+        // are ours, so no key is locked that this round will not publish.
+        let keys = transaction
+            .query(
+                "SELECT topic, key FROM (
+                     SELECT topic, key FROM idem_outbox_keys
+                     WHERE published_seq < enqueued_seq LIMIT $1) candidates
+                 WHERE pg_try_advisory_xact_lock(hashtextextended(topic || chr(31) || key, 0))
+                 LIMIT $2",
+                &[&(self.config.max_keys * 4), &self.config.max_keys],
+            )
+            .await?;
+        let mut report = RoundReport::default();
+        let (topics, names): (Vec<String>, Vec<String>) =
+            keys.iter().map(|row| (row.get::<_, String>(0), row.get::<_, String>(1))).unzip();
+        // Every claimed key's pending events in one query. Read after the locks: a relay that
+        // held a key before us has committed by now.
+        let events = transaction
+            .query(
+                "SELECT k.topic, k.key, e.id, e.seq, e.payload, e.headers
+                 FROM unnest($1::text[], $2::text[]) AS claimed(topic, key)
+                 JOIN idem_outbox_keys k ON k.topic = claimed.topic AND k.key = claimed.key
+                 CROSS JOIN LATERAL (
+                     SELECT id, seq, payload, headers FROM idem_outbox
+                     WHERE topic = k.topic AND key = k.key AND seq > k.published_seq
+                     ORDER BY seq LIMIT $3) e
+                 ORDER BY k.topic, k.key, e.seq",
+                &[&topics, &names, &self.config.max_events_per_key],
+            )
+            .await?;
+        let mut queues: Vec<std::collections::VecDeque<crate::publish::OutboxMessage>> = Vec::new();
+        for event in &events {
+            let flat: Vec<String> = event.get(5);
+            let message = crate::publish::OutboxMessage {
+                topic: event.get(0),
+                key: event.get(1),
+                id: event.get(2),
+                seq: event.get(3),
+                payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(4)),
+                headers: flat.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect(),
+            };
+            match queues.last_mut() {
+                Some(queue)
+                    if queue.back().is_some_and(|last| {
+                        last.topic == message.topic && last.key == message.key
+                    }) =>
+                {
+                    queue.push_back(message)
+                }
+                _ => queues.push(std::collections::VecDeque::from([message])),
+            }
+        }
+        report.keys = queues.len();
+
+        // (topic, key) -> the highest seq published this round, and every id published.
+        let mut published_ids: Vec<i64> = Vec::new();
+        let mut published_seqs: Vec<(String, String, i64)> = Vec::new();
+        while queues.iter().any(|queue| !queue.is_empty()) {
+            // Still ours? A session ended by the stall timeout has given its locks away.
+            transaction.query_one("SELECT 1", &[]).await?;
+            let layer: Vec<crate::publish::OutboxMessage> =
+                queues.iter_mut().filter_map(|queue| queue.front().cloned()).collect();
+            let results = self.publisher.publish(&layer).await;
+            let mut layer_index = 0;
+            for queue in queues.iter_mut() {
+                let Some(message) = queue.front() else { continue };
+                match &results[layer_index] {
+                    Ok(()) => {
+                        published_ids.push(message.id);
+                        match published_seqs
+                            .iter_mut()
+                            .find(|(t, k, _)| *t == message.topic && *k == message.key)
+                        {
+                            Some(entry) => entry.2 = message.seq,
+                            None => published_seqs.push((
+                                message.topic.clone(),
+                                message.key.clone(),
+                                message.seq,
+                            )),
+                        }
+                        queue.pop_front();
+                    }
+                    Err(error) => {
+                        // Stop this key for the round: its later events must not overtake.
+                        tracing::warn!(%error, "publish failed; the key waits for the next round");
+                        report.failed += 1;
+                        queue.clear();
+                    }
+                }
+                layer_index += 1;
+            }
+        }
+        report.published = published_ids.len();
+        if !published_ids.is_empty() {
+            transaction
+                .execute(
+                    "UPDATE idem_outbox SET sent_at = now() WHERE id = ANY($1)",
+                    &[&published_ids],
+                )
+                .await?;
+            let topics: Vec<&str> =
+                published_seqs.iter().map(|(topic, _, _)| topic.as_str()).collect();
+            let keys: Vec<&str> = published_seqs.iter().map(|(_, key, _)| key.as_str()).collect();
+            let seqs: Vec<i64> = published_seqs.iter().map(|(_, _, seq)| *seq).collect();
+            transaction
+                .execute(
+                    "UPDATE idem_outbox_keys k SET published_seq = u.seq
+                     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(topic, key, seq)
+                     WHERE k.topic = u.topic AND k.key = u.key AND k.published_seq < u.seq",
+                    &[&topics, &keys, &seqs],
+                )
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(report)
+    }
+
+    /// Runs rounds until one finds nothing to publish (bounded by `max_rounds`); returns the
+    /// total published.
+    pub async fn run_until_idle(
+        &self,
+        client: &mut tokio_postgres::Client,
+        max_rounds: usize,
+    ) -> Result<usize> {
+        let mut total = 0;
+        for _ in 0..max_rounds {
+            let report = self.run_once(client).await?;
+            total += report.published;
+            if report.keys == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// How a long-running relay waits for work.
+#[derive(Debug, Clone, Copy)]
+pub struct RunConfig {
+    /// Poll this often even without a notification (a missed NOTIFY, events enqueued by
+    /// something that does not notify).
+    pub poll_interval: Duration,
+    /// Rounds in a row before waiting again, so one relay cannot spin for ever.
+    pub max_rounds_per_wake: usize,
+    /// The longest wait before retrying after an error (it doubles from 100 ms up to this).
+    pub max_backoff: Duration,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(1),
+            max_rounds_per_wake: 1_000,
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl<P: crate::publish::Publisher> Relay<P> {
+    /// Runs until `shutdown` resolves: wakes on `NOTIFY idem_outbox` (sent by every enqueue at
+    /// commit) or every `poll_interval`, publishes until idle, and reconnects after errors with
+    /// a bounded backoff. A round in progress when `shutdown` resolves is finished first.
+    pub async fn run(
+        &self,
+        database: &tokio_postgres::Config,
+        run: RunConfig,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let session = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                session = connect_listening(database) => session,
+            };
+            let Listening { mut client, _listening, wake, listener } = match session {
+                Ok(session) => session,
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "relay cannot reach PostgreSQL; retrying");
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(run.max_backoff);
+                    continue;
+                }
+            };
+            let outcome = loop {
+                // Each pass publishes until a round finds nothing (bounded), then waits.
+                match self.run_until_idle(&mut client, run.max_rounds_per_wake).await {
+                    Ok(published) => {
+                        backoff = Duration::from_millis(100);
+                        if published > 0 {
+                            tracing::debug!(published, "relay published");
+                        }
+                    }
+                    Err(error) => break Err(error),
+                }
+                tokio::select! {
+                    () = &mut shutdown => break Ok(()),
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(run.poll_interval) => {}
+                }
+                if client.is_closed() {
+                    break Err(crate::Error::Disconnected);
+                }
+            };
+            listener.abort();
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::warn!(%error, ?backoff, "relay round failed; reconnecting");
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(run.max_backoff);
+                }
+            }
+        }
+    }
+}
+
+/// The connections of a running relay: one for the rounds, one that `LISTEN`s. Its
+/// notifications (and its end) wake `wake`. Dropping it closes both.
+struct Listening {
+    client: tokio_postgres::Client,
+    _listening: tokio_postgres::Client,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+async fn connect_listening(database: &tokio_postgres::Config) -> Result<Listening> {
+    let (client, connection) = database.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "relay connection ended");
+        }
+    });
+    let (listening, mut connection) = database.connect(tokio_postgres::NoTls).await?;
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let notify = std::sync::Arc::clone(&wake);
+    // This task drives the listening connection (so LISTEN below can complete) and turns its
+    // notifications into wake-ups.
+    let listener = tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => notify.notify_one(),
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    notify.notify_one();
+                    return;
+                }
+            }
+        }
+    });
+    listening.batch_execute("LISTEN idem_outbox").await?;
+    Ok(Listening { client, _listening: listening, wake, listener })
+}
