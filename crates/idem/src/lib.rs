@@ -5,6 +5,7 @@ pub mod admin;
 pub mod config;
 pub mod guard;
 pub mod keys;
+pub mod outbox;
 pub mod proxy;
 pub mod relay;
 pub mod secrets;

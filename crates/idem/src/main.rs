@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use idem::config::ServeArgs;
 use idem::keys::KeysArgs;
+use idem::outbox::OutboxArgs;
 use idem::relay::RelayArgs;
 use tracing_subscriber::EnvFilter;
 
@@ -20,8 +21,11 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Inspect, list and delete stored records (to unstick a key by hand)
     Keys(KeysArgs),
-    /// Publish an application's transactional outbox (PostgreSQL) to NATS JetStream
+    /// Publish an application's transactional outbox (PostgreSQL) to NATS JetStream,
+    /// RabbitMQ or Redis Streams
     Relay(RelayArgs),
+    /// Inspect the outbox: keys waiting, failing or parked; retry or discard a parked key
+    Outbox(OutboxArgs),
 }
 
 /// The setting that keeps the gateway's memory from staying at its high-water mark.
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         Command::Keys(_) => "warn",
         Command::Relay(_) => "info",
+        Command::Outbox(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -107,6 +112,22 @@ fn main() -> ExitCode {
                 Err(error) => return fail(&error),
             };
             match runtime.block_on(idem::keys::run(args)) {
+                Ok((text, found)) => {
+                    print!("{text}");
+                    if found { ExitCode::SUCCESS } else { ExitCode::from(1) }
+                }
+                Err(error) => {
+                    eprintln!("idem: error: {error}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Outbox(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => return fail(&error),
+            };
+            match runtime.block_on(idem::outbox::run(args)) {
                 Ok((text, found)) => {
                     print!("{text}");
                     if found { ExitCode::SUCCESS } else { ExitCode::from(1) }

@@ -51,7 +51,26 @@ pub struct RelayArgs {
     /// A relay stalled this long inside a round loses its keys to the others
     #[arg(long, env = "IDEM_RELAY_STALL_TIMEOUT", value_name = "DURATION", default_value = "30s")]
     pub stall_timeout: String,
-    /// Create the outbox tables first if they are missing
+    /// A key whose next event fails to publish is tried again after this long, doubling
+    /// after each further failure up to --max-retry-backoff; other keys flow on meanwhile
+    #[arg(long, env = "IDEM_RELAY_RETRY_BACKOFF", value_name = "DURATION", default_value = "1s")]
+    pub retry_backoff: String,
+    #[arg(
+        long,
+        env = "IDEM_RELAY_MAX_RETRY_BACKOFF",
+        value_name = "DURATION",
+        default_value = "5m"
+    )]
+    pub max_retry_backoff: String,
+    /// Failures in a row after which a key is parked (its events wait, with the last error,
+    /// for `idem outbox retry` or `discard`)
+    #[arg(long, env = "IDEM_RELAY_MAX_ATTEMPTS", default_value_t = 10)]
+    pub max_attempts: i32,
+    /// Serve Prometheus /metrics here (pending events, oldest pending age, parked keys,
+    /// published and failed counts)
+    #[arg(long, env = "IDEM_RELAY_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Create the outbox tables first if they are missing (and bring them up to date)
     #[arg(long)]
     pub migrate: bool,
 }
@@ -66,6 +85,18 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
     }
     if stall_timeout < Duration::from_secs(1) {
         return Err("--stall-timeout must be at least 1s".into());
+    }
+    let retry_backoff =
+        parse_duration("retry-backoff", &args.retry_backoff).map_err(|e| e.to_string())?;
+    let max_retry_backoff =
+        parse_duration("max-retry-backoff", &args.max_retry_backoff).map_err(|e| e.to_string())?;
+    if retry_backoff.is_zero() || max_retry_backoff < retry_backoff {
+        return Err(
+            "--retry-backoff must be above zero and --max-retry-backoff at least as long".into()
+        );
+    }
+    if !(1..=1_000).contains(&args.max_attempts) {
+        return Err("--max-attempts must be 1 to 1000".into());
     }
     let database: tokio_postgres::Config =
         args.database.parse().map_err(|error: tokio_postgres::Error| {
@@ -96,13 +127,75 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
             max_keys: args.max_keys,
             max_events_per_key: args.max_events_per_key,
             stall_timeout,
+            retry_backoff,
+            max_retry_backoff,
+            max_attempts: args.max_attempts,
         },
     );
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(addr, database.clone()).await?;
+    }
     println!("idem relay running: {} -> {}", redact(&args.database), redact(&args.broker));
     relay
         .run(&database, RunConfig { poll_interval, ..RunConfig::default() }, shutdown)
         .await
         .map_err(|error| error.to_string())
+}
+
+/// Serves `/metrics` on `addr`, the outbox's state read every 5 s into gauges.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    database: tokio_postgres::Config,
+) -> Result<(), String> {
+    let handle = crate::serve::install_metrics().map_err(|error| error.to_string())?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|error| format!("--metrics-listen {addr}: {error}"))?;
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!(%error, "the metrics listener stopped");
+        }
+    });
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut client = None;
+        loop {
+            every.tick().await;
+            if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
+                client = match database.connect(tokio_postgres::NoTls).await {
+                    Ok((c, connection)) => {
+                        tokio::spawn(connection);
+                        Some(c)
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "outbox metrics: cannot connect");
+                        continue;
+                    }
+                };
+            }
+            let Some(c) = &client else { continue };
+            match tokio::time::timeout(Duration::from_secs(5), Outbox::stats(c)).await {
+                Ok(Ok(stats)) => {
+                    metrics::gauge!("idem_outbox_pending_events").set(stats.pending_events as f64);
+                    metrics::gauge!("idem_outbox_pending_keys").set(stats.pending_keys as f64);
+                    metrics::gauge!("idem_outbox_parked_keys").set(stats.parked_keys as f64);
+                    metrics::gauge!("idem_outbox_oldest_pending_seconds")
+                        .set(stats.oldest_pending.map_or(0.0, |age| age.as_secs_f64()));
+                }
+                Ok(Err(error)) => tracing::debug!(%error, "outbox metrics: query failed"),
+                Err(_) => tracing::debug!("outbox metrics: query timed out"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// The publisher for `--broker`, chosen by the URL's scheme.

@@ -9,7 +9,9 @@ mod relay;
 
 pub use dead_letters::DeadLetters;
 pub use inbox::{Inbox, MAX_BATCH};
-pub use outbox::{Event, MAX_HEADERS, MAX_PAYLOAD_BYTES, Outbox};
+pub use outbox::{
+    Event, KeyState, MAX_HEADERS, MAX_PAYLOAD_BYTES, Outbox, OutboxStats, PendingEvent,
+};
 pub use relay::{Relay, RelayConfig, RoundReport, RunConfig};
 
 use crate::Result;

@@ -1,7 +1,7 @@
 //! The transactional outbox: events enqueued in the caller's transaction.
 
-use tokio_postgres::Transaction;
 use tokio_postgres::types::Type;
+use tokio_postgres::{GenericClient, Transaction};
 
 use super::migrate_locked;
 use crate::Result;
@@ -50,9 +50,174 @@ impl Outbox {
                      headers    text[]      NOT NULL,
                      created_at timestamptz NOT NULL DEFAULT now(),
                      sent_at    timestamptz,
-                     UNIQUE (topic, key, seq));",
+                     UNIQUE (topic, key, seq));
+                 -- Version 2: publish failures per key (backoff, parking), fair rotation,
+                 -- discarded events.
+                 DO $$ BEGIN
+                   IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                                  WHERE table_schema = current_schema()
+                                    AND table_name = 'idem_outbox_keys'
+                                    AND column_name = 'parked_at') THEN
+                     ALTER TABLE idem_outbox_keys
+                       ADD COLUMN attempts   integer NOT NULL DEFAULT 0,
+                       ADD COLUMN retry_at   timestamptz,
+                       ADD COLUMN tried_at   timestamptz,
+                       ADD COLUMN last_error text,
+                       ADD COLUMN parked_at  timestamptz;
+                     ALTER TABLE idem_outbox ADD COLUMN discarded_at timestamptz;
+                     DROP INDEX IF EXISTS idem_outbox_keys_pending;
+                   END IF;
+                 END $$;
+                 CREATE INDEX IF NOT EXISTS idem_outbox_keys_due
+                     ON idem_outbox_keys (tried_at NULLS FIRST)
+                     WHERE published_seq < enqueued_seq AND parked_at IS NULL;
+                 CREATE INDEX IF NOT EXISTS idem_outbox_keys_parked
+                     ON idem_outbox_keys (parked_at) WHERE parked_at IS NOT NULL;
+                 CREATE INDEX IF NOT EXISTS idem_outbox_unsent
+                     ON idem_outbox (id) WHERE sent_at IS NULL AND discarded_at IS NULL;",
         )
         .await
+    }
+
+    /// How much is waiting: for the relay's metrics and `idem outbox list`.
+    pub async fn stats(client: &impl GenericClient) -> Result<OutboxStats> {
+        let row = client
+            .query_one(
+                "SELECT
+                   (SELECT coalesce(sum(enqueued_seq - published_seq), 0)::bigint
+                      FROM idem_outbox_keys WHERE published_seq < enqueued_seq),
+                   (SELECT count(*) FROM idem_outbox_keys WHERE published_seq < enqueued_seq),
+                   (SELECT count(*) FROM idem_outbox_keys WHERE parked_at IS NOT NULL),
+                   (SELECT extract(epoch FROM clock_timestamp() - created_at)::float8
+                      FROM idem_outbox WHERE sent_at IS NULL AND discarded_at IS NULL
+                      ORDER BY id LIMIT 1)",
+                &[],
+            )
+            .await?;
+        Ok(OutboxStats {
+            pending_events: row.get(0),
+            pending_keys: row.get(1),
+            parked_keys: row.get(2),
+            oldest_pending: row
+                .get::<_, Option<f64>>(3)
+                .map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.0))),
+        })
+    }
+
+    /// Keys with events waiting, parked ones first, then by how long they have waited; or
+    /// only the parked ones. At most `limit`.
+    pub async fn keys(
+        client: &impl GenericClient,
+        parked_only: bool,
+        limit: i64,
+    ) -> Result<Vec<KeyState>> {
+        let rows = client
+            .query(
+                &format!(
+                    "{KEY_STATE} WHERE k.published_seq < k.enqueued_seq {}
+                     ORDER BY k.parked_at IS NULL, head.created_at NULLS LAST LIMIT $1",
+                    if parked_only { "AND k.parked_at IS NOT NULL" } else { "" }
+                ),
+                &[&limit.clamp(1, 10_000)],
+            )
+            .await?;
+        Ok(rows.iter().map(KeyState::from_row).collect())
+    }
+
+    /// One key's state and its waiting events (at most `limit`), oldest first.
+    pub async fn key(
+        client: &impl GenericClient,
+        topic: &str,
+        key: &str,
+        limit: i64,
+    ) -> Result<Option<(KeyState, Vec<PendingEvent>)>> {
+        let Some(row) = client
+            .query_opt(&format!("{KEY_STATE} WHERE k.topic = $1 AND k.key = $2"), &[&topic, &key])
+            .await?
+        else {
+            return Ok(None);
+        };
+        let state = KeyState::from_row(&row);
+        let events = client
+            .query(
+                "SELECT id, seq, extract(epoch FROM clock_timestamp() - created_at)::float8,
+                        length(payload), headers
+                 FROM idem_outbox
+                 WHERE topic = $1 AND key = $2 AND seq > $3 AND discarded_at IS NULL
+                 ORDER BY seq LIMIT $4",
+                &[&topic, &key, &state.published_seq, &limit.clamp(1, 10_000)],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                let flat: Vec<String> = row.get(4);
+                PendingEvent {
+                    id: row.get(0),
+                    seq: row.get(1),
+                    age: std::time::Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0)),
+                    payload_bytes: row.get::<_, i32>(3) as usize,
+                    headers: flat
+                        .chunks(2)
+                        .map(|pair| (pair[0].clone(), pair.get(1).cloned().unwrap_or_default()))
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Some((state, events)))
+    }
+
+    /// Puts a key back in the relay's rotation at once, its failures forgotten (after the
+    /// cause, a missing stream say, is fixed). `false` if there is no such key.
+    pub async fn retry(client: &impl GenericClient, topic: &str, key: &str) -> Result<bool> {
+        let changed = client
+            .execute(
+                "UPDATE idem_outbox_keys
+                 SET attempts = 0, retry_at = NULL, parked_at = NULL, last_error = NULL
+                 WHERE topic = $1 AND key = $2",
+                &[&topic, &key],
+            )
+            .await?;
+        Ok(changed == 1)
+    }
+
+    /// Gives up on a key's oldest waiting event (it is kept, marked discarded, and never
+    /// published) and puts the key back in rotation, so its later events flow. Returns the
+    /// discarded event's id, `None` if the key has nothing waiting. Runs in one transaction,
+    /// under the key's relay lock, so a relay publishing the key meanwhile is waited for.
+    pub async fn discard_next(
+        client: &mut tokio_postgres::Client,
+        topic: &str,
+        key: &str,
+    ) -> Result<Option<i64>> {
+        let transaction = client.transaction().await?;
+        transaction
+            .execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
+                &[&topic, &key],
+            )
+            .await?;
+        let discarded = transaction
+            .query_opt(
+                "WITH head AS (
+                     SELECT e.id, e.seq FROM idem_outbox_keys k
+                     JOIN idem_outbox e ON e.topic = k.topic AND e.key = k.key
+                                       AND e.seq = k.published_seq + 1
+                     WHERE k.topic = $1 AND k.key = $2 AND k.published_seq < k.enqueued_seq
+                     FOR UPDATE OF k),
+                 gone AS (
+                     UPDATE idem_outbox SET discarded_at = clock_timestamp()
+                     FROM head WHERE idem_outbox.id = head.id RETURNING head.id, head.seq)
+                 UPDATE idem_outbox_keys k
+                 SET published_seq = gone.seq, attempts = 0, retry_at = NULL, parked_at = NULL,
+                     last_error = NULL
+                 FROM gone WHERE k.topic = $1 AND k.key = $2
+                 RETURNING gone.id",
+                &[&topic, &key],
+            )
+            .await?
+            .map(|row| row.get(0));
+        transaction.commit().await?;
+        Ok(discarded)
     }
 
     /// Enqueues `event` in the caller's transaction and returns its id. One round trip.
@@ -83,6 +248,80 @@ impl Outbox {
             )
             .await?;
         Ok(row.first().map(|row| row.get(0)).expect("INSERT ... RETURNING gives one row"))
+    }
+}
+
+/// How much the outbox holds unpublished.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutboxStats {
+    pub pending_events: i64,
+    pub pending_keys: i64,
+    /// Keys whose next event failed to publish `max_attempts` times: nothing of theirs is
+    /// published until `idem outbox retry` or `discard`.
+    pub parked_keys: i64,
+    /// How long the oldest unpublished event has waited.
+    pub oldest_pending: Option<std::time::Duration>,
+}
+
+/// One key of the outbox, as the relay sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyState {
+    pub topic: String,
+    pub key: String,
+    pub enqueued_seq: i64,
+    pub published_seq: i64,
+    /// Publish failures of its next event in a row.
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    /// Not tried again before this long (backoff), if failing.
+    pub retry_in: Option<std::time::Duration>,
+    /// Parked this long ago, if parked.
+    pub parked_for: Option<std::time::Duration>,
+    /// The next event's id, and how long it has waited.
+    pub next_id: Option<i64>,
+    pub next_age: Option<std::time::Duration>,
+}
+
+/// An event waiting to be published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub seq: i64,
+    pub age: std::time::Duration,
+    pub payload_bytes: usize,
+    pub headers: Vec<(String, String)>,
+}
+
+const KEY_STATE: &str = "SELECT k.topic, k.key, k.enqueued_seq, k.published_seq, k.attempts,
+        k.last_error,
+        extract(epoch FROM k.retry_at - clock_timestamp())::float8,
+        extract(epoch FROM clock_timestamp() - k.parked_at)::float8,
+        head.id, extract(epoch FROM clock_timestamp() - head.created_at)::float8
+    FROM idem_outbox_keys k
+    LEFT JOIN idem_outbox head
+      ON head.topic = k.topic AND head.key = k.key AND head.seq = k.published_seq + 1";
+
+impl KeyState {
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        let seconds = |index: usize| {
+            row.get::<_, Option<f64>>(index)
+                .filter(|seconds| *seconds > 0.0)
+                .map(std::time::Duration::from_secs_f64)
+        };
+        Self {
+            topic: row.get(0),
+            key: row.get(1),
+            enqueued_seq: row.get(2),
+            published_seq: row.get(3),
+            attempts: row.get(4),
+            last_error: row.get(5),
+            retry_in: seconds(6),
+            parked_for: row
+                .get::<_, Option<f64>>(7)
+                .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+            next_id: row.get(8),
+            next_age: seconds(9),
+        }
     }
 }
 

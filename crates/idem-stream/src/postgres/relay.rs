@@ -14,11 +14,27 @@ pub struct RelayConfig {
     /// A relay whose session stays idle in its transaction this long (stalled mid-publish)
     /// is disconnected by PostgreSQL, which releases its keys to other relays.
     pub stall_timeout: Duration,
+    /// A key whose next event fails to publish waits this long before it is tried again,
+    /// twice as long after each further failure, up to `max_retry_backoff`; other keys flow
+    /// on meanwhile.
+    pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
+    /// Failures in a row after which the key is parked: its event (and, to keep the key's
+    /// order, its later events) waits, with its last error, for `idem outbox retry` or
+    /// `discard`.
+    pub max_attempts: i32,
 }
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        Self { max_keys: 64, max_events_per_key: 100, stall_timeout: Duration::from_secs(30) }
+        Self {
+            max_keys: 64,
+            max_events_per_key: 100,
+            stall_timeout: Duration::from_secs(30),
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(300),
+            max_attempts: 10,
+        }
     }
 }
 
@@ -28,11 +44,15 @@ pub struct RoundReport {
     pub keys: usize,
     pub published: usize,
     pub failed: usize,
+    /// Keys parked by this round's failures.
+    pub parked: usize,
 }
 
 /// Publishes pending outbox events. Several relays may run at once, on several hosts.
 ///
-/// A round, in one transaction: claim up to `max_keys` keys with pending events by taking a
+/// A round, in one transaction: claim up to `max_keys` keys with pending events (those tried
+/// longest ago first, so every key gets its turn; keys backing off after a failure, and parked
+/// keys, are not due) by taking a
 /// transaction-scoped advisory lock on each (keys another relay holds are skipped); read each
 /// key's pending events in sequence order; publish them in layers (the next event of every key
 /// at once, so keys proceed in parallel while each key stays in order), checking before each
@@ -81,7 +101,9 @@ impl<P: crate::publish::Publisher> Relay<P> {
             .query(
                 "SELECT topic, key FROM (
                      SELECT topic, key FROM idem_outbox_keys
-                     WHERE published_seq < enqueued_seq LIMIT $1) candidates
+                     WHERE published_seq < enqueued_seq AND parked_at IS NULL
+                       AND (retry_at IS NULL OR retry_at <= clock_timestamp())
+                     ORDER BY tried_at NULLS FIRST LIMIT $1) candidates
                  WHERE pg_try_advisory_xact_lock(hashtextextended(topic || chr(31) || key, 0))
                  LIMIT $2",
                 &[&(self.config.max_keys * 4), &self.config.max_keys],
@@ -100,6 +122,7 @@ impl<P: crate::publish::Publisher> Relay<P> {
                  CROSS JOIN LATERAL (
                      SELECT id, seq, payload, headers FROM idem_outbox
                      WHERE topic = k.topic AND key = k.key AND seq > k.published_seq
+                       AND discarded_at IS NULL
                      ORDER BY seq LIMIT $3) e
                  ORDER BY k.topic, k.key, e.seq",
                 &[&topics, &names, &self.config.max_events_per_key],
@@ -129,9 +152,13 @@ impl<P: crate::publish::Publisher> Relay<P> {
         }
         report.keys = queues.len();
 
-        // (topic, key) -> the highest seq published this round, and every id published.
+        // Every claimed key: the highest seq published this round, and its failure if any.
         let mut published_ids: Vec<i64> = Vec::new();
-        let mut published_seqs: Vec<(String, String, i64)> = Vec::new();
+        let mut outcomes: Vec<(String, String, i64, Option<String>)> = queues
+            .iter()
+            .filter_map(|queue| queue.front())
+            .map(|first| (first.topic.clone(), first.key.clone(), 0, None))
+            .collect();
         while queues.iter().any(|queue| !queue.is_empty()) {
             // Still ours? A session ended by the stall timeout has given its locks away.
             transaction.query_one("SELECT 1", &[]).await?;
@@ -139,28 +166,20 @@ impl<P: crate::publish::Publisher> Relay<P> {
                 queues.iter_mut().filter_map(|queue| queue.front().cloned()).collect();
             let results = self.publisher.publish(&layer).await;
             let mut layer_index = 0;
-            for queue in queues.iter_mut() {
+            for (queue_index, queue) in queues.iter_mut().enumerate() {
                 let Some(message) = queue.front() else { continue };
                 match &results[layer_index] {
                     Ok(()) => {
                         published_ids.push(message.id);
-                        match published_seqs
-                            .iter_mut()
-                            .find(|(t, k, _)| *t == message.topic && *k == message.key)
-                        {
-                            Some(entry) => entry.2 = message.seq,
-                            None => published_seqs.push((
-                                message.topic.clone(),
-                                message.key.clone(),
-                                message.seq,
-                            )),
-                        }
+                        outcomes[queue_index].2 = message.seq;
                         queue.pop_front();
                     }
                     Err(error) => {
                         // Stop this key for the round: its later events must not overtake.
-                        tracing::warn!(%error, "publish failed; the key waits for the next round");
+                        tracing::warn!(%error, topic = %message.topic, key = %message.key, "publish failed; the key backs off");
+                        metrics::counter!("idem_outbox_publish_failures_total").increment(1);
                         report.failed += 1;
+                        outcomes[queue_index].3 = Some(error.reason.chars().take(1_000).collect());
                         queue.clear();
                     }
                 }
@@ -168,6 +187,7 @@ impl<P: crate::publish::Publisher> Relay<P> {
             }
         }
         report.published = published_ids.len();
+        metrics::counter!("idem_outbox_published_total").increment(published_ids.len() as u64);
         if !published_ids.is_empty() {
             transaction
                 .execute(
@@ -175,18 +195,51 @@ impl<P: crate::publish::Publisher> Relay<P> {
                     &[&published_ids],
                 )
                 .await?;
-            let topics: Vec<&str> =
-                published_seqs.iter().map(|(topic, _, _)| topic.as_str()).collect();
-            let keys: Vec<&str> = published_seqs.iter().map(|(_, key, _)| key.as_str()).collect();
-            let seqs: Vec<i64> = published_seqs.iter().map(|(_, _, seq)| *seq).collect();
-            transaction
-                .execute(
-                    "UPDATE idem_outbox_keys k SET published_seq = u.seq
-                     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(topic, key, seq)
-                     WHERE k.topic = u.topic AND k.key = u.key AND k.published_seq < u.seq",
-                    &[&topics, &keys, &seqs],
+        }
+        if !outcomes.is_empty() {
+            let topics: Vec<&str> = outcomes.iter().map(|o| o.0.as_str()).collect();
+            let keys: Vec<&str> = outcomes.iter().map(|o| o.1.as_str()).collect();
+            let seqs: Vec<i64> = outcomes.iter().map(|o| o.2).collect();
+            let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.3.as_deref()).collect();
+            let backoff_ms = self.config.retry_backoff.as_millis().max(1) as f64;
+            let max_backoff_ms = self.config.max_retry_backoff.as_millis().max(1) as f64;
+            // Every claimed key: what it published, when it was tried (for the rotation), and
+            // on failure its backoff, or parking after `max_attempts` failures in a row.
+            let parked = transaction
+                .query(
+                    "UPDATE idem_outbox_keys k SET
+                         published_seq = greatest(k.published_seq, u.seq),
+                         tried_at = clock_timestamp(),
+                         attempts = CASE WHEN u.error IS NULL THEN 0 ELSE k.attempts + 1 END,
+                         last_error = u.error,
+                         retry_at = CASE WHEN u.error IS NULL THEN NULL ELSE clock_timestamp()
+                             + least($5 * power(2, least(k.attempts, 30)), $6)
+                               * interval '1 millisecond' END,
+                         parked_at = CASE WHEN u.error IS NOT NULL AND k.attempts + 1 >= $4
+                             THEN clock_timestamp() END
+                     FROM unnest($1::text[], $2::text[], $3::bigint[], $7::text[])
+                          AS u(topic, key, seq, error)
+                     WHERE k.topic = u.topic AND k.key = u.key
+                     RETURNING k.parked_at IS NOT NULL",
+                    &[
+                        &topics,
+                        &keys,
+                        &seqs,
+                        &self.config.max_attempts.max(1),
+                        &backoff_ms,
+                        &max_backoff_ms,
+                        &errors,
+                    ],
                 )
                 .await?;
+            report.parked = parked.iter().filter(|row| row.get::<_, bool>(0)).count();
+            if report.parked > 0 {
+                metrics::counter!("idem_outbox_parked_total").increment(report.parked as u64);
+                tracing::error!(
+                    parked = report.parked,
+                    "outbox keys parked after repeated publish failures; see `idem outbox list --parked`"
+                );
+            }
         }
         transaction.commit().await?;
         Ok(report)
