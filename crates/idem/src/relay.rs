@@ -70,6 +70,10 @@ pub struct RelayArgs {
     /// published and failed counts)
     #[arg(long, env = "IDEM_RELAY_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Delete events sent (or discarded) longer ago than this, and key rows idle as long with
+    /// no event left, checked every minute in small batches; `0` keeps them for ever
+    #[arg(long, env = "IDEM_RELAY_RETENTION", value_name = "DURATION", default_value = "7d")]
+    pub retention: String,
     /// Create the outbox tables first if they are missing (and bring them up to date)
     #[arg(long)]
     pub migrate: bool,
@@ -95,6 +99,10 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
             "--retry-backoff must be above zero and --max-retry-backoff at least as long".into()
         );
     }
+    let retention = match args.retention.trim() {
+        "0" => None,
+        text => Some(parse_duration("retention", text).map_err(|e| e.to_string())?),
+    };
     if !(1..=1_000).contains(&args.max_attempts) {
         return Err("--max-attempts must be 1 to 1000".into());
     }
@@ -137,7 +145,7 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
     }
     println!("idem relay running: {} -> {}", redact(&args.database), redact(&args.broker));
     relay
-        .run(&database, RunConfig { poll_interval, ..RunConfig::default() }, shutdown)
+        .run(&database, RunConfig { poll_interval, retention, ..RunConfig::default() }, shutdown)
         .await
         .map_err(|error| error.to_string())
 }

@@ -10,7 +10,7 @@ mod relay;
 pub use dead_letters::DeadLetters;
 pub use inbox::{Inbox, MAX_BATCH};
 pub use outbox::{
-    Event, KeyState, MAX_HEADERS, MAX_PAYLOAD_BYTES, Outbox, OutboxStats, PendingEvent,
+    Event, KeyState, MAX_HEADERS, MAX_PAYLOAD_BYTES, Outbox, OutboxStats, PendingEvent, PurgeReport,
 };
 pub use relay::{Relay, RelayConfig, RoundReport, RunConfig};
 

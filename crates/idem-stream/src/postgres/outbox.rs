@@ -166,6 +166,74 @@ impl Outbox {
         Ok(Some((state, events)))
     }
 
+    /// Deletes events sent (or discarded) more than `older_than` ago, in batches of at most
+    /// `batch` rows walked in id order (each a short transaction of its own, so producers are
+    /// never held up), pausing `pause` between batches and stopping at the first batch that
+    /// reaches events newer than that, or after `max_batches`; then the key rows idle that
+    /// long with no event left (a key that appears again starts its sequence afresh). Events
+    /// still waiting, however old, are kept.
+    pub async fn purge_sent(
+        client: &impl GenericClient,
+        older_than: std::time::Duration,
+        batch: i64,
+        max_batches: usize,
+        pause: std::time::Duration,
+    ) -> Result<PurgeReport> {
+        let seconds = older_than.as_secs_f64();
+        let batch = batch.clamp(1, 100_000);
+        let mut report = PurgeReport::default();
+        let mut from: i64 = 0;
+        for _ in 0..max_batches.max(1) {
+            let row = client
+                .query_one(
+                    "WITH span AS (
+                         SELECT id, coalesce(sent_at, discarded_at) AS done_at, created_at
+                         FROM idem_outbox WHERE id >= $1 ORDER BY id LIMIT $3),
+                     gone AS (
+                         DELETE FROM idem_outbox e USING span
+                         WHERE e.id = span.id
+                           AND span.done_at < clock_timestamp() - make_interval(secs => $2)
+                         RETURNING e.id)
+                     SELECT (SELECT count(*) FROM gone), (SELECT max(id) FROM span),
+                            coalesce((SELECT bool_or(created_at >= clock_timestamp()
+                                                     - make_interval(secs => $2)) FROM span),
+                                     true)",
+                    &[&from, &seconds, &batch],
+                )
+                .await?;
+            report.events += row.get::<_, i64>(0) as u64;
+            report.batches += 1;
+            let (last, reached_recent): (Option<i64>, bool) = (row.get(1), row.get(2));
+            match last {
+                Some(last) if !reached_recent => from = last + 1,
+                _ => break,
+            }
+            tokio::time::sleep(pause).await;
+        }
+        for _ in 0..max_batches.max(1) {
+            let keys = client
+                .execute(
+                    "DELETE FROM idem_outbox_keys WHERE (topic, key) IN (
+                         SELECT topic, key FROM idem_outbox_keys k
+                         WHERE published_seq = enqueued_seq
+                           AND coalesce(tried_at, '-infinity')
+                               < clock_timestamp() - make_interval(secs => $1)
+                           AND NOT EXISTS (SELECT 1 FROM idem_outbox e
+                                           WHERE e.topic = k.topic AND e.key = k.key)
+                         LIMIT $2 FOR UPDATE SKIP LOCKED)
+                     AND published_seq = enqueued_seq",
+                    &[&seconds, &batch],
+                )
+                .await?;
+            report.keys += keys;
+            if keys < batch as u64 {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        Ok(report)
+    }
+
     /// Puts a key back in the relay's rotation at once, its failures forgotten (after the
     /// cause, a missing stream say, is fixed). `false` if there is no such key.
     pub async fn retry(client: &impl GenericClient, topic: &str, key: &str) -> Result<bool> {
@@ -261,6 +329,14 @@ pub struct OutboxStats {
     pub parked_keys: i64,
     /// How long the oldest unpublished event has waited.
     pub oldest_pending: Option<std::time::Duration>,
+}
+
+/// What [`Outbox::purge_sent`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    pub events: u64,
+    pub keys: u64,
+    pub batches: u64,
 }
 
 /// One key of the outbox, as the relay sees it.

@@ -274,6 +274,11 @@ pub struct RunConfig {
     pub max_rounds_per_wake: usize,
     /// The longest wait before retrying after an error (it doubles from 100 ms up to this).
     pub max_backoff: Duration,
+    /// Events sent (or discarded) longer ago than this are deleted, and key rows idle as long
+    /// with no event left ([`super::Outbox::purge_sent`]), every `retention_every`, on a
+    /// connection of its own; `None` keeps them for ever.
+    pub retention: Option<Duration>,
+    pub retention_every: Duration,
 }
 
 impl Default for RunConfig {
@@ -282,6 +287,8 @@ impl Default for RunConfig {
             poll_interval: Duration::from_secs(1),
             max_rounds_per_wake: 1_000,
             max_backoff: Duration::from_secs(30),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_every: Duration::from_secs(60),
         }
     }
 }
@@ -298,6 +305,13 @@ impl<P: crate::publish::Publisher> Relay<P> {
     ) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
+        let _retention = run.retention.map(|older_than| {
+            AbortOnDrop(tokio::spawn(retention_forever(
+                database.clone(),
+                older_than,
+                run.retention_every,
+            )))
+        });
         loop {
             let session = tokio::select! {
                 () = &mut shutdown => return Ok(()),
@@ -347,6 +361,51 @@ impl<P: crate::publish::Publisher> Relay<P> {
                     backoff = (backoff * 2).min(run.max_backoff);
                 }
             }
+        }
+    }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Deletes what the outbox no longer needs every `every`, until aborted.
+async fn retention_forever(
+    database: tokio_postgres::Config,
+    older_than: Duration,
+    every: Duration,
+) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let client = match database.connect(tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+            }
+            Err(error) => {
+                tracing::debug!(%error, "outbox retention: cannot connect; next time");
+                continue;
+            }
+        };
+        let purge =
+            super::Outbox::purge_sent(&client, older_than, 10_000, 100, Duration::from_millis(20));
+        match purge.await {
+            Ok(report) if report.events + report.keys > 0 => {
+                tracing::info!(
+                    events = report.events,
+                    keys = report.keys,
+                    "outbox retention deleted sent events and idle keys"
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "outbox retention failed; next time"),
         }
     }
 }
