@@ -131,3 +131,46 @@ async fn a_million_sent_events_are_deleted_in_batches_without_holding_up_produce
         during.len()
     );
 }
+
+/// An outbox made by the first version of the tables (no failure columns) is brought up to
+/// date by `Outbox::migrate`, its waiting events kept and then published in order, and a
+/// second migrate changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_from_the_first_version_is_migrated_with_its_waiting_events() {
+    let Some(database) = fresh_postgres_schema("idem_outbox_upgrade").await else { return };
+    let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "CREATE TABLE idem_outbox_keys (
+                 topic text NOT NULL, key text NOT NULL, enqueued_seq bigint NOT NULL,
+                 published_seq bigint NOT NULL DEFAULT 0, PRIMARY KEY (topic, key));
+             CREATE INDEX idem_outbox_keys_pending
+                 ON idem_outbox_keys (topic, key) WHERE published_seq < enqueued_seq;
+             CREATE TABLE idem_outbox (
+                 id bigserial PRIMARY KEY, topic text NOT NULL, key text NOT NULL,
+                 seq bigint NOT NULL, payload bytea NOT NULL, headers text[] NOT NULL,
+                 created_at timestamptz NOT NULL DEFAULT now(), sent_at timestamptz,
+                 UNIQUE (topic, key, seq));",
+        )
+        .await
+        .unwrap();
+    for payload in ["first", "second"] {
+        let transaction = client.transaction().await.unwrap();
+        let event = Event { topic: "t", key: "k", payload: payload.as_bytes(), headers: &[] };
+        Outbox::enqueue(&transaction, event).await.unwrap();
+        transaction.commit().await.unwrap();
+    }
+    Outbox::migrate(&mut client).await.unwrap();
+    Outbox::migrate(&mut client).await.unwrap();
+    let stats = Outbox::stats(&client).await.unwrap();
+    assert_eq!((stats.pending_events, stats.pending_keys, stats.parked_keys), (2, 1, 0));
+    let keys = Outbox::keys(&client, false, 10).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!((keys[0].attempts, keys[0].published_seq, keys[0].enqueued_seq), (0, 0, 2));
+    let old_index = client
+        .query_one("SELECT to_regclass('idem_outbox_keys_pending') IS NULL", &[])
+        .await
+        .unwrap();
+    assert!(old_index.get::<_, bool>(0), "the first version's index is replaced");
+}

@@ -39,8 +39,6 @@ impl Outbox {
                      enqueued_seq  bigint NOT NULL,
                      published_seq bigint NOT NULL DEFAULT 0,
                      PRIMARY KEY (topic, key));
-                 CREATE INDEX IF NOT EXISTS idem_outbox_keys_pending
-                     ON idem_outbox_keys (topic, key) WHERE published_seq < enqueued_seq;
                  CREATE TABLE IF NOT EXISTS idem_outbox (
                      id         bigserial   PRIMARY KEY,
                      topic      text        NOT NULL,
