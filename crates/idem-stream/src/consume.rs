@@ -185,7 +185,7 @@ impl Default for RunnerConfig {
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
             fetch_wait: Duration::from_millis(500),
-            order_by: OrderBy::Header("Idem-Key"),
+            order_by: OrderBy::Header(crate::publish::KEY_HEADER),
             max_buffered: 0,
         }
     }

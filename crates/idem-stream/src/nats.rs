@@ -28,8 +28,8 @@ impl Publisher for JetStreamPublisher {
         for message in messages {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", message.message_id().as_str());
-            headers.insert("Idem-Key", message.key.as_str());
-            headers.insert("Idem-Seq", message.seq.to_string().as_str());
+            headers.insert(crate::publish::KEY_HEADER, message.key.as_str());
+            headers.insert(crate::publish::SEQ_HEADER, message.seq.to_string().as_str());
             for (name, value) in &message.headers {
                 headers.append(name.as_str(), value.as_str());
             }

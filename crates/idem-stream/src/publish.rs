@@ -3,6 +3,11 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
+/// The header carrying an outbox event's key, which the consumer runner orders by.
+pub const KEY_HEADER: &str = "Idem-Key";
+/// The header carrying an event's place among its key's events (1, 2, ...).
+pub const SEQ_HEADER: &str = "Idem-Seq";
+
 /// One outbox event on its way to the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxMessage {

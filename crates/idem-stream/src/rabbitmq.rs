@@ -129,8 +129,11 @@ impl RabbitPublisher {
 
     fn properties(message: &OutboxMessage) -> Result<BasicProperties, String> {
         let mut headers = FieldTable::default();
-        headers.insert("Idem-Key".into(), AMQPValue::LongString(message.key.as_str().into()));
-        headers.insert("Idem-Seq".into(), AMQPValue::LongLongInt(message.seq));
+        headers.insert(
+            crate::publish::KEY_HEADER.into(),
+            AMQPValue::LongString(message.key.as_str().into()),
+        );
+        headers.insert(crate::publish::SEQ_HEADER.into(), AMQPValue::LongLongInt(message.seq));
         for (name, value) in &message.headers {
             headers
                 .insert(short(name, "header name")?, AMQPValue::LongString(value.as_str().into()));

@@ -261,8 +261,8 @@ impl RedisStreamsSubscription {
             })
             .collect();
         headers.sort();
-        headers.push(("Idem-Key".into(), text("key")));
-        headers.push(("Idem-Seq".into(), text("seq")));
+        headers.push((crate::publish::KEY_HEADER.into(), text("key")));
+        headers.push((crate::publish::SEQ_HEADER.into(), text("seq")));
         let id = match text("id") {
             // Not the entry id: a producer's retry is a new entry.
             id if id.is_empty() => crate::content_id("sha256-", &self.stream, &headers, &payload),
