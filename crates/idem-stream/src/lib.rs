@@ -26,6 +26,7 @@
 //! (or, if the first rolled back, runs).
 
 pub mod consume;
+mod layers;
 #[cfg(feature = "nats")]
 pub mod nats;
 #[cfg(feature = "postgres")]

@@ -128,66 +128,39 @@ impl<P: crate::publish::Publisher> Relay<P> {
                 &[&topics, &names, &self.config.max_events_per_key],
             )
             .await?;
-        let mut queues: Vec<std::collections::VecDeque<crate::publish::OutboxMessage>> = Vec::new();
-        for event in &events {
-            let flat: Vec<String> = event.get(5);
-            let message = crate::publish::OutboxMessage {
-                topic: event.get(0),
-                key: event.get(1),
-                id: event.get(2),
-                seq: event.get(3),
-                payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(4)),
-                headers: flat.chunks(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect(),
-            };
-            match queues.last_mut() {
-                Some(queue)
-                    if queue.back().is_some_and(|last| {
-                        last.topic == message.topic && last.key == message.key
-                    }) =>
-                {
-                    queue.push_back(message)
-                }
-                _ => queues.push(std::collections::VecDeque::from([message])),
-            }
-        }
-        report.keys = queues.len();
-
-        // Every claimed key: the highest seq published this round, and its failure if any.
-        let mut published_ids: Vec<i64> = Vec::new();
-        let mut outcomes: Vec<(String, String, i64, Option<String>)> = queues
+        let events: Vec<crate::publish::OutboxMessage> = events
             .iter()
-            .filter_map(|queue| queue.front())
-            .map(|first| (first.topic.clone(), first.key.clone(), 0, None))
-            .collect();
-        while queues.iter().any(|queue| !queue.is_empty()) {
-            // Still ours? A session ended by the stall timeout has given its locks away.
-            transaction.query_one("SELECT 1", &[]).await?;
-            let layer: Vec<crate::publish::OutboxMessage> =
-                queues.iter_mut().filter_map(|queue| queue.front().cloned()).collect();
-            let results = self.publisher.publish(&layer).await;
-            let mut layer_index = 0;
-            for (queue_index, queue) in queues.iter_mut().enumerate() {
-                let Some(message) = queue.front() else { continue };
-                match &results[layer_index] {
-                    Ok(()) => {
-                        published_ids.push(message.id);
-                        outcomes[queue_index].2 = message.seq;
-                        queue.pop_front();
-                    }
-                    Err(error) => {
-                        // Stop this key for the round: its later events must not overtake.
-                        tracing::warn!(%error, topic = %message.topic, key = %message.key, "publish failed; the key backs off");
-                        metrics::counter!("idem_outbox_publish_failures_total").increment(1);
-                        report.failed += 1;
-                        outcomes[queue_index].3 = Some(error.reason.chars().take(1_000).collect());
-                        queue.clear();
-                    }
+            .map(|event| {
+                let flat: Vec<String> = event.get(5);
+                crate::publish::OutboxMessage {
+                    topic: event.get(0),
+                    key: event.get(1),
+                    id: event.get(2),
+                    seq: event.get(3),
+                    payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(4)),
+                    headers: flat
+                        .chunks(2)
+                        .map(|pair| (pair[0].clone(), pair.get(1).cloned().unwrap_or_default()))
+                        .collect(),
                 }
-                layer_index += 1;
-            }
-        }
-        report.published = published_ids.len();
-        metrics::counter!("idem_outbox_published_total").increment(published_ids.len() as u64);
+            })
+            .collect();
+        let queues = crate::layers::queues_by_key(events);
+        report.keys = queues.len();
+        // Still ours before each layer? A session ended by the stall timeout has given its
+        // locks away.
+        let published = crate::layers::publish_in_layers(&self.publisher, queues, || async {
+            transaction.query_one("SELECT 1", &[]).await.map(drop)
+        })
+        .await?;
+        report.published = published.ids.len();
+        report.failed = published.failed;
+        let published_ids = published.ids;
+        let outcomes: Vec<(String, String, i64, Option<String>)> = published
+            .keys
+            .into_iter()
+            .map(|key| (key.topic, key.key, key.published_seq, key.error))
+            .collect();
         if !published_ids.is_empty() {
             transaction
                 .execute(
