@@ -20,7 +20,7 @@
 //! with backoff for as long as it lasts, never counted, so an outage dead-letters nothing.
 //! A plain `String` error is a rejection; [`crate::Error`] converts by its cause.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -218,6 +218,9 @@ pub struct RunReport {
     pub unavailable: u64,
     /// Messages handed back to the broker unhandled because the runner was stopping.
     pub returned: u64,
+    /// Further copies of a message (redelivered, or republished with its id) that arrived
+    /// while it waited here, settled with it rather than run again.
+    pub copies: u64,
 }
 
 /// The handler's verdict on one message.
@@ -369,10 +372,22 @@ impl<D: DeadLetter + ?Sized + 'static> Lanes<D> {
                     subject = %message.subject,
                     attempt = message.attempt
                 );
-                let work = tracing::Instrument::instrument((self.single)(message.clone()), span);
-                match tokio::spawn(work).await {
-                    Ok(verdict) => verdict,
-                    Err(panic) => Err(Failure::Rejected(format!("the handler panicked: {panic}"))),
+                // A handler that panics, even while making its future, fails this attempt
+                // only: the lane (and its key's later messages) must go on.
+                let single = &self.single;
+                let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    single(message.clone())
+                }));
+                match made {
+                    Ok(work) => {
+                        match tokio::spawn(tracing::Instrument::instrument(work, span)).await {
+                            Ok(verdict) => verdict,
+                            Err(panic) => {
+                                Err(Failure::Rejected(format!("the handler panicked: {panic}")))
+                            }
+                        }
+                    }
+                    Err(_) => Err(Failure::Rejected("the handler panicked".into())),
                 }
             };
             match verdict {
@@ -392,7 +407,16 @@ impl<D: DeadLetter + ?Sized + 'static> Lanes<D> {
                     tracing::warn!(id = %message.id, attempt = message.attempt, %reason, "giving up: dead letter");
                     let mut tries = 0;
                     loop {
-                        match self.dead_letter.bury(&message, &reason).await {
+                        // On a task of its own: a panicking destination fails this burial only.
+                        let bury = {
+                            let (dead_letter, message, reason) =
+                                (Arc::clone(&self.dead_letter), message.clone(), reason.clone());
+                            tokio::spawn(async move { dead_letter.bury(&message, &reason).await })
+                        };
+                        let buried = bury.await.unwrap_or_else(|panic| {
+                            Err(format!("the dead-letter destination panicked: {panic}"))
+                        });
+                        match buried {
                             Ok(()) => {
                                 done.outcome = Outcome::Buried;
                                 return done;
@@ -455,8 +479,10 @@ where
     });
     let mut lanes: HashMap<String, Lane<S::Token>> = HashMap::new();
     // Ids fetched and not yet settled: a redelivery of one (its ack wait ran out while it
-    // waited in its lane) is not handled twice at once.
-    let mut buffered: HashSet<String> = HashSet::new();
+    // waited in its lane; RabbitMQ after a reconnect; a republished copy) is not handled twice
+    // at once. Its token is kept with the id and settled as the first copy is, so it never
+    // holds a broker's delivery slot for ever.
+    let mut buffered: Buffered<S::Token> = HashMap::new();
     let mut report = RunReport::default();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut stopped = false;
@@ -512,10 +538,13 @@ where
         };
         let mut next_batch = Vec::new();
         for (message, token) in fetched {
-            if !buffered.insert(message.id.clone()) {
-                tracing::debug!(id = %message.id, "redelivered while still waiting here; skipped");
+            if let Some(copies) = buffered.get_mut(&message.id) {
+                tracing::debug!(id = %message.id, "redelivered while still waiting here; settled with the first copy");
+                copies.push(token);
+                report.copies += 1;
                 continue;
             }
+            buffered.insert(message.id.clone(), Vec::new());
             let lane = config.order_by.lane(&message);
             if batch.is_some() && !lanes.contains_key(&lane) {
                 next_batch.push((lane, message, token));
@@ -539,8 +568,9 @@ where
                 Ok(()) => {
                     for (_, message, token) in next_batch {
                         report.handled += 1;
-                        buffered.remove(&message.id);
-                        settle(&subscription, &message.id, token, Settle::Ack, &mut report).await;
+                        let id = message.id;
+                        settle(&subscription, &mut buffered, &id, token, Settle::Ack, &mut report)
+                            .await;
                     }
                 }
                 Err(failure) => {
@@ -578,7 +608,7 @@ fn to_lane<D, T>(
 async fn settle_done<S: Subscription>(
     subscription: &S,
     lanes: &mut HashMap<String, Lane<S::Token>>,
-    buffered: &mut HashSet<String>,
+    buffered: &mut Buffered<S::Token>,
     report: &mut RunReport,
     done: Done,
 ) {
@@ -588,7 +618,6 @@ async fn settle_done<S: Subscription>(
         // Dropping the sender ends the lane's task.
         lanes.remove(&done.lane);
     }
-    buffered.remove(&id);
     report.retried += done.retried;
     report.unavailable += done.unavailable;
     let settled = match done.outcome {
@@ -605,20 +634,28 @@ async fn settle_done<S: Subscription>(
             Settle::Retry(Duration::ZERO)
         }
     };
-    settle(subscription, &id, token, settled, report).await;
+    settle(subscription, buffered, &id, token, settled, report).await;
 }
 
+/// Messages fetched and not settled, by id, with the tokens of further copies of each.
+type Buffered<T> = HashMap<String, Vec<T>>;
+
+/// Settles a message, and the copies of it that arrived while it waited, the same way.
 async fn settle<S: Subscription>(
     subscription: &S,
+    buffered: &mut Buffered<S::Token>,
     id: &str,
     token: S::Token,
     settled: Settle,
     report: &mut RunReport,
 ) {
-    if let Err(error) = subscription.settle(token, settled).await {
-        // The broker redelivers an unsettled message after its ack wait: at least once.
-        tracing::warn!(%id, %error, "could not settle; the broker will redeliver");
-        report.settle_errors += 1;
+    let copies = buffered.remove(id).unwrap_or_default();
+    for token in std::iter::once(token).chain(copies) {
+        if let Err(error) = subscription.settle(token, settled).await {
+            // The broker redelivers an unsettled message after its ack wait: at least once.
+            tracing::warn!(%id, %error, "could not settle; the broker will redeliver");
+            report.settle_errors += 1;
+        }
     }
 }
 

@@ -13,6 +13,8 @@ pub(crate) struct KeyOutcome {
     pub key: String,
     pub published_seq: i64,
     pub error: Option<String>,
+    /// The error was the broker being full for now ([`crate::publish::PublishError::full`]).
+    pub full: bool,
 }
 
 /// What a round published.
@@ -64,6 +66,7 @@ where
                 key: first.key.clone(),
                 published_seq: 0,
                 error: None,
+                full: false,
             })
             .collect(),
         ..Published::default()
@@ -84,10 +87,11 @@ where
                     queue.pop_front();
                 }
                 failure => {
-                    let reason = match failure {
-                        Some(Err(error)) => error.reason,
-                        _ => "the publisher gave no result for this event".to_owned(),
+                    let (reason, full) = match failure {
+                        Some(Err(error)) => (error.reason, error.full),
+                        _ => ("the publisher gave no result for this event".to_owned(), false),
                     };
+                    published.keys[index].full = full;
                     tracing::warn!(%reason, id = message.id, topic = %message.topic, key = %message.key, "publish failed; the key backs off");
                     metrics::counter!("idem_outbox_publish_failures_total").increment(1);
                     published.failed += 1;

@@ -29,6 +29,7 @@ pub mod consume;
 mod layers;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod outbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod publish;

@@ -45,7 +45,7 @@ impl Publisher for JetStreamPublisher {
                 Ok(ack) => ack.await.map(drop).map_err(|error| error.to_string()),
                 Err(error) => Err(error.to_string()),
             };
-            results.push(result.map_err(|reason| PublishError { id: message.id, reason }));
+            results.push(result.map_err(|reason| PublishError::new(message.id, reason)));
         }
         results
     }

@@ -36,6 +36,15 @@ impl OutboxMessage {
 pub struct PublishError {
     pub id: i64,
     pub reason: String,
+    /// The broker is full for now (a Redis stream at its bound, waiting for a lagging
+    /// consumer group): the key backs off but this never counts toward parking it.
+    pub full: bool,
+}
+
+impl PublishError {
+    pub fn new(id: i64, reason: impl Into<String>) -> Self {
+        Self { id, reason: reason.into(), full: false }
+    }
 }
 
 /// A broker adapter. `publish` receives at most one message per key and may publish them

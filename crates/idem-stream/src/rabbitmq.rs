@@ -149,7 +149,7 @@ impl RabbitPublisher {
 impl Publisher for RabbitPublisher {
     async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
         let failed =
-            |message: &OutboxMessage, reason: String| PublishError { id: message.id, reason };
+            |message: &OutboxMessage, reason: String| PublishError::new(message.id, reason);
         let channel = match self.channel().await {
             Ok(channel) => channel,
             Err(reason) => {

@@ -76,8 +76,14 @@ for _, group in ipairs(groups) do
   end
   if keep == nil or before(needed, keep) then keep = needed end
 end
+-- At most ARGV[1] entries a call, so one trim never holds Redis long.
+local span = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', tonumber(ARGV[1]))
+if #span == tonumber(ARGV[1]) and before(span[#span][1], keep) then keep = span[#span][1] end
 return redis.call('XTRIM', KEYS[1], 'MINID', keep)
 ";
+
+/// Entries one trim removes at most (each trim is one script, which holds Redis meanwhile).
+const TRIM_MAX: usize = 100_000;
 
 /// Streams whose last trim is remembered, at most.
 const MAX_TRACKED: usize = 10_000;
@@ -108,6 +114,7 @@ impl RedisStreamsPublisher {
             .arg(TRIM_ACKNOWLEDGED)
             .arg(1)
             .arg(stream)
+            .arg(TRIM_MAX)
             .query_async::<u64>(&mut connection)
             .await;
         match trim {
@@ -144,15 +151,15 @@ impl Publisher for RedisStreamsPublisher {
         let mut connection = self.connection.clone();
         let max_len = self.max_len;
         let failed = |message: &OutboxMessage, error: redis::RedisError| {
-            let reason = if error.to_string().contains("IDEMFULL") {
-                format!(
+            if error.to_string().contains("IDEMFULL") {
+                let reason = format!(
                     "stream {} holds {max_len} entries not yet acknowledged by every consumer group (one lags, or none reads it); publishing resumes as they catch up",
                     message.topic
-                )
+                );
+                PublishError { full: true, ..PublishError::new(message.id, reason) }
             } else {
-                error.to_string()
-            };
-            PublishError { id: message.id, reason }
+                PublishError::new(message.id, error.to_string())
+            }
         };
         match pipeline.query_async::<Vec<redis::RedisResult<String>>>(&mut connection).await {
             Ok(replies) if replies.len() == messages.len() => messages
@@ -164,12 +171,12 @@ impl Publisher for RedisStreamsPublisher {
                 let reason = format!("{} replies to {} XADDs", replies.len(), messages.len());
                 messages
                     .iter()
-                    .map(|message| Err(PublishError { id: message.id, reason: reason.clone() }))
+                    .map(|message| Err(PublishError::new(message.id, reason.clone())))
                     .collect()
             }
             Err(error) => messages
                 .iter()
-                .map(|message| Err(PublishError { id: message.id, reason: error.to_string() }))
+                .map(|message| Err(PublishError::new(message.id, error.to_string())))
                 .collect(),
         }
     }

@@ -185,8 +185,9 @@ impl DeadLetter for Burials {
     }
 }
 
-/// A message that always fails is dead-lettered after exactly `max_attempts` runs on a
-/// classic queue as on a quorum queue: the runner counts its own retries (a classic queue only
+/// A message that always fails (or whose handler panics before its first await) is
+/// dead-lettered after exactly `max_attempts` runs on a classic queue as on a quorum queue,
+/// and its key's next message runs after it: the runner counts its own retries (a classic queue only
 /// flags a redelivery, so counting on the broker left such messages running for ever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poison_message_is_dead_lettered_after_max_attempts_on_classic_and_quorum_queues() {
@@ -207,13 +208,19 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_on_classic_and_quo
         }
         connection.close(200, "declared".into()).await.unwrap();
         let publisher = RabbitPublisher::connect(&url, "").await.unwrap();
-        let messages: Vec<_> = (1..=3)
+        // 2 fails, 3 panics while making its future (before any await), 4 comes after 3 on
+        // the same key.
+        let messages: Vec<_> = (1..=4)
             .map(|id| OutboxMessage {
                 id,
                 topic: queue.clone(),
-                key: format!("k{id}"),
-                seq: 1,
-                payload: bytes::Bytes::from(if id == 2 { "poison" } else { "ok" }),
+                key: if id == 4 { "k3".to_owned() } else { format!("k{id}") },
+                seq: if id == 4 { 2 } else { 1 },
+                payload: bytes::Bytes::from(match id {
+                    2 => "poison",
+                    3 => "panic",
+                    _ => "ok",
+                }),
                 headers: Vec::new(),
             })
             .collect();
@@ -225,6 +232,10 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_on_classic_and_quo
             let runs = Arc::clone(&runs);
             move |message: Received| {
                 let runs = Arc::clone(&runs);
+                if &message.payload[..] == b"panic" {
+                    *runs.lock().unwrap().entry(message.id.clone()).or_default() += 1;
+                    panic!("a handler that panics before its first await");
+                }
                 async move {
                     *runs.lock().unwrap().entry(message.id.clone()).or_default() += 1;
                     if &message.payload[..] == b"poison" {
@@ -255,17 +266,89 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_on_classic_and_quo
             },
         ));
         let started = Instant::now();
-        while burials.buried.lock().unwrap().is_empty() {
+        while burials.buried.lock().unwrap().len() < 2 {
             assert!(started.elapsed() < Duration::from_secs(20), "classic {classic}: never buried");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let _ = stop.send(());
         let report = runner.await.unwrap().unwrap();
-        let buried = burials.buried.lock().unwrap().clone();
+        let mut buried = burials.buried.lock().unwrap().clone();
+        buried.sort();
         let runs = runs.lock().unwrap().clone();
-        assert_eq!(buried, [("idem-outbox-2".to_owned(), 5)], "classic {classic}");
+        let expected = [("idem-outbox-2".to_owned(), 5), ("idem-outbox-3".to_owned(), 5)];
+        assert_eq!(buried, expected, "classic {classic}");
         assert_eq!(runs.get("idem-outbox-2"), Some(&5), "classic {classic}: {runs:?}");
+        assert_eq!(runs.get("idem-outbox-3"), Some(&5), "classic {classic}: {runs:?}");
+        assert_eq!(runs.get("idem-outbox-4"), Some(&1), "k3's next message ran after the panics");
         assert_eq!(report.handled, 2, "classic {classic}: {report:?}");
     }
+}
+
+/// A second copy of a message (the same message-id: republished by a relay, or redelivered
+/// after a reconnect) arriving while the first still waits in its lane is not run again, and
+/// is settled with the first: nothing is left unacknowledged to hold a prefetch slot, and once
+/// the runner stops the queue is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_arriving_while_the_first_waits_is_settled_with_it() {
+    let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
+    let (queue, connection, channel) = fresh_queue(&url, "copies").await;
+    let publisher = RabbitPublisher::connect(&url, "").await.unwrap();
+    let message = |id: i64| OutboxMessage {
+        id,
+        topic: queue.clone(),
+        key: "k".into(),
+        seq: id,
+        payload: bytes::Bytes::from(id.to_string()),
+        headers: Vec::new(),
+    };
+    // 1, then two copies of 2 (same message-id), all on one key: the copies wait behind 1.
+    for id in [1, 2, 2] {
+        publisher.publish(&[message(id)]).await.remove(0).unwrap();
+    }
+    let runs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let handler = {
+        let runs = Arc::clone(&runs);
+        move |message: Received| {
+            let runs = Arc::clone(&runs);
+            async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                runs.lock().unwrap().push(message.id);
+                consume::HandlerResult::Ok(())
+            }
+        }
+    };
+    let config = RunnerConfig {
+        concurrency: 4,
+        fetch_wait: Duration::from_millis(50),
+        ..RunnerConfig::default()
+    };
+    let subscription = RabbitSubscription::consume(&url, &queue, 16).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner =
+        tokio::spawn(consume::run(subscription, handler, Arc::new(NoDeadLetters), config, async {
+            let _ = stopped.await;
+        }));
+    let started = Instant::now();
+    while runs.lock().unwrap().len() < 2 {
+        assert!(started.elapsed() < Duration::from_secs(10), "not handled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = stop.send(());
+    let report = runner.await.unwrap().unwrap();
+    assert_eq!(*runs.lock().unwrap(), ["idem-outbox-1", "idem-outbox-2"], "each id ran once");
+    assert_eq!(report.handled, 2, "{report:?}");
+    // The runner's channel is closed: anything it left unacknowledged is back in the queue.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let declared = channel
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(declared.message_count(), 0, "the copy was acknowledged with the first");
+    connection.close(200, "done".into()).await.unwrap();
 }

@@ -16,8 +16,8 @@ use crate::secrets::{redact, scrub};
 
 #[derive(Debug, Args)]
 pub struct RelayArgs {
-    /// The application's PostgreSQL, where the outbox tables live (libpq URL; add
-    /// `options=-c%20search_path%3DNAME` for another schema)
+    /// The application's database, where the outbox tables live: PostgreSQL (libpq URL; add
+    /// `options=-c%20search_path%3DNAME` for another schema) or `sqlite://PATH`
     #[arg(long, env = "IDEM_RELAY_DATABASE", value_name = "URL")]
     pub database: String,
     /// The broker, by scheme: `nats://` (JetStream; the streams for the outbox topics must
@@ -99,12 +99,33 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
             "--retry-backoff must be above zero and --max-retry-backoff at least as long".into()
         );
     }
+    // `0` (in any unit) keeps everything: a zero retention never means "delete at once".
     let retention = match args.retention.trim() {
         "0" => None,
-        text => Some(parse_duration("retention", text).map_err(|e| e.to_string())?),
+        text => Some(parse_duration("retention", text).map_err(|e| e.to_string())?)
+            .filter(|retention| !retention.is_zero()),
     };
     if !(1..=1_000).contains(&args.max_attempts) {
         return Err("--max-attempts must be 1 to 1000".into());
+    }
+    let config = RelayConfig {
+        max_keys: args.max_keys,
+        max_events_per_key: args.max_events_per_key,
+        stall_timeout,
+        retry_backoff,
+        max_retry_backoff,
+        max_attempts: args.max_attempts,
+    };
+    if let Some(path) = args.database.strip_prefix("sqlite://") {
+        return run_sqlite(
+            &args,
+            std::path::Path::new(path),
+            config,
+            poll_interval,
+            retention,
+            shutdown,
+        )
+        .await;
     }
     let database: tokio_postgres::Config =
         args.database.parse().map_err(|error: tokio_postgres::Error| {
@@ -129,19 +150,14 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
         tokio::spawn(connection);
         Outbox::migrate(&mut client).await.map_err(|error| error.to_string())?;
     }
-    let relay = Relay::new(
-        publisher,
-        RelayConfig {
-            max_keys: args.max_keys,
-            max_events_per_key: args.max_events_per_key,
-            stall_timeout,
-            retry_backoff,
-            max_retry_backoff,
-            max_attempts: args.max_attempts,
-        },
-    );
+    let relay = Relay::new(publisher, config);
     if let Some(addr) = args.metrics_listen {
-        serve_metrics(addr, database.clone()).await?;
+        let database = database.clone();
+        serve_metrics(addr, move || {
+            let database = database.clone();
+            async move { postgres_gauges(&database).await }
+        })
+        .await?;
     }
     println!("idem relay running: {} -> {}", redact(&args.database), redact(&args.broker));
     relay
@@ -150,11 +166,73 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
         .map_err(|error| error.to_string())
 }
 
-/// Serves `/metrics` on `addr`, the outbox's state read every 5 s into gauges.
-async fn serve_metrics(
-    addr: std::net::SocketAddr,
-    database: tokio_postgres::Config,
+/// The SQLite relay: `--database sqlite://PATH`.
+async fn run_sqlite(
+    args: &RelayArgs,
+    path: &std::path::Path,
+    config: RelayConfig,
+    poll_interval: Duration,
+    retention: Option<Duration>,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    let fail = |error: &dyn std::fmt::Display| format!("--database {}: {error}", args.database);
+    if args.migrate {
+        let connection = rusqlite::Connection::open(path).map_err(|e| fail(&e))?;
+        connection.busy_timeout(Duration::from_secs(5)).map_err(|e| fail(&e))?;
+        idem_stream::sqlite::Outbox::migrate(&connection).map_err(|e| fail(&e))?;
+    }
+    let publisher = publisher(args).await.map_err(|error| {
+        format!("--broker {}: {}", redact(&args.broker), scrub(&error.to_string(), &args.broker))
+    })?;
+    let relay = idem_stream::sqlite::Relay::open(path, publisher, config).map_err(|e| fail(&e))?;
+    if let Some(addr) = args.metrics_listen {
+        let path = path.to_owned();
+        serve_metrics(addr, move || {
+            let path = path.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let connection = rusqlite::Connection::open(&path).ok()?;
+                    let (events, keys, parked) =
+                        idem_stream::sqlite::Outbox::pending(&connection).ok()?;
+                    Some(Gauges { events, keys, parked, oldest: None })
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+        })
+        .await?;
+    }
+    println!("idem relay running: {} -> {}", args.database, redact(&args.broker));
+    relay.run(poll_interval, retention, shutdown).await.map_err(|error| error.to_string())
+}
+
+/// The outbox's state, for the gauges.
+struct Gauges {
+    events: i64,
+    keys: i64,
+    parked: i64,
+    oldest: Option<Duration>,
+}
+
+async fn postgres_gauges(database: &tokio_postgres::Config) -> Option<Gauges> {
+    let (client, connection) = database.connect(tokio_postgres::NoTls).await.ok()?;
+    tokio::spawn(connection);
+    let stats = Outbox::stats(&client).await.ok()?;
+    Some(Gauges {
+        events: stats.pending_events,
+        keys: stats.pending_keys,
+        parked: stats.parked_keys,
+        oldest: stats.oldest_pending,
+    })
+}
+
+/// Serves `/metrics` on `addr`, the outbox's state read by `gauges` every 5 s.
+async fn serve_metrics<F, Fut>(addr: std::net::SocketAddr, mut gauges: F) -> Result<(), String>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Option<Gauges>> + Send,
+{
     let handle = crate::serve::install_metrics().map_err(|error| error.to_string())?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -174,32 +252,21 @@ async fn serve_metrics(
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(5));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut client = None;
         loop {
             every.tick().await;
-            if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
-                client = match database.connect(tokio_postgres::NoTls).await {
-                    Ok((c, connection)) => {
-                        tokio::spawn(connection);
-                        Some(c)
+            match tokio::time::timeout(Duration::from_secs(5), gauges()).await {
+                Ok(Some(state)) => {
+                    metrics::gauge!("idem_outbox_pending_events").set(state.events as f64);
+                    metrics::gauge!("idem_outbox_pending_keys").set(state.keys as f64);
+                    metrics::gauge!("idem_outbox_parked_keys").set(state.parked as f64);
+                    if let Some(oldest) = state.oldest {
+                        metrics::gauge!("idem_outbox_oldest_pending_seconds")
+                            .set(oldest.as_secs_f64());
+                    } else {
+                        metrics::gauge!("idem_outbox_oldest_pending_seconds").set(0.0);
                     }
-                    Err(error) => {
-                        tracing::debug!(%error, "outbox metrics: cannot connect");
-                        continue;
-                    }
-                };
-            }
-            let Some(c) = &client else { continue };
-            match tokio::time::timeout(Duration::from_secs(5), Outbox::stats(c)).await {
-                Ok(Ok(stats)) => {
-                    metrics::gauge!("idem_outbox_pending_events").set(stats.pending_events as f64);
-                    metrics::gauge!("idem_outbox_pending_keys").set(stats.pending_keys as f64);
-                    metrics::gauge!("idem_outbox_parked_keys").set(stats.parked_keys as f64);
-                    metrics::gauge!("idem_outbox_oldest_pending_seconds")
-                        .set(stats.oldest_pending.map_or(0.0, |age| age.as_secs_f64()));
                 }
-                Ok(Err(error)) => tracing::debug!(%error, "outbox metrics: query failed"),
-                Err(_) => tracing::debug!("outbox metrics: query timed out"),
+                _ => tracing::debug!("outbox metrics: could not read the outbox"),
             }
         }
     });

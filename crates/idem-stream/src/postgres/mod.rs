@@ -7,12 +7,11 @@ mod inbox;
 mod outbox;
 mod relay;
 
+pub use crate::outbox::{Event, MAX_HEADERS, MAX_PAYLOAD_BYTES, RelayConfig, RoundReport};
 pub use dead_letters::DeadLetters;
 pub use inbox::{Inbox, MAX_BATCH};
-pub use outbox::{
-    Event, KeyState, MAX_HEADERS, MAX_PAYLOAD_BYTES, Outbox, OutboxStats, PendingEvent, PurgeReport,
-};
-pub use relay::{Relay, RelayConfig, RoundReport, RunConfig};
+pub use outbox::{KeyState, Outbox, OutboxStats, PendingEvent, PurgeReport};
+pub use relay::{Relay, RunConfig};
 
 use crate::Result;
 

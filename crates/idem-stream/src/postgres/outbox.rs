@@ -5,23 +5,7 @@ use tokio_postgres::{GenericClient, Transaction};
 
 use super::migrate_locked;
 use crate::Result;
-
-/// Most bytes in one event's payload.
-pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
-/// Most headers on one event.
-pub const MAX_HEADERS: usize = 64;
-
-/// One event to enqueue.
-#[derive(Debug, Clone, Copy)]
-pub struct Event<'a> {
-    /// Where it goes: the NATS subject, the RabbitMQ routing key, the stream name.
-    pub topic: &'a str,
-    /// Events with the same key are published in commit order.
-    pub key: &'a str,
-    pub payload: &'a [u8],
-    /// Carried to the broker as message headers: put the trace context here.
-    pub headers: &'a [(&'a str, &'a str)],
-}
+use crate::outbox::{Event, check_event};
 
 /// The transactional outbox: events enqueued in the caller's transaction leave exactly when it
 /// commits (a [`Relay`] publishes them), never if it rolls back.
@@ -397,32 +381,4 @@ impl KeyState {
             next_age: seconds(9),
         }
     }
-}
-
-fn check_event(event: &Event<'_>) -> Result<()> {
-    let name_ok = |text: &str| !text.is_empty() && text.len() <= 255;
-    if !name_ok(event.topic)
-        || !event.topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-    {
-        return Err(crate::Error::InvalidEvent(format!(
-            "topic {:?}: 1 to 255 of A-Z a-z 0-9 . _ -",
-            event.topic
-        )));
-    }
-    if !name_ok(event.key) {
-        return Err(crate::Error::InvalidEvent("the key must be 1 to 255 bytes".into()));
-    }
-    if event.payload.len() > MAX_PAYLOAD_BYTES {
-        return Err(crate::Error::InvalidEvent(format!(
-            "payload of {} bytes; at most {MAX_PAYLOAD_BYTES}",
-            event.payload.len()
-        )));
-    }
-    if event.headers.len() > MAX_HEADERS {
-        return Err(crate::Error::InvalidEvent(format!(
-            "{} headers; at most {MAX_HEADERS}",
-            event.headers.len()
-        )));
-    }
-    Ok(())
 }

@@ -3,50 +3,7 @@
 use std::time::Duration;
 
 use crate::Result;
-
-/// How much one relay round takes on.
-#[derive(Debug, Clone, Copy)]
-pub struct RelayConfig {
-    /// Keys claimed per round.
-    pub max_keys: i64,
-    /// Events per key per round.
-    pub max_events_per_key: i64,
-    /// A relay whose session stays idle in its transaction this long (stalled mid-publish)
-    /// is disconnected by PostgreSQL, which releases its keys to other relays.
-    pub stall_timeout: Duration,
-    /// A key whose next event fails to publish waits this long before it is tried again,
-    /// twice as long after each further failure, up to `max_retry_backoff`; other keys flow
-    /// on meanwhile.
-    pub retry_backoff: Duration,
-    pub max_retry_backoff: Duration,
-    /// Failures in a row after which the key is parked: its event (and, to keep the key's
-    /// order, its later events) waits, with its last error, for `idem outbox retry` or
-    /// `discard`.
-    pub max_attempts: i32,
-}
-
-impl Default for RelayConfig {
-    fn default() -> Self {
-        Self {
-            max_keys: 64,
-            max_events_per_key: 100,
-            stall_timeout: Duration::from_secs(30),
-            retry_backoff: Duration::from_secs(1),
-            max_retry_backoff: Duration::from_secs(300),
-            max_attempts: 10,
-        }
-    }
-}
-
-/// What one relay round did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RoundReport {
-    pub keys: usize,
-    pub published: usize,
-    pub failed: usize,
-    /// Keys parked by this round's failures.
-    pub parked: usize,
-}
+use crate::outbox::{RelayConfig, RoundReport};
 
 /// Publishes pending outbox events. Several relays may run at once, on several hosts.
 ///
@@ -156,11 +113,7 @@ impl<P: crate::publish::Publisher> Relay<P> {
         report.published = published.ids.len();
         report.failed = published.failed;
         let published_ids = published.ids;
-        let outcomes: Vec<(String, String, i64, Option<String>)> = published
-            .keys
-            .into_iter()
-            .map(|key| (key.topic, key.key, key.published_seq, key.error))
-            .collect();
+        let outcomes = published.keys;
         if !published_ids.is_empty() {
             transaction
                 .execute(
@@ -170,29 +123,42 @@ impl<P: crate::publish::Publisher> Relay<P> {
                 .await?;
         }
         if !outcomes.is_empty() {
-            let topics: Vec<&str> = outcomes.iter().map(|o| o.0.as_str()).collect();
-            let keys: Vec<&str> = outcomes.iter().map(|o| o.1.as_str()).collect();
-            let seqs: Vec<i64> = outcomes.iter().map(|o| o.2).collect();
-            let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.3.as_deref()).collect();
+            let topics: Vec<&str> = outcomes.iter().map(|o| o.topic.as_str()).collect();
+            let keys: Vec<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
+            let seqs: Vec<i64> = outcomes.iter().map(|o| o.published_seq).collect();
+            let errors: Vec<Option<&str>> = outcomes.iter().map(|o| o.error.as_deref()).collect();
+            let full: Vec<bool> = outcomes.iter().map(|o| o.full).collect();
             let backoff_ms = self.config.retry_backoff.as_millis().max(1) as f64;
             let max_backoff_ms = self.config.max_retry_backoff.as_millis().max(1) as f64;
             // Every claimed key: what it published, when it was tried (for the rotation), and
-            // on failure its backoff, or parking after `max_attempts` failures in a row.
+            // on failure its backoff, or parking after `max_attempts` failures in a row of the
+            // same event (a key that moved on starts counting again; a full broker, waiting
+            // for a lagging consumer, never counts).
             let parked = transaction
                 .query(
-                    "UPDATE idem_outbox_keys k SET
-                         published_seq = greatest(k.published_seq, u.seq),
+                    "WITH n AS (
+                         SELECT u.topic, u.key, u.seq, u.error, u.is_full,
+                                CASE WHEN u.error IS NULL THEN 0
+                                     WHEN u.seq > k.published_seq AND u.is_full THEN 0
+                                     WHEN u.seq > k.published_seq THEN 1
+                                     WHEN u.is_full THEN k.attempts
+                                     ELSE k.attempts + 1 END AS attempts
+                         FROM unnest($1::text[], $2::text[], $3::bigint[], $7::text[],
+                                     $8::bool[]) AS u(topic, key, seq, error, is_full)
+                         JOIN idem_outbox_keys k ON k.topic = u.topic AND k.key = u.key)
+                     UPDATE idem_outbox_keys k SET
+                         published_seq = greatest(k.published_seq, n.seq),
                          tried_at = clock_timestamp(),
-                         attempts = CASE WHEN u.error IS NULL THEN 0 ELSE k.attempts + 1 END,
-                         last_error = u.error,
-                         retry_at = CASE WHEN u.error IS NULL THEN NULL ELSE clock_timestamp()
-                             + least($5 * power(2, least(k.attempts, 30)), $6)
+                         attempts = n.attempts,
+                         last_error = n.error,
+                         retry_at = CASE WHEN n.error IS NULL THEN NULL ELSE clock_timestamp()
+                             + least($5 * power(2, least(greatest(n.attempts - 1, 0), 30)), $6)
                                * interval '1 millisecond' END,
-                         parked_at = CASE WHEN u.error IS NOT NULL AND k.attempts + 1 >= $4
+                         parked_at = CASE WHEN n.error IS NOT NULL AND NOT n.is_full
+                                           AND n.attempts >= $4
                              THEN clock_timestamp() END
-                     FROM unnest($1::text[], $2::text[], $3::bigint[], $7::text[])
-                          AS u(topic, key, seq, error)
-                     WHERE k.topic = u.topic AND k.key = u.key
+                     FROM n
+                     WHERE k.topic = n.topic AND k.key = n.key
                      RETURNING k.parked_at IS NOT NULL",
                     &[
                         &topics,
@@ -202,6 +168,7 @@ impl<P: crate::publish::Publisher> Relay<P> {
                         &backoff_ms,
                         &max_backoff_ms,
                         &errors,
+                        &full,
                     ],
                 )
                 .await?;

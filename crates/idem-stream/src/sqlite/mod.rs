@@ -1,4 +1,9 @@
-//! The inbox on SQLite: `idem_inbox (consumer, message_id)` with a primary key.
+//! SQLite: the inbox (`idem_inbox (consumer, message_id)` with a primary key) and the
+//! transactional [outbox](Outbox) with its [relay](Relay).
+
+mod outbox;
+
+pub use outbox::{Outbox, Relay};
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

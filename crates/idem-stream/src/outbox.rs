@@ -1,0 +1,95 @@
+//! What every outbox shares, whatever its database: the event, its limits, and how much a
+//! relay round takes on.
+
+use std::time::Duration;
+
+use crate::Result;
+
+/// Most bytes in one event's payload.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Most headers on one event.
+pub const MAX_HEADERS: usize = 64;
+
+/// One event to enqueue.
+#[derive(Debug, Clone, Copy)]
+pub struct Event<'a> {
+    /// Where it goes: the NATS subject, the RabbitMQ routing key, the stream name.
+    pub topic: &'a str,
+    /// Events with the same key are published in commit order.
+    pub key: &'a str,
+    pub payload: &'a [u8],
+    /// Carried to the broker as message headers: put the trace context here.
+    pub headers: &'a [(&'a str, &'a str)],
+}
+
+pub(crate) fn check_event(event: &Event<'_>) -> Result<()> {
+    let name_ok = |text: &str| !text.is_empty() && text.len() <= 255;
+    if !name_ok(event.topic)
+        || !event.topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        return Err(crate::Error::InvalidEvent(format!(
+            "topic {:?}: 1 to 255 of A-Z a-z 0-9 . _ -",
+            event.topic
+        )));
+    }
+    if !name_ok(event.key) {
+        return Err(crate::Error::InvalidEvent("the key must be 1 to 255 bytes".into()));
+    }
+    if event.payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(crate::Error::InvalidEvent(format!(
+            "payload of {} bytes; at most {MAX_PAYLOAD_BYTES}",
+            event.payload.len()
+        )));
+    }
+    if event.headers.len() > MAX_HEADERS {
+        return Err(crate::Error::InvalidEvent(format!(
+            "{} headers; at most {MAX_HEADERS}",
+            event.headers.len()
+        )));
+    }
+    Ok(())
+}
+
+/// How much one relay round takes on.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayConfig {
+    /// Keys claimed per round.
+    pub max_keys: i64,
+    /// Events per key per round.
+    pub max_events_per_key: i64,
+    /// A relay whose session stays idle in its transaction this long (stalled mid-publish)
+    /// is disconnected by PostgreSQL, which releases its keys to other relays.
+    pub stall_timeout: Duration,
+    /// A key whose next event fails to publish waits this long before it is tried again,
+    /// twice as long after each further failure, up to `max_retry_backoff`; other keys flow
+    /// on meanwhile.
+    pub retry_backoff: Duration,
+    pub max_retry_backoff: Duration,
+    /// Failures in a row after which the key is parked: its event (and, to keep the key's
+    /// order, its later events) waits, with its last error, for `idem outbox retry` or
+    /// `discard`.
+    pub max_attempts: i32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            max_keys: 64,
+            max_events_per_key: 100,
+            stall_timeout: Duration::from_secs(30),
+            retry_backoff: Duration::from_secs(1),
+            max_retry_backoff: Duration::from_secs(300),
+            max_attempts: 10,
+        }
+    }
+}
+
+/// What one relay round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    pub keys: usize,
+    pub published: usize,
+    pub failed: usize,
+    /// Keys parked by this round's failures.
+    pub parked: usize,
+}
