@@ -25,6 +25,8 @@
 //! on the unique index: the second waits for the first transaction and then sees a duplicate
 //! (or, if the first rolled back, runs).
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod consume;
 mod layers;
 #[cfg(feature = "nats")]
