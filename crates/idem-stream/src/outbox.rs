@@ -93,3 +93,52 @@ pub struct RoundReport {
     /// Keys parked by this round's failures.
     pub parked: usize,
 }
+
+/// How much the outbox holds unpublished.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OutboxStats {
+    pub pending_events: i64,
+    pub pending_keys: i64,
+    /// Keys whose next event failed to publish `max_attempts` times: nothing of theirs is
+    /// published until `idem outbox retry` or `discard`.
+    pub parked_keys: i64,
+    /// How long the oldest unpublished event has waited.
+    pub oldest_pending: Option<std::time::Duration>,
+}
+
+/// What `Outbox::purge_sent` deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeReport {
+    pub events: u64,
+    pub keys: u64,
+    pub batches: u64,
+}
+
+/// One key of the outbox, as the relay sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyState {
+    pub topic: String,
+    pub key: String,
+    pub enqueued_seq: i64,
+    pub published_seq: i64,
+    /// Publish failures of its next event in a row.
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    /// Not tried again before this long (backoff), if failing.
+    pub retry_in: Option<std::time::Duration>,
+    /// Parked this long ago, if parked.
+    pub parked_for: Option<std::time::Duration>,
+    /// The next event's id, and how long it has waited.
+    pub next_id: Option<i64>,
+    pub next_age: Option<std::time::Duration>,
+}
+
+/// An event waiting to be published.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub seq: i64,
+    pub age: std::time::Duration,
+    pub payload_bytes: usize,
+    pub headers: Vec<(String, String)>,
+}

@@ -6,13 +6,16 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use idem_stream::postgres::{KeyState, Outbox, OutboxStats, PendingEvent};
+use idem_stream::outbox::{KeyState, OutboxStats, PendingEvent};
+use idem_stream::postgres::Outbox;
+use idem_stream::sqlite::Outbox as SqliteOutbox;
 
 use crate::secrets::{redact, scrub};
 
 #[derive(Debug, Args)]
 pub struct OutboxArgs {
-    /// The application's PostgreSQL, where the outbox tables live
+    /// The application's database, where the outbox tables live: PostgreSQL, or
+    /// `sqlite://PATH`
     #[arg(long, env = "IDEM_RELAY_DATABASE", value_name = "URL", global = true)]
     pub database: Option<String>,
     /// Print JSON instead of a table
@@ -46,21 +49,12 @@ pub enum OutboxCommand {
 /// exit status 1), or an error message.
 pub async fn run(args: OutboxArgs) -> Result<(String, bool), String> {
     let url = args.database.ok_or("--database URL (or IDEM_RELAY_DATABASE) is required")?;
-    let fail = |error: &dyn std::fmt::Display| {
-        format!("--database {}: {}", redact(&url), scrub(&error.to_string(), &url))
-    };
-    let config: tokio_postgres::Config = url.parse().map_err(|e| fail(&e))?;
-    let (mut client, connection) =
-        tokio::time::timeout(Duration::from_secs(10), config.connect(tokio_postgres::NoTls))
-            .await
-            .map_err(|_| fail(&"no answer within 10s"))?
-            .map_err(|e| fail(&e))?;
-    tokio::spawn(connection);
+    let mut db = Db::open(&url).await?;
     let name = |topic: &str, key: &str| format!("key {key:?} of topic {topic:?}");
     match args.command {
         OutboxCommand::List { parked, limit } => {
-            let stats = Outbox::stats(&client).await.map_err(|e| fail(&e))?;
-            let keys = Outbox::keys(&client, parked, limit).await.map_err(|e| fail(&e))?;
+            let stats = db.stats().await?;
+            let keys = db.keys(parked, limit).await?;
             let text = if args.json {
                 let keys: Vec<_> = keys.iter().map(key_json).collect();
                 format!("{}\n", serde_json::json!({ "stats": stats_json(&stats), "keys": keys }))
@@ -69,24 +63,22 @@ pub async fn run(args: OutboxArgs) -> Result<(String, bool), String> {
             };
             Ok((text, true))
         }
-        OutboxCommand::Show { topic, key } => {
-            match Outbox::key(&client, &topic, &key, 20).await.map_err(|e| fail(&e))? {
-                Some((state, events)) => {
-                    let text = if args.json {
-                        let events: Vec<_> = events.iter().map(event_json).collect();
-                        let mut value = key_json(&state);
-                        value["events"] = serde_json::Value::Array(events);
-                        format!("{value}\n")
-                    } else {
-                        show_text(&state, &events)
-                    };
-                    Ok((text, true))
-                }
-                None => Ok((format!("no {}\n", name(&topic, &key)), false)),
+        OutboxCommand::Show { topic, key } => match db.key(&topic, &key).await? {
+            Some((state, events)) => {
+                let text = if args.json {
+                    let events: Vec<_> = events.iter().map(event_json).collect();
+                    let mut value = key_json(&state);
+                    value["events"] = serde_json::Value::Array(events);
+                    format!("{value}\n")
+                } else {
+                    show_text(&state, &events)
+                };
+                Ok((text, true))
             }
-        }
+            None => Ok((format!("no {}\n", name(&topic, &key)), false)),
+        },
         OutboxCommand::Retry { topic, key } => {
-            let found = Outbox::retry(&client, &topic, &key).await.map_err(|e| fail(&e))?;
+            let found = db.retry(&topic, &key).await?;
             let text = if args.json {
                 format!("{}\n", serde_json::json!({ "retried": found, "topic": topic, "key": key }))
             } else if found {
@@ -100,8 +92,7 @@ pub async fn run(args: OutboxArgs) -> Result<(String, bool), String> {
             Ok((text, found))
         }
         OutboxCommand::Discard { topic, key } => {
-            let discarded =
-                Outbox::discard_next(&mut client, &topic, &key).await.map_err(|e| fail(&e))?;
+            let discarded = db.discard_next(&topic, &key).await?;
             let text = if args.json {
                 format!(
                     "{}\n",
@@ -117,6 +108,108 @@ pub async fn run(args: OutboxArgs) -> Result<(String, bool), String> {
             };
             Ok((text, discarded.is_some()))
         }
+    }
+}
+
+/// The application's database: PostgreSQL, or SQLite (`sqlite://PATH`).
+enum Db {
+    Postgres { client: tokio_postgres::Client, url: String },
+    Sqlite { connection: rusqlite::Connection, url: String },
+}
+
+impl Db {
+    async fn open(url: &str) -> Result<Self, String> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let fail = |error: &dyn std::fmt::Display| format!("--database {url}: {error}");
+            if !std::path::Path::new(path).exists() {
+                return Err(fail(&"no such file"));
+            }
+            let connection = rusqlite::Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+            )
+            .map_err(|e| fail(&e))?;
+            connection.busy_timeout(Duration::from_secs(5)).map_err(|e| fail(&e))?;
+            return Ok(Self::Sqlite { connection, url: url.to_owned() });
+        }
+        let fail = |error: &dyn std::fmt::Display| {
+            format!("--database {}: {}", redact(url), scrub(&error.to_string(), url))
+        };
+        let config: tokio_postgres::Config = url.parse().map_err(|e| fail(&e))?;
+        let (client, connection) =
+            tokio::time::timeout(Duration::from_secs(10), config.connect(tokio_postgres::NoTls))
+                .await
+                .map_err(|_| fail(&"no answer within 10s"))?
+                .map_err(|e| fail(&e))?;
+        tokio::spawn(connection);
+        Ok(Self::Postgres { client, url: url.to_owned() })
+    }
+
+    fn fail(&self, error: &dyn std::fmt::Display) -> String {
+        match self {
+            Self::Postgres { url, .. } => {
+                format!("--database {}: {}", redact(url), scrub(&error.to_string(), url))
+            }
+            Self::Sqlite { url, .. } => format!("--database {url}: {error}"),
+        }
+    }
+
+    async fn stats(&self) -> Result<OutboxStats, String> {
+        match self {
+            Self::Postgres { client, .. } => Outbox::stats(client).await.map_err(|e| self.fail(&e)),
+            Self::Sqlite { connection, .. } => {
+                SqliteOutbox::stats(connection).map_err(|e| self.fail(&e))
+            }
+        }
+    }
+
+    async fn keys(&self, parked: bool, limit: i64) -> Result<Vec<KeyState>, String> {
+        match self {
+            Self::Postgres { client, .. } => {
+                Outbox::keys(client, parked, limit).await.map_err(|e| self.fail(&e))
+            }
+            Self::Sqlite { connection, .. } => {
+                SqliteOutbox::keys(connection, parked, limit).map_err(|e| self.fail(&e))
+            }
+        }
+    }
+
+    async fn key(
+        &self,
+        topic: &str,
+        key: &str,
+    ) -> Result<Option<(KeyState, Vec<PendingEvent>)>, String> {
+        match self {
+            Self::Postgres { client, .. } => {
+                Outbox::key(client, topic, key, 20).await.map_err(|e| self.fail(&e))
+            }
+            Self::Sqlite { connection, .. } => {
+                SqliteOutbox::key(connection, topic, key, 20).map_err(|e| self.fail(&e))
+            }
+        }
+    }
+
+    async fn retry(&self, topic: &str, key: &str) -> Result<bool, String> {
+        match self {
+            Self::Postgres { client, .. } => {
+                Outbox::retry(client, topic, key).await.map_err(|e| self.fail(&e))
+            }
+            Self::Sqlite { connection, .. } => {
+                SqliteOutbox::retry(connection, topic, key).map_err(|e| self.fail(&e))
+            }
+        }
+    }
+
+    async fn discard_next(&mut self, topic: &str, key: &str) -> Result<Option<i64>, String> {
+        let result = match self {
+            Self::Postgres { client, .. } => {
+                Outbox::discard_next(client, topic, key).await.map_err(|e| e.to_string())
+            }
+            Self::Sqlite { connection, .. } => {
+                SqliteOutbox::discard_next(connection, topic, key).map_err(|e| e.to_string())
+            }
+        };
+        result.map_err(|error| self.fail(&error))
     }
 }
 

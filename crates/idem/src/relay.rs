@@ -192,9 +192,13 @@ async fn run_sqlite(
             async move {
                 tokio::task::spawn_blocking(move || {
                     let connection = rusqlite::Connection::open(&path).ok()?;
-                    let (events, keys, parked) =
-                        idem_stream::sqlite::Outbox::pending(&connection).ok()?;
-                    Some(Gauges { events, keys, parked, oldest: None })
+                    let stats = idem_stream::sqlite::Outbox::stats(&connection).ok()?;
+                    Some(Gauges {
+                        events: stats.pending_events,
+                        keys: stats.pending_keys,
+                        parked: stats.parked_keys,
+                        oldest: stats.oldest_pending,
+                    })
                 })
                 .await
                 .ok()

@@ -233,3 +233,89 @@ async fn two_sqlite_relays_at_once_publish_each_event_once() {
     }
     let _ = jetstream.delete_stream(&name).await;
 }
+
+fn outbox_cli(path: &Path, args: &[&str]) -> (bool, serde_json::Value) {
+    let output = Command::new(common::idem_bin())
+        .args(["outbox", "--database", &format!("sqlite://{}", path.display()), "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("{args:?}: {text} {}", String::from_utf8_lossy(&output.stderr)));
+    (output.status.success(), value)
+}
+
+/// A SQLite outbox key the broker refuses (no stream takes its subject) backs off, is parked
+/// after `max_attempts`, and is seen and unstuck with `idem outbox` as on PostgreSQL: `discard`
+/// gives up its first event, `retry` puts it back once its stream exists, and its later events
+/// are published in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_sqlite_outbox_key_is_listed_discarded_and_retried_with_idem_outbox() {
+    use idem_stream::outbox::RelayConfig;
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let path = common::temp_dir().join("app.db");
+    Outbox::migrate(&open(&path)).unwrap();
+    let topic = format!("idemtest.sqliteparked.{}", std::process::id());
+    enqueue(&path, &topic, 0, 3 * KEYS); // account-0 gets events 0, 20 and 40
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let config = RelayConfig {
+        max_attempts: 2,
+        retry_backoff: Duration::from_millis(20),
+        max_retry_backoff: Duration::from_millis(40),
+        ..RelayConfig::default()
+    };
+    let relay = idem_stream::sqlite::Relay::open(
+        &path,
+        idem_stream::nats::JetStreamPublisher::new(jetstream.clone()),
+        config,
+    )
+    .unwrap();
+    let started = Instant::now();
+    loop {
+        relay.run_until_idle(100).await.unwrap();
+        let stats = Outbox::stats(&open(&path)).unwrap();
+        if stats.parked_keys == KEYS as i64 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let (ok, listed) = outbox_cli(&path, &["list", "--parked"]);
+    assert!(ok);
+    assert_eq!(listed["stats"]["parked_keys"], KEYS);
+    assert_eq!(listed["stats"]["pending_events"], 3 * KEYS);
+    let parked = &listed["keys"][0];
+    assert_eq!((parked["state"].as_str(), parked["attempts"].as_i64()), (Some("parked"), Some(2)));
+    let (ok, shown) = outbox_cli(&path, &["show", &topic, "account-0"]);
+    assert!(ok && shown["events"].as_array().unwrap().len() == 3, "{shown}");
+
+    let name = format!("IDEM_SQLITE_PARKED_{}", std::process::id());
+    let _ = jetstream.delete_stream(&name).await;
+    let mut stream = jetstream
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![topic.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (ok, discarded) = outbox_cli(&path, &["discard", &topic, "account-0"]);
+    assert!(ok && discarded["discarded"].is_i64(), "{discarded}");
+    assert!(outbox_cli(&path, &["retry", &topic, "account-0"]).0);
+    assert!(!outbox_cli(&path, &["retry", &topic, "no-such-key"]).0, "unknown keys exit 1");
+    relay.run_until_idle(100).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 2, "only account-0 was retried");
+    let payloads: Vec<String> = futures_payloads(&mut stream, 2).await;
+    assert_eq!(payloads, ["payment 20", "payment 40"], "its later events, in order");
+    let _ = jetstream.delete_stream(&name).await;
+}
+
+async fn futures_payloads(stream: &mut jetstream::stream::Stream, count: u64) -> Vec<String> {
+    let mut payloads = Vec::new();
+    for sequence in 1..=count {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        payloads.push(String::from_utf8(message.payload.to_vec()).unwrap());
+    }
+    payloads
+}

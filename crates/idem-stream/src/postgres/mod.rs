@@ -7,10 +7,13 @@ mod inbox;
 mod outbox;
 mod relay;
 
-pub use crate::outbox::{Event, MAX_HEADERS, MAX_PAYLOAD_BYTES, RelayConfig, RoundReport};
+pub use crate::outbox::{
+    Event, KeyState, MAX_HEADERS, MAX_PAYLOAD_BYTES, OutboxStats, PendingEvent, PurgeReport,
+    RelayConfig, RoundReport,
+};
 pub use dead_letters::DeadLetters;
 pub use inbox::{Inbox, MAX_BATCH};
-pub use outbox::{KeyState, Outbox, OutboxStats, PendingEvent, PurgeReport};
+pub use outbox::Outbox;
 pub use relay::{Relay, RunConfig};
 
 use crate::Result;

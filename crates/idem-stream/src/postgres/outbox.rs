@@ -5,7 +5,7 @@ use tokio_postgres::{GenericClient, Transaction};
 
 use super::migrate_locked;
 use crate::Result;
-use crate::outbox::{Event, check_event};
+use crate::outbox::{Event, KeyState, OutboxStats, PendingEvent, PurgeReport, check_event};
 
 /// The transactional outbox: events enqueued in the caller's transaction leave exactly when it
 /// commits (a [`Relay`] publishes them), never if it rolls back.
@@ -301,55 +301,6 @@ impl Outbox {
     }
 }
 
-/// How much the outbox holds unpublished.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct OutboxStats {
-    pub pending_events: i64,
-    pub pending_keys: i64,
-    /// Keys whose next event failed to publish `max_attempts` times: nothing of theirs is
-    /// published until `idem outbox retry` or `discard`.
-    pub parked_keys: i64,
-    /// How long the oldest unpublished event has waited.
-    pub oldest_pending: Option<std::time::Duration>,
-}
-
-/// What [`Outbox::purge_sent`] deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PurgeReport {
-    pub events: u64,
-    pub keys: u64,
-    pub batches: u64,
-}
-
-/// One key of the outbox, as the relay sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyState {
-    pub topic: String,
-    pub key: String,
-    pub enqueued_seq: i64,
-    pub published_seq: i64,
-    /// Publish failures of its next event in a row.
-    pub attempts: i32,
-    pub last_error: Option<String>,
-    /// Not tried again before this long (backoff), if failing.
-    pub retry_in: Option<std::time::Duration>,
-    /// Parked this long ago, if parked.
-    pub parked_for: Option<std::time::Duration>,
-    /// The next event's id, and how long it has waited.
-    pub next_id: Option<i64>,
-    pub next_age: Option<std::time::Duration>,
-}
-
-/// An event waiting to be published.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PendingEvent {
-    pub id: i64,
-    pub seq: i64,
-    pub age: std::time::Duration,
-    pub payload_bytes: usize,
-    pub headers: Vec<(String, String)>,
-}
-
 const KEY_STATE: &str = "SELECT k.topic, k.key, k.enqueued_seq, k.published_seq, k.attempts,
         k.last_error,
         extract(epoch FROM k.retry_at - clock_timestamp())::float8,
@@ -360,7 +311,7 @@ const KEY_STATE: &str = "SELECT k.topic, k.key, k.enqueued_seq, k.published_seq,
       ON head.topic = k.topic AND head.key = k.key AND head.seq = k.published_seq + 1";
 
 impl KeyState {
-    fn from_row(row: &tokio_postgres::Row) -> Self {
+    pub(super) fn from_row(row: &tokio_postgres::Row) -> Self {
         let seconds = |index: usize| {
             row.get::<_, Option<f64>>(index)
                 .filter(|seconds| *seconds > 0.0)

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
-use crate::outbox::{Event, RelayConfig, RoundReport, check_event};
+use crate::outbox::{
+    Event, KeyState, OutboxStats, PendingEvent, RelayConfig, RoundReport, check_event,
+};
 use crate::publish::{OutboxMessage, Publisher};
 use crate::{Error, Result};
 
@@ -111,17 +113,151 @@ impl Outbox {
         Ok((events, keys))
     }
 
-    /// Events waiting, keys with events waiting, parked keys.
-    pub fn pending(connection: &Connection) -> Result<(i64, i64, i64)> {
+    /// How much is waiting; see [`crate::postgres::Outbox::stats`].
+    pub fn stats(connection: &Connection) -> Result<OutboxStats> {
+        let now = now_millis();
         Ok(connection.query_row(
             "SELECT coalesce(sum(enqueued_seq - published_seq), 0),
                     count(*) FILTER (WHERE published_seq < enqueued_seq),
-                    count(*) FILTER (WHERE parked_at_ms IS NOT NULL)
+                    count(*) FILTER (WHERE parked_at_ms IS NOT NULL),
+                    (SELECT ?1 - created_at_ms FROM idem_outbox
+                      WHERE sent_at_ms IS NULL AND discarded_at_ms IS NULL ORDER BY id LIMIT 1)
              FROM idem_outbox_keys",
-            [],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            [now],
+            |row| {
+                Ok(OutboxStats {
+                    pending_events: row.get(0)?,
+                    pending_keys: row.get(1)?,
+                    parked_keys: row.get(2)?,
+                    oldest_pending: row.get::<_, Option<i64>>(3)?.map(millis),
+                })
+            },
         )?)
     }
+
+    /// Keys with events waiting (or only parked ones); see [`crate::postgres::Outbox::keys`].
+    pub fn keys(connection: &Connection, parked_only: bool, limit: i64) -> Result<Vec<KeyState>> {
+        let sql = format!(
+            "{KEY_STATE} WHERE k.published_seq < k.enqueued_seq {}
+             ORDER BY k.parked_at_ms IS NULL, head.created_at_ms LIMIT ?2",
+            if parked_only { "AND k.parked_at_ms IS NOT NULL" } else { "" }
+        );
+        let mut statement = connection.prepare(&sql)?;
+        let rows = statement.query_map(params![now_millis(), limit.clamp(1, 10_000)], key_state)?;
+        Ok(rows.collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// One key and its waiting events; see [`crate::postgres::Outbox::key`].
+    pub fn key(
+        connection: &Connection,
+        topic: &str,
+        key: &str,
+        limit: i64,
+    ) -> Result<Option<(KeyState, Vec<PendingEvent>)>> {
+        let now = now_millis();
+        let Some(state) = connection
+            .query_row(
+                &format!("{KEY_STATE} WHERE k.topic = ?2 AND k.key = ?3"),
+                params![now, topic, key],
+                key_state,
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut statement = connection.prepare(
+            "SELECT id, seq, ?1 - created_at_ms, length(payload), headers FROM idem_outbox
+             WHERE topic = ?2 AND key = ?3 AND seq > ?4 AND discarded_at_ms IS NULL
+             ORDER BY seq LIMIT ?5",
+        )?;
+        let events = statement
+            .query_map(
+                params![now, topic, key, state.published_seq, limit.clamp(1, 10_000)],
+                |row| {
+                    Ok(PendingEvent {
+                        id: row.get(0)?,
+                        seq: row.get(1)?,
+                        age: millis(row.get(2)?),
+                        payload_bytes: row.get::<_, i64>(3)? as usize,
+                        headers: parse_headers(&row.get::<_, String>(4)?),
+                    })
+                },
+            )?
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Some((state, events)))
+    }
+
+    /// Puts a key back in rotation at once; see [`crate::postgres::Outbox::retry`].
+    pub fn retry(connection: &Connection, topic: &str, key: &str) -> Result<bool> {
+        Ok(connection.execute(
+            "UPDATE idem_outbox_keys
+             SET attempts = 0, retry_at_ms = NULL, parked_at_ms = NULL, last_error = NULL
+             WHERE topic = ?1 AND key = ?2",
+            params![topic, key],
+        )? == 1)
+    }
+
+    /// Gives up on a key's next event; see [`crate::postgres::Outbox::discard_next`]. A relay
+    /// holding the key's lease has its marks refused (its token is cleared), so the discarded
+    /// event is never marked sent by it; it may have published it already.
+    pub fn discard_next(
+        connection: &mut Connection,
+        topic: &str,
+        key: &str,
+    ) -> Result<Option<i64>> {
+        let now = now_millis();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let head: Option<(i64, i64)> = transaction
+            .query_row(
+                "SELECT e.id, e.seq FROM idem_outbox_keys k
+                 JOIN idem_outbox e ON e.topic = k.topic AND e.key = k.key
+                                   AND e.seq = k.published_seq + 1
+                 WHERE k.topic = ?1 AND k.key = ?2 AND k.published_seq < k.enqueued_seq",
+                params![topic, key],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?;
+        let Some((id, seq)) = head else { return Ok(None) };
+        transaction.execute(
+            "UPDATE idem_outbox SET discarded_at_ms = ?2 WHERE id = ?1",
+            params![id, now],
+        )?;
+        transaction.execute(
+            "UPDATE idem_outbox_keys
+             SET published_seq = ?3, attempts = 0, retry_at_ms = NULL, parked_at_ms = NULL,
+                 last_error = NULL, claimed_until_ms = NULL, claim_token = NULL
+             WHERE topic = ?1 AND key = ?2",
+            params![topic, key, seq],
+        )?;
+        transaction.commit()?;
+        Ok(Some(id))
+    }
+}
+
+fn millis(ms: i64) -> Duration {
+    Duration::from_millis(ms.max(0) as u64)
+}
+
+const KEY_STATE: &str = "SELECT k.topic, k.key, k.enqueued_seq, k.published_seq, k.attempts,
+        k.last_error, k.retry_at_ms - ?1, ?1 - k.parked_at_ms, head.id, ?1 - head.created_at_ms
+    FROM idem_outbox_keys k
+    LEFT JOIN idem_outbox head
+      ON head.topic = k.topic AND head.key = k.key AND head.seq = k.published_seq + 1";
+
+fn key_state(row: &rusqlite::Row<'_>) -> rusqlite::Result<KeyState> {
+    let positive = |ms: Option<i64>| ms.filter(|ms| *ms > 0).map(millis);
+    Ok(KeyState {
+        topic: row.get(0)?,
+        key: row.get(1)?,
+        enqueued_seq: row.get(2)?,
+        published_seq: row.get(3)?,
+        attempts: row.get(4)?,
+        last_error: row.get(5)?,
+        retry_in: positive(row.get(6)?),
+        parked_for: row.get::<_, Option<i64>>(7)?.map(millis),
+        next_id: row.get(8)?,
+        next_age: positive(row.get(9)?),
+    })
 }
 
 /// Headers as a JSON array of strings, name and value in turn (readable in the `sqlite3`
