@@ -2,7 +2,9 @@
 //! - a consumer applying payments to account balances, with and without the inbox (the same
 //!   handler; the inbox adds one INSERT to its transaction), through the consumer runner at
 //!   batches of 100: each message in a transaction of its own (`consume::run`), and each batch
-//!   in one transaction (`consume::run_batches`, `Inbox::record_many`);
+//!   in one transaction (`consume::run_batches`, `Inbox::record_many`); and in the offsets mode
+//!   (a position per partition advanced in each message's transaction, read from
+//!   `JetStreamPartitions`: one partition per key);
 //! - publishing events to JetStream straight from memory (the publisher alone, in the same
 //!   layers of one event per key) and through the transactional outbox's relay (claim, read,
 //!   publish, mark sent).
@@ -17,8 +19,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream};
 use idem_stream::Delivery;
 use idem_stream::consume::{self, DeadLetter, Received, RunnerConfig};
-use idem_stream::nats::{JetStreamPublisher, JetStreamSubscription};
-use idem_stream::postgres::{Event, Inbox, Outbox, Relay, RelayConfig};
+use idem_stream::nats::{JetStreamPartitions, JetStreamPublisher, JetStreamSubscription};
+use idem_stream::postgres::{Event, Inbox, Offsets, Outbox, Relay, RelayConfig};
 use idem_stream::publish::{OutboxMessage, Publisher};
 use tokio_postgres::NoTls;
 
@@ -56,6 +58,8 @@ pub struct Results {
     /// Plain, inbox: a transaction per batch.
     pub plain_batch: Row,
     pub inbox_batch: Row,
+    /// A transaction per message, through the offsets mode instead of the inbox.
+    pub offsets: Row,
     pub direct: Row,
     pub relay: Row,
 }
@@ -66,11 +70,17 @@ enum Variant {
     Inbox,
     PlainBatch,
     InboxBatch,
+    Offsets,
 }
 
 impl Variant {
-    const ALL: [Variant; 4] =
-        [Variant::Plain, Variant::Inbox, Variant::PlainBatch, Variant::InboxBatch];
+    const ALL: [Variant; 5] = [
+        Variant::Plain,
+        Variant::Inbox,
+        Variant::PlainBatch,
+        Variant::InboxBatch,
+        Variant::Offsets,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -78,6 +88,7 @@ impl Variant {
             Variant::Inbox => "inbox",
             Variant::PlainBatch => "plain-batch",
             Variant::InboxBatch => "inbox-batch",
+            Variant::Offsets => "offsets",
         }
     }
 
@@ -120,6 +131,10 @@ pub async fn run(
             name: "consumer, same through the inbox, a transaction per batch",
             ..Row::default()
         },
+        offsets: Row {
+            name: "consumer, same through the offsets mode, a transaction per message",
+            ..Row::default()
+        },
         direct: Row { name: "publish straight to JetStream (no outbox)", ..Row::default() },
         relay: Row { name: "relay from the outbox to JetStream", ..Row::default() },
     };
@@ -138,6 +153,7 @@ pub async fn run(
                 Variant::Inbox => &mut results.inbox,
                 Variant::PlainBatch => &mut results.plain_batch,
                 Variant::InboxBatch => &mut results.inbox_batch,
+                Variant::Offsets => &mut results.offsets,
             };
             row.per_round.push(rate);
             eprintln!("  round {}: {:<60} {rate:>8.0} msg/s", round + 1, row.name);
@@ -177,24 +193,40 @@ fn error<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> String + '_ {
 /// message in the inbox first when there is one.
 async fn credit(
     pool: deadpool_postgres::Pool,
-    inbox: Option<Inbox>,
+    dedup: Dedup,
     message: Received,
 ) -> Result<(), String> {
     let (account, cents) = parse(&message)?;
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
     let transaction = client.transaction().await.map_err(|e| e.to_string())?;
-    let first = match &inbox {
-        Some(inbox) => {
+    let first = match &dedup {
+        Dedup::Inbox(inbox) => {
             inbox.record(&transaction, &message.id).await.map_err(|e| e.to_string())?
                 == Delivery::First
         }
-        None => true,
+        Dedup::Offsets(offsets) => {
+            let position = message.position.ok_or("no position")?;
+            offsets
+                .advance(&transaction, &message.subject, position)
+                .await
+                .map_err(|e| e.to_string())?
+                == Delivery::First
+        }
+        Dedup::None => true,
     };
     if first {
         let sql = "UPDATE bench_accounts SET cents = cents + $1 WHERE id = $2";
         transaction.execute(sql, &[&cents, &account]).await.map_err(|e| e.to_string())?;
     }
     transaction.commit().await.map_err(|e| e.to_string())
+}
+
+/// How a handler tells a first delivery from a repeat.
+#[derive(Clone)]
+enum Dedup {
+    None,
+    Inbox(Inbox),
+    Offsets(Offsets),
 }
 
 /// The batch form of [`credit`]: one transaction for the whole batch, the inbox recording all
@@ -250,6 +282,7 @@ impl Bench {
         let (mut client, connection) = config.connect(NoTls).await.map_err(error("--postgres"))?;
         tokio::spawn(connection);
         Inbox::migrate(&mut client).await.map_err(error("inbox tables"))?;
+        Offsets::migrate(&mut client).await.map_err(error("offsets table"))?;
         Outbox::migrate(&mut client).await.map_err(error("outbox tables"))?;
         client
             .batch_execute(&format!(
@@ -278,10 +311,15 @@ impl Bench {
         self.jetstream.create_stream(config).await.map_err(error("create stream"))
     }
 
+    /// Payments over `KEYS` keys, each key on a subject of its own (a partition of the
+    /// offsets mode; the other consumers read them all the same).
     async fn publish_payments(&self, round: usize, messages: usize) -> Result<(), String> {
-        let all = events("idembench.consume.payments", messages, round * messages, |index| {
+        let mut all = events("idembench.consume.payments", messages, round * messages, |index| {
             format!("{}:{}", index as i32 % ACCOUNTS, index + 1)
         });
+        for event in &mut all {
+            event.topic = format!("idembench.consume.{}", event.key);
+        }
         self.publish_layers(&all).await
     }
 
@@ -305,12 +343,50 @@ impl Bench {
         variant: Variant,
     ) -> Result<f64, String> {
         let name = variant.name();
+        let consumer = format!("bench-{round}-{name}");
+        if variant == Variant::Offsets {
+            let partitions = (0..KEYS).map(|key| (format!("idembench.consume.k{key}"), 0));
+            let subscription = JetStreamPartitions::start(stream, partitions)
+                .await
+                .map_err(error("partitions"))?;
+            let offsets = Offsets::new(consumer.clone()).map_err(error("offsets"))?;
+            let rate =
+                self.consume_with(subscription, Dedup::Offsets(offsets), messages, variant).await?;
+            let sql = "SELECT count(*) FROM idem_offsets WHERE consumer = $1";
+            let row = self.client.query_one(sql, &[&consumer]).await;
+            let partitions: i64 = row.map_err(error("offsets count"))?.get(0);
+            if partitions != KEYS as i64 {
+                return Err(format!("the offsets recorded {partitions} of {KEYS} partitions"));
+            }
+            return Ok(rate);
+        }
         let subscription = JetStreamSubscription::durable(stream, name, Duration::from_secs(60))
             .await
             .map_err(error("consumer"))?;
-        let consumer = format!("bench-{round}-{name}");
         let inbox = variant.inbox().then(|| Inbox::new(consumer.clone())).transpose();
         let inbox = inbox.map_err(error("inbox"))?;
+        let dedup = inbox.map_or(Dedup::None, Dedup::Inbox);
+        let rate = self.consume_with(subscription, dedup, messages, variant).await?;
+        if variant.inbox() {
+            let sql = "SELECT count(*) FROM idem_inbox WHERE consumer = $1";
+            let row = self.client.query_one(sql, &[&consumer]).await;
+            let recorded: i64 = row.map_err(error("inbox count"))?.get(0);
+            if recorded != messages as i64 {
+                return Err(format!("the inbox recorded {recorded} of {messages} messages"));
+            }
+        }
+        Ok(rate)
+    }
+
+    /// Runs one consumer over `subscription` until `messages` are handled; messages a second.
+    async fn consume_with<S: consume::Subscription>(
+        &self,
+        subscription: S,
+        dedup: Dedup,
+        messages: usize,
+        variant: Variant,
+    ) -> Result<f64, String> {
+        let name = variant.name();
         let done = Arc::new(AtomicUsize::new(0));
         let finished = Arc::new(tokio::sync::Notify::new());
         // Counts handled messages and ends the run at the last one.
@@ -326,6 +402,13 @@ impl Bench {
             concurrency: BATCH,
             max_attempts: 1,
             fetch_wait: Duration::from_millis(100),
+            // The offsets mode needs each partition in order; the others order by key, which
+            // here is the same grouping.
+            order_by: if variant == Variant::Offsets {
+                consume::OrderBy::Subject
+            } else {
+                consume::OrderBy::default_key()
+            },
             ..RunnerConfig::default()
         };
         let pool = self.pool.clone();
@@ -333,6 +416,10 @@ impl Bench {
         let dead_letters = Arc::new(NoDeadLetters);
         let started = Instant::now();
         let report = if variant.batched() {
+            let inbox = match dedup {
+                Dedup::Inbox(inbox) => Some(inbox),
+                _ => None,
+            };
             let handler = move |batch: Vec<Received>| {
                 let (pool, inbox, count) = (pool.clone(), inbox.clone(), count.clone());
                 async move {
@@ -345,9 +432,9 @@ impl Bench {
             consume::run_batches(subscription, handler, dead_letters, config, shutdown).await?
         } else {
             let handler = move |message: Received| {
-                let (pool, inbox, count) = (pool.clone(), inbox.clone(), count.clone());
+                let (pool, dedup, count) = (pool.clone(), dedup.clone(), count.clone());
                 async move {
-                    credit(pool, inbox, message).await?;
+                    credit(pool, dedup, message).await?;
                     count(1);
                     consume::HandlerResult::Ok(())
                 }
@@ -360,14 +447,6 @@ impl Bench {
             return Err(format!(
                 "the {name} consumer handled {handled} of {messages} messages: {report:?}"
             ));
-        }
-        if variant.inbox() {
-            let sql = "SELECT count(*) FROM idem_inbox WHERE consumer = $1";
-            let row = self.client.query_one(sql, &[&consumer]).await;
-            let recorded: i64 = row.map_err(error("inbox count"))?.get(0);
-            if recorded != messages as i64 {
-                return Err(format!("the inbox recorded {recorded} of {messages} messages"));
-            }
         }
         Ok(messages as f64 / elapsed.as_secs_f64())
     }

@@ -401,7 +401,7 @@ fn messaging_section(results: &crate::messaging::Results) -> String {
         "\n## Messaging: PostgreSQL and NATS JetStream\n\n{} messages per run, {} rounds; each round runs every variant once, alternating which goes first. \
          The consumers apply each payment to one of 1,000 account balances, through the consumer runner at batches of {} (a pool of 32 connections): \
          either each payment in a transaction of its own (`consume::run`; the inbox adds one INSERT to each transaction) or each batch in one transaction \
-         (`consume::run_batches`; the inbox adds one INSERT of the batch's ids, `Inbox::record_many`). The publishers send events over 100 keys, a layer of one event per key at a time; \
+         (`consume::run_batches`; the inbox adds one INSERT of the batch's ids, `Inbox::record_many`), or through the offsets mode (each payment's transaction advances its partition's position, `Offsets::advance`; one partition per key, read with `JetStreamPartitions`; its ratio is to the first row). The publishers send events over 100 keys, a layer of one event per key at a time; \
          the relay also claims the keys, reads the events and marks them sent. Each ratio compares a row with the first row of its kind.\n",
         results.messages,
         results.rounds,
@@ -416,6 +416,7 @@ fn messaging_section(results: &crate::messaging::Results) -> String {
         (&results.inbox, &results.plain),
         (&results.plain_batch, &results.plain_batch),
         (&results.inbox_batch, &results.plain_batch),
+        (&results.offsets, &results.plain),
         (&results.direct, &results.direct),
         (&results.relay, &results.direct),
     ] {

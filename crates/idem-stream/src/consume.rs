@@ -41,6 +41,10 @@ pub struct Received {
     pub headers: Vec<(String, String)>,
     /// 1 on the first delivery, then counted by the broker.
     pub attempt: u64,
+    /// The message's place in its partition, for sources that have one (the JetStream stream
+    /// sequence, with [`crate::nats::JetStreamPartitions`]): what the offsets mode records
+    /// ([`crate::postgres::Offsets`]).
+    pub position: Option<u64>,
 }
 
 /// What to tell the broker about one message.
@@ -85,6 +89,11 @@ pub enum OrderBy {
 }
 
 impl OrderBy {
+    /// The default: the `Idem-Key` header the relay sets.
+    pub const fn default_key() -> Self {
+        Self::Header(crate::publish::KEY_HEADER)
+    }
+
     /// The lane a message joins: its order key, or (unordered) its own id.
     fn lane(self, message: &Received) -> String {
         let key = match self {
@@ -185,7 +194,7 @@ impl Default for RunnerConfig {
             backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
             fetch_wait: Duration::from_millis(500),
-            order_by: OrderBy::Header(crate::publish::KEY_HEADER),
+            order_by: OrderBy::default_key(),
             max_buffered: 0,
         }
     }

@@ -106,31 +106,7 @@ impl crate::consume::Subscription for JetStreamSubscription {
         let mut received = Vec::new();
         while let Some(message) = batch.next().await {
             let message = message.map_err(|error| error.to_string())?;
-            let attempt = message.info().map_or(1, |info| info.delivered.max(1) as u64);
-            let headers: Vec<(String, String)> = message
-                .headers
-                .iter()
-                .flat_map(|headers| headers.iter())
-                .flat_map(|(name, values)| {
-                    values.iter().map(move |value| (name.to_string(), value.to_string()))
-                })
-                .collect();
-            let id = headers
-                .iter()
-                .find(|(name, _)| name == "Nats-Msg-Id")
-                .map(|(_, value)| value.clone())
-                .unwrap_or_else(|| {
-                    // Not the stream sequence: a producer's retry is a new sequence.
-                    crate::content_id("sha256-", &message.subject, &headers, &message.payload)
-                });
-            let item = crate::consume::Received {
-                id,
-                subject: message.subject.to_string(),
-                payload: message.payload.clone(),
-                headers,
-                attempt,
-            };
-            received.push((item, message));
+            received.push((received_from(&message), message));
         }
         Ok(received)
     }
@@ -146,5 +122,136 @@ impl crate::consume::Subscription for JetStreamSubscription {
             crate::consume::Settle::Retry(delay) => AckKind::Nak(Some(delay)),
         };
         token.ack_with(kind).await.map_err(|error| error.to_string())
+    }
+}
+
+/// A JetStream message as the consumer sees it, by the one message-id rule.
+fn received_from(message: &async_nats::jetstream::Message) -> crate::consume::Received {
+    let info = message.info().ok();
+    let attempt = info.as_ref().map_or(1, |info| info.delivered.max(1) as u64);
+    let position = info.as_ref().map(|info| info.stream_sequence);
+    let headers: Vec<(String, String)> = message
+        .headers
+        .iter()
+        .flat_map(|headers| headers.iter())
+        .flat_map(|(name, values)| {
+            values.iter().map(move |value| (name.to_string(), value.to_string()))
+        })
+        .collect();
+    let id = headers
+        .iter()
+        .find(|(name, _)| name == "Nats-Msg-Id")
+        .map(|(_, value)| value.clone())
+        .unwrap_or_else(|| {
+            // Not the stream sequence: a producer's retry is a new sequence.
+            crate::content_id("sha256-", &message.subject, &headers, &message.payload)
+        });
+    crate::consume::Received {
+        id,
+        subject: message.subject.to_string(),
+        payload: message.payload.clone(),
+        headers,
+        attempt,
+        position,
+    }
+}
+
+type OrderedMessages = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<
+                    async_nats::jetstream::Message,
+                    async_nats::jetstream::consumer::pull::OrderedError,
+                >,
+            > + Send,
+    >,
+>;
+
+/// The offsets mode's source: one ordered consumer per partition (a subject of the stream),
+/// each starting at the sequence after the last one its consumer recorded
+/// ([`crate::postgres::Offsets::positions`]), read in stream order with no acknowledgements:
+/// the recorded position is the cursor. After a restart each partition is read again from its
+/// recorded position, so nothing is skipped and nothing applied is applied again (the handler's
+/// `Offsets::advance` refuses positions at or below the mark). Run it with the runner ordered
+/// by subject ([`crate::consume::OrderBy::Subject`]) so each partition is handled in order.
+pub struct JetStreamPartitions {
+    /// (In a mutex only to be `Sync`: `fetch` has it alone, through `get_mut`.)
+    messages: std::sync::Mutex<futures_util::stream::SelectAll<OrderedMessages>>,
+}
+
+impl std::fmt::Debug for JetStreamPartitions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JetStreamPartitions").finish_non_exhaustive()
+    }
+}
+
+impl JetStreamPartitions {
+    /// Starts reading each `(subject, after)` partition of `stream` after stream sequence
+    /// `after` (0: from the start).
+    pub async fn start(
+        stream: &async_nats::jetstream::stream::Stream,
+        partitions: impl IntoIterator<Item = (String, u64)>,
+    ) -> Result<Self, String> {
+        use async_nats::jetstream::consumer::DeliverPolicy;
+        use futures_util::StreamExt;
+        let mut messages = futures_util::stream::SelectAll::new();
+        for (subject, after) in partitions {
+            let config = async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject.clone(),
+                deliver_policy: if after == 0 {
+                    DeliverPolicy::All
+                } else {
+                    DeliverPolicy::ByStartSequence { start_sequence: after + 1 }
+                },
+                ..Default::default()
+            };
+            let consumer = stream
+                .create_consumer(config)
+                .await
+                .map_err(|error| format!("partition {subject}: {error}"))?;
+            let ordered = consumer
+                .messages()
+                .await
+                .map_err(|error| format!("partition {subject}: {error}"))?;
+            messages.push(ordered.boxed());
+        }
+        Ok(Self { messages: std::sync::Mutex::new(messages) })
+    }
+}
+
+#[async_trait]
+impl crate::consume::Subscription for JetStreamPartitions {
+    /// Nothing to settle: the recorded position is the cursor.
+    type Token = ();
+
+    async fn fetch(
+        &mut self,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<Vec<(crate::consume::Received, ())>, String> {
+        use futures_util::{FutureExt, StreamExt};
+        let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
+        let mut batch = Vec::new();
+        let first = match tokio::time::timeout(wait, messages.next()).await {
+            Err(_) => return Ok(batch),
+            Ok(None) => return Err("every partition's consumer ended".into()),
+            Ok(Some(first)) => first,
+        };
+        batch.push((received_from(&first.map_err(|error| error.to_string())?), ()));
+        while batch.len() < max {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(message))) => batch.push((received_from(&message), ())),
+                Some(Some(Err(error))) => {
+                    tracing::warn!(%error, "a partition's ordered consumer failed; it resumes by itself");
+                    break;
+                }
+                _ => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn settle(&self, (): (), _settle: crate::consume::Settle) -> Result<(), String> {
+        Ok(())
     }
 }

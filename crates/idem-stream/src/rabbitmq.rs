@@ -311,6 +311,7 @@ impl RabbitSubscription {
             payload: Bytes::from(delivery.data.clone()),
             headers,
             attempt,
+            position: None,
         }
     }
 }

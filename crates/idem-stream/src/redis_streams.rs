@@ -275,7 +275,7 @@ impl RedisStreamsSubscription {
             id if id.is_empty() => crate::content_id("sha256-", &self.stream, &headers, &payload),
             id => id,
         };
-        Received { id, subject: self.stream.clone(), payload, headers, attempt }
+        Received { id, subject: self.stream.clone(), payload, headers, attempt, position: None }
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod dead_letters;
 mod inbox;
+mod offsets;
 mod outbox;
 mod relay;
 
@@ -13,6 +14,7 @@ pub use crate::outbox::{
 };
 pub use dead_letters::DeadLetters;
 pub use inbox::{Inbox, MAX_BATCH};
+pub use offsets::Offsets;
 pub use outbox::Outbox;
 pub use relay::{Relay, RunConfig};
 
