@@ -94,8 +94,13 @@ impl OrderBy {
         Self::Header(crate::publish::KEY_HEADER)
     }
 
-    /// The lane a message joins: its order key, or (unordered) its own id.
+    /// The lane a message joins: its order key, or (unordered) its own id. A message with a
+    /// position (the offsets mode) always goes by its partition, whatever the setting: its
+    /// partition must be handled in order, or an earlier message would look like a duplicate.
     fn lane(self, message: &Received) -> String {
+        if message.position.is_some() {
+            return format!("p:{}", message.subject);
+        }
         let key = match self {
             Self::Header(name) => message
                 .headers

@@ -44,18 +44,19 @@ pub(crate) fn queues_by_key(events: Vec<OutboxMessage>) -> Vec<VecDeque<OutboxMe
     queues
 }
 
-/// Publishes the queues in layers (the next event of every key at once), calling `still_ours`
-/// before each layer (a relay that lost its claim must stop). A key's first failure stops that
-/// key for the round: its later events must not overtake.
+/// Publishes the queues in layers (the next event of every key at once), calling `go_on`
+/// before each layer: `Ok(false)` ends the round there (what was published is returned, to be
+/// marked), an error ends it with nothing to mark (a relay that lost its claim must stop). A
+/// key's first failure stops that key for the round: its later events must not overtake.
 pub(crate) async fn publish_in_layers<P, F, Fut, E>(
     publisher: &P,
     mut queues: Vec<VecDeque<OutboxMessage>>,
-    mut still_ours: F,
+    mut go_on: F,
 ) -> Result<Published, E>
 where
     P: Publisher + ?Sized,
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), E>>,
+    Fut: Future<Output = Result<bool, E>>,
 {
     let mut published = Published {
         keys: queues
@@ -73,7 +74,9 @@ where
     };
     queues.retain(|queue| !queue.is_empty());
     while queues.iter().any(|queue| !queue.is_empty()) {
-        still_ours().await?;
+        if !go_on().await? {
+            break;
+        }
         let layer: Vec<OutboxMessage> =
             queues.iter().filter_map(|queue| queue.front().cloned()).collect();
         let results = publisher.publish(&layer).await;

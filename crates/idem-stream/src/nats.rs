@@ -127,9 +127,7 @@ impl crate::consume::Subscription for JetStreamSubscription {
 
 /// A JetStream message as the consumer sees it, by the one message-id rule.
 fn received_from(message: &async_nats::jetstream::Message) -> crate::consume::Received {
-    let info = message.info().ok();
-    let attempt = info.as_ref().map_or(1, |info| info.delivered.max(1) as u64);
-    let position = info.as_ref().map(|info| info.stream_sequence);
+    let attempt = message.info().map_or(1, |info| info.delivered.max(1) as u64);
     let headers: Vec<(String, String)> = message
         .headers
         .iter()
@@ -152,7 +150,9 @@ fn received_from(message: &async_nats::jetstream::Message) -> crate::consume::Re
         payload: message.payload.clone(),
         headers,
         attempt,
-        position,
+        // Only the offsets mode's source reads in order from a position (see
+        // `JetStreamPartitions`); a durable consumer's redeliveries are not in stream order.
+        position: None,
     }
 }
 
@@ -177,6 +177,10 @@ type OrderedMessages = std::pin::Pin<
 pub struct JetStreamPartitions {
     /// (In a mutex only to be `Sync`: `fetch` has it alone, through `get_mut`.)
     messages: std::sync::Mutex<futures_util::stream::SelectAll<OrderedMessages>>,
+    /// Each partition's last position handed out (at first, its recorded one): what an ordered
+    /// consumer delivers again (async-nats recreates a consumer that saw nothing yet from the
+    /// stream's start) is dropped here instead of going through the handlers as duplicates.
+    last: std::collections::HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for JetStreamPartitions {
@@ -195,7 +199,9 @@ impl JetStreamPartitions {
         use async_nats::jetstream::consumer::DeliverPolicy;
         use futures_util::StreamExt;
         let mut messages = futures_util::stream::SelectAll::new();
+        let mut last = std::collections::HashMap::new();
         for (subject, after) in partitions {
+            last.insert(subject.clone(), after);
             let config = async_nats::jetstream::consumer::pull::OrderedConfig {
                 filter_subject: subject.clone(),
                 deliver_policy: if after == 0 {
@@ -215,7 +221,7 @@ impl JetStreamPartitions {
                 .map_err(|error| format!("partition {subject}: {error}"))?;
             messages.push(ordered.boxed());
         }
-        Ok(Self { messages: std::sync::Mutex::new(messages) })
+        Ok(Self { messages: std::sync::Mutex::new(messages), last })
     }
 }
 
@@ -231,16 +237,29 @@ impl crate::consume::Subscription for JetStreamPartitions {
     ) -> Result<Vec<(crate::consume::Received, ())>, String> {
         use futures_util::{FutureExt, StreamExt};
         let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
+        let last = &mut self.last;
         let mut batch = Vec::new();
+        // A message past its partition's last position, or none (a replay).
+        let mut take = |message: &async_nats::jetstream::Message| {
+            let mut received = received_from(message);
+            let position = message.info().map_or(0, |info| info.stream_sequence);
+            received.position = Some(position);
+            let seen = last.entry(received.subject.clone()).or_insert(0);
+            if position <= *seen {
+                return None;
+            }
+            *seen = position;
+            Some((received, ()))
+        };
         let first = match tokio::time::timeout(wait, messages.next()).await {
             Err(_) => return Ok(batch),
             Ok(None) => return Err("every partition's consumer ended".into()),
             Ok(Some(first)) => first,
         };
-        batch.push((received_from(&first.map_err(|error| error.to_string())?), ()));
+        batch.extend(take(&first.map_err(|error| error.to_string())?));
         while batch.len() < max {
             match messages.next().now_or_never() {
-                Some(Some(Ok(message))) => batch.push((received_from(&message), ())),
+                Some(Some(Ok(message))) => batch.extend(take(&message)),
                 Some(Some(Err(error))) => {
                     tracing::warn!(%error, "a partition's ordered consumer failed; it resumes by itself");
                     break;

@@ -319,3 +319,106 @@ async fn futures_payloads(stream: &mut jetstream::stream::Stream, count: u64) ->
     }
     payloads
 }
+
+/// A publisher that takes its time with each layer (a slow broker).
+struct Slow(Recording);
+
+#[async_trait::async_trait]
+impl idem_stream::publish::Publisher for Slow {
+    async fn publish(
+        &self,
+        messages: &[idem_stream::publish::OutboxMessage],
+    ) -> Vec<Result<(), idem_stream::publish::PublishError>> {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        self.0.publish(messages).await
+    }
+}
+
+/// A SQLite relay round longer than half its lease (a slow broker, a long backlog) stops
+/// publishing there and marks what it published; the next rounds go on from it. Every event is
+/// published once and the key drains (before, such a round marked nothing and the next one
+/// published the same events again, for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_past_half_its_lease_marks_what_it_published() {
+    use idem_stream::outbox::RelayConfig;
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let path = common::temp_dir().join("app.db");
+    Outbox::migrate(&open(&path)).unwrap();
+    let topic = format!("idemtest.sqliteslow.{}", std::process::id());
+    let name = format!("IDEM_SQLITE_SLOW_{}", std::process::id());
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let _ = jetstream.delete_stream(&name).await;
+    jetstream
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![topic.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // 200 events on 10 keys: 20 layers of 60 ms, past half of a 1 s lease.
+    {
+        let mut connection = open(&path);
+        let transaction =
+            connection.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
+        for index in 0..200 {
+            let key = format!("k{}", index % 10);
+            let payload = format!("event {index}");
+            let event =
+                Event { topic: &topic, key: &key, payload: payload.as_bytes(), headers: &[] };
+            Outbox::enqueue(&transaction, event).unwrap();
+        }
+        transaction.commit().unwrap();
+    }
+    let ids: std::sync::Arc<std::sync::Mutex<Vec<i64>>> = Default::default();
+    let publisher = Slow(Recording {
+        inner: idem_stream::nats::JetStreamPublisher::new(jetstream.clone()),
+        ids: std::sync::Arc::clone(&ids),
+    });
+    let config = RelayConfig { stall_timeout: Duration::from_secs(1), ..RelayConfig::default() };
+    let relay = idem_stream::sqlite::Relay::open(&path, publisher, config).unwrap();
+    let first = relay.run_once().await.unwrap();
+    assert!(first.published > 0 && first.published < 200, "stopped part way: {first:?}");
+    assert_eq!(marked_sent(&path), first.published as i64, "and marked what it published");
+    let started = Instant::now();
+    while marked_sent(&path) < 200 {
+        assert!(started.elapsed() < Duration::from_secs(30), "{} marked", marked_sent(&path));
+        relay.run_once().await.unwrap();
+    }
+    let ids = ids.lock().unwrap().clone();
+    let distinct: HashSet<i64> = ids.iter().copied().collect();
+    assert_eq!((ids.len(), distinct.len()), (200, 200), "each event published once");
+
+    // An operator's discard waits for a relay that holds the key (its lease still runs).
+    let connection = open(&path);
+    let enqueue_one = |connection: &mut Connection| {
+        let transaction =
+            connection.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
+        let event = Event { topic: &topic, key: "k0", payload: b"late", headers: &[] };
+        Outbox::enqueue(&transaction, event).unwrap();
+        transaction.commit().unwrap();
+    };
+    let mut connection = connection;
+    enqueue_one(&mut connection);
+    connection
+        .execute(
+            "UPDATE idem_outbox_keys SET claimed_until_ms = ?1, claim_token = 7 WHERE key = 'k0'",
+            [
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_millis() as i64
+                    + 60_000,
+            ],
+        )
+        .unwrap();
+    let output = Command::new(common::idem_bin())
+        .args(["outbox", "--database", &format!("sqlite://{}", path.display())])
+        .args(["discard", &topic, "k0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("a relay is publishing this key right now"), "{stderr}");
+    let _ = jetstream.delete_stream(&name).await;
+}

@@ -197,9 +197,9 @@ impl Outbox {
         )? == 1)
     }
 
-    /// Gives up on a key's next event; see [`crate::postgres::Outbox::discard_next`]. A relay
-    /// holding the key's lease has its marks refused (its token is cleared), so the discarded
-    /// event is never marked sent by it; it may have published it already.
+    /// Gives up on a key's next event; see [`crate::postgres::Outbox::discard_next`]. Refused
+    /// while a relay holds the key's lease (it may be publishing that event): a parked key is
+    /// never claimed, so discarding a parked key always goes through.
     pub fn discard_next(
         connection: &mut Connection,
         topic: &str,
@@ -218,6 +218,22 @@ impl Outbox {
             )
             .optional()?;
         let Some((id, seq)) = head else { return Ok(None) };
+        // A relay holding the key may be publishing this very event: wait for its round to end
+        // (the lease) rather than pull the key from under it.
+        let claimed: Option<i64> = transaction
+            .query_row(
+                "SELECT claimed_until_ms FROM idem_outbox_keys
+                 WHERE topic = ?1 AND key = ?2 AND claimed_until_ms > ?3",
+                params![topic, key, now],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(until) = claimed {
+            return Err(Error::Config(format!(
+                "a relay is publishing this key right now (its lease ends in {} ms); try again then",
+                until - now
+            )));
+        }
         transaction.execute(
             "UPDATE idem_outbox SET discarded_at_ms = ?2 WHERE id = ?1",
             params![id, now],
@@ -225,7 +241,7 @@ impl Outbox {
         transaction.execute(
             "UPDATE idem_outbox_keys
              SET published_seq = ?3, attempts = 0, retry_at_ms = NULL, parked_at_ms = NULL,
-                 last_error = NULL, claimed_until_ms = NULL, claim_token = NULL
+                 last_error = NULL
              WHERE topic = ?1 AND key = ?2",
             params![topic, key, seq],
         )?;
@@ -330,23 +346,13 @@ impl<P: Publisher> Relay<P> {
         }
         let queues = crate::layers::queues_by_key(claim.events);
         report.keys = queues.len();
+        // Past half the lease, no further layer: what was published is marked, the rest waits
+        // for the next round (the lease still covers the marking).
         let publish_until = claim.publish_until;
         let published = crate::layers::publish_in_layers(&self.publisher, queues, || async move {
-            if Instant::now() < publish_until {
-                Ok(())
-            } else {
-                Err(Error::Config("the round outlived half its lease; stopping".into()))
-            }
+            Ok::<_, Error>(Instant::now() < publish_until)
         })
-        .await;
-        let published = match published {
-            Ok(published) => published,
-            // Nothing to mark: what was published is republished with the same ids.
-            Err(error) => {
-                tracing::warn!(%error, "relay round stopped");
-                return Ok(report);
-            }
-        };
+        .await?;
         report.published = published.ids.len();
         report.failed = published.failed;
         let claim_token = claim.token;
@@ -424,9 +430,12 @@ fn rand_token() -> [u8; 8] {
 
 /// Claims due keys and reads their events, in one write transaction.
 fn claim(connection: &mut Connection, config: &RelayConfig, token: i64) -> Result<Claim> {
-    let now = now_millis();
+    // Measured before the write lock is waited for: the round's own deadline is never later
+    // than the lease written below.
+    let started = Instant::now();
     let lease = config.stall_timeout.as_millis() as i64;
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let now = now_millis();
     let keys: Vec<(String, String, i64)> = {
         let mut statement = transaction.prepare_cached(
             "SELECT topic, key, published_seq FROM idem_outbox_keys
@@ -471,7 +480,7 @@ fn claim(connection: &mut Connection, config: &RelayConfig, token: i64) -> Resul
         }
     }
     transaction.commit()?;
-    Ok(Claim { token, events, publish_until: Instant::now() + config.stall_timeout / 2 })
+    Ok(Claim { token, events, publish_until: started + config.stall_timeout / 2 })
 }
 
 /// Marks a round's outcome on the keys still carrying its token; returns the keys parked.
