@@ -106,38 +106,8 @@ fn main() -> ExitCode {
                 })
                 .map_or_else(|error| fail(&error), |()| ExitCode::SUCCESS)
         }
-        Command::Keys(args) => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(error) => return fail(&error),
-            };
-            match runtime.block_on(idem::keys::run(args)) {
-                Ok((text, found)) => {
-                    print!("{text}");
-                    if found { ExitCode::SUCCESS } else { ExitCode::from(1) }
-                }
-                Err(error) => {
-                    eprintln!("idem: error: {error}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Command::Outbox(args) => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(error) => return fail(&error),
-            };
-            match runtime.block_on(idem::outbox::run(args)) {
-                Ok((text, found)) => {
-                    print!("{text}");
-                    if found { ExitCode::SUCCESS } else { ExitCode::from(1) }
-                }
-                Err(error) => {
-                    eprintln!("idem: error: {error}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Command::Keys(args) => operator_command(idem::keys::run(args)),
+        Command::Outbox(args) => operator_command(idem::outbox::run(args)),
         Command::Relay(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
@@ -147,6 +117,25 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error),
             }
+        }
+    }
+}
+
+/// Runs an operator's command (`idem keys`, `idem outbox`): its text on stdout, exit status 0,
+/// or 1 when what it named was not found; an error on stderr with status 2.
+fn operator_command(run: impl Future<Output = Result<(String, bool), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(&error),
+    };
+    match runtime.block_on(run) {
+        Ok((text, found)) => {
+            print!("{text}");
+            if found { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(error) => {
+            eprintln!("idem: error: {error}");
+            ExitCode::from(2)
         }
     }
 }

@@ -56,18 +56,6 @@ async fn enqueue(client: &mut tokio_postgres::Client, topic: &str, keys: usize, 
     }
 }
 
-fn outbox_cli(database: &str, args: &[&str]) -> (bool, serde_json::Value) {
-    let output = std::process::Command::new(common::idem_bin())
-        .args(["outbox", "--database", database, "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|_| panic!("{args:?}: {text} {}", String::from_utf8_lossy(&output.stderr)));
-    (output.status.success(), value)
-}
-
 /// Runs relay rounds as `Relay::run` does (until idle, then a short wait) until `done`.
 async fn relay_until<P: Publisher>(
     relay: &Relay<P>,
@@ -158,14 +146,14 @@ async fn poison_keys_back_off_get_parked_and_never_hold_up_the_others() {
     assert_eq!((stats.pending_events, stats.parked_keys), (POISON_KEYS as i64 * 2, 100));
 
     // What an operator sees and does.
-    let (ok, listed) = outbox_cli(&database, &["list", "--parked", "--limit", "1000"]);
+    let (ok, listed) = common::outbox_cli(&database, &["list", "--parked", "--limit", "1000"]);
     assert!(ok);
     let keys = listed["keys"].as_array().unwrap();
     assert_eq!(keys.len(), POISON_KEYS);
     assert!(keys.iter().all(|key| key["state"] == "parked" && key["attempts"] == MAX_ATTEMPTS));
     let error = keys[0]["last_error"].as_str().unwrap();
     assert!(error.contains("no responders") || error.contains("stream"), "{error}");
-    let (ok, shown) = outbox_cli(&database, &["show", &poison, "k7"]);
+    let (ok, shown) = common::outbox_cli(&database, &["show", &poison, "k7"]);
     assert!(ok && shown["events"].as_array().unwrap().len() == 2, "{shown}");
 
     // The cause fixed for one key: a stream for the poison subject, and `retry`.
@@ -177,16 +165,16 @@ async fn poison_keys_back_off_get_parked_and_never_hold_up_the_others() {
         })
         .await
         .unwrap();
-    assert!(outbox_cli(&database, &["retry", &poison, "k7"]).0);
+    assert!(common::outbox_cli(&database, &["retry", &poison, "k7"]).0);
     // Another key: its first event given up, its second flows.
-    let (ok, discarded) = outbox_cli(&database, &["discard", &poison, "k8"]);
+    let (ok, discarded) = common::outbox_cli(&database, &["discard", &poison, "k8"]);
     assert!(ok && discarded["discarded"].is_i64(), "{discarded}");
-    assert!(outbox_cli(&database, &["retry", &poison, "k8"]).0);
+    assert!(common::outbox_cli(&database, &["retry", &poison, "k8"]).0);
     relay_until(&relay, &mut client, Duration::from_secs(30), async |client| {
         sent(client, &poison).await == 3
     })
     .await;
-    let (found, _) = outbox_cli(&database, &["retry", &poison, "no-such-key"]);
+    let (found, _) = common::outbox_cli(&database, &["retry", &poison, "no-such-key"]);
     assert!(!found, "an unknown key is said to be missing (exit status 1)");
     let stream = jetstream.get_stream(format!("IDEMTEST_POISON_{pid}")).await.unwrap();
     let mut on_stream = Vec::new();

@@ -60,6 +60,34 @@ fn start_relay(path: &Path, nats: &str) -> Child {
     child
 }
 
+/// A new SQLite file with the outbox tables (WAL, as a service would run it).
+fn outbox_file() -> std::path::PathBuf {
+    let path = common::temp_dir().join("app.db");
+    let connection = open(&path);
+    connection.pragma_update(None, "journal_mode", "WAL").unwrap();
+    Outbox::migrate(&connection).unwrap();
+    path
+}
+
+/// A fresh stream `name` taking `subject`.
+async fn fresh_stream(
+    jetstream: &jetstream::Context,
+    name: &str,
+    subject: &str,
+    duplicate_window: Duration,
+) -> stream::Stream {
+    let _ = jetstream.delete_stream(name).await;
+    jetstream
+        .create_stream(stream::Config {
+            name: name.to_owned(),
+            subjects: vec![subject.to_owned()],
+            duplicate_window,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
 fn marked_sent(path: &Path) -> i64 {
     open(path)
         .query_row("SELECT count(*) FROM idem_outbox WHERE sent_at_ms IS NOT NULL", [], |row| {
@@ -71,25 +99,11 @@ fn marked_sent(path: &Path) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sqlite_outbox_publishes_each_committed_event_once_in_key_order_through_a_kill() {
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
-    let path = common::temp_dir().join("app.db");
-    {
-        let connection = open(&path);
-        connection.pragma_update(None, "journal_mode", "WAL").unwrap();
-        Outbox::migrate(&connection).unwrap();
-    }
+    let path = outbox_file();
     let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
     let name = format!("IDEM_RELAY_SQLITE_{}", std::process::id());
     let topic = format!("idemtest.relaysqlite.{}", std::process::id());
-    let _ = jetstream.delete_stream(&name).await;
-    let mut stream = jetstream
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![topic.clone()],
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut stream = fresh_stream(&jetstream, &name, &topic, Duration::from_secs(120)).await;
 
     // A transaction that rolls back leaves no event behind.
     {
@@ -178,24 +192,11 @@ impl idem_stream::publish::Publisher for Recording {
 async fn two_sqlite_relays_at_once_publish_each_event_once() {
     use idem_stream::outbox::RelayConfig;
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
-    let path = common::temp_dir().join("app.db");
-    {
-        let connection = open(&path);
-        connection.pragma_update(None, "journal_mode", "WAL").unwrap();
-        Outbox::migrate(&connection).unwrap();
-    }
+    let path = outbox_file();
     let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
     let name = format!("IDEM_RELAY_SQLITE2_{}", std::process::id());
     let topic = format!("idemtest.relaysqlite2.{}", std::process::id());
-    let _ = jetstream.delete_stream(&name).await;
-    let stream = jetstream
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![topic.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = fresh_stream(&jetstream, &name, &topic, Duration::from_secs(120)).await;
     enqueue(&path, &topic, 0, 2_000);
     let ids: std::sync::Arc<std::sync::Mutex<Vec<i64>>> = Default::default();
     let config = RelayConfig { max_keys: 4, max_events_per_key: 10, ..RelayConfig::default() };
@@ -235,15 +236,7 @@ async fn two_sqlite_relays_at_once_publish_each_event_once() {
 }
 
 fn outbox_cli(path: &Path, args: &[&str]) -> (bool, serde_json::Value) {
-    let output = Command::new(common::idem_bin())
-        .args(["outbox", "--database", &format!("sqlite://{}", path.display()), "--json"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout);
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|_| panic!("{args:?}: {text} {}", String::from_utf8_lossy(&output.stderr)));
-    (output.status.success(), value)
+    common::outbox_cli(&format!("sqlite://{}", path.display()), args)
 }
 
 /// A SQLite outbox key the broker refuses (no stream takes its subject) backs off, is parked
@@ -254,8 +247,7 @@ fn outbox_cli(path: &Path, args: &[&str]) -> (bool, serde_json::Value) {
 async fn a_parked_sqlite_outbox_key_is_listed_discarded_and_retried_with_idem_outbox() {
     use idem_stream::outbox::RelayConfig;
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
-    let path = common::temp_dir().join("app.db");
-    Outbox::migrate(&open(&path)).unwrap();
+    let path = outbox_file();
     let topic = format!("idemtest.sqliteparked.{}", std::process::id());
     enqueue(&path, &topic, 0, 3 * KEYS); // account-0 gets events 0, 20 and 40
     let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
@@ -291,15 +283,7 @@ async fn a_parked_sqlite_outbox_key_is_listed_discarded_and_retried_with_idem_ou
     assert!(ok && shown["events"].as_array().unwrap().len() == 3, "{shown}");
 
     let name = format!("IDEM_SQLITE_PARKED_{}", std::process::id());
-    let _ = jetstream.delete_stream(&name).await;
-    let mut stream = jetstream
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![topic.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let mut stream = fresh_stream(&jetstream, &name, &topic, Duration::from_secs(120)).await;
     let (ok, discarded) = outbox_cli(&path, &["discard", &topic, "account-0"]);
     assert!(ok && discarded["discarded"].is_i64(), "{discarded}");
     assert!(outbox_cli(&path, &["retry", &topic, "account-0"]).0);
@@ -342,20 +326,11 @@ impl idem_stream::publish::Publisher for Slow {
 async fn a_round_past_half_its_lease_marks_what_it_published() {
     use idem_stream::outbox::RelayConfig;
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
-    let path = common::temp_dir().join("app.db");
-    Outbox::migrate(&open(&path)).unwrap();
+    let path = outbox_file();
     let topic = format!("idemtest.sqliteslow.{}", std::process::id());
     let name = format!("IDEM_SQLITE_SLOW_{}", std::process::id());
     let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
-    let _ = jetstream.delete_stream(&name).await;
-    jetstream
-        .create_stream(stream::Config {
-            name: name.clone(),
-            subjects: vec![topic.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    fresh_stream(&jetstream, &name, &topic, Duration::from_secs(120)).await;
     // 200 events on 10 keys: 20 layers of 60 ms, past half of a 1 s lease.
     {
         let mut connection = open(&path);

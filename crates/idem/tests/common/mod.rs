@@ -588,3 +588,16 @@ pub fn idem_keys(store: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Runs `idem outbox --database DATABASE --json ARGS...`: whether it exited 0, and its JSON.
+pub fn outbox_cli(database: &str, args: &[&str]) -> (bool, serde_json::Value) {
+    let output = Command::new(idem_bin())
+        .args(["outbox", "--database", database, "--json"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("{args:?}: {text} {}", String::from_utf8_lossy(&output.stderr)));
+    (output.status.success(), value)
+}
