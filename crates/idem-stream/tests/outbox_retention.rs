@@ -1,5 +1,5 @@
-//! Outbox retention at 10^6 rows: a million events sent eight days ago on 10,000 keys, beside
-//! recent ones and old ones still waiting. `Outbox::purge_sent` deletes exactly the old sent
+//! Retention at 10^6 rows, outbox and inbox. Outbox: a million events sent eight days ago on
+//! 10,000 keys, beside recent ones and old ones still waiting. `Outbox::purge_sent` deletes exactly the old sent
 //! events and the key rows left with nothing, in bounded batches, while a producer keeps
 //! enqueueing: its latency during the cleanup is measured beside its latency before.
 
@@ -173,4 +173,115 @@ async fn an_outbox_from_the_first_version_is_migrated_with_its_waiting_events() 
         .await
         .unwrap();
     assert!(old_index.get::<_, bool>(0), "the first version's index is replaced");
+}
+
+/// Inbox purging at 10^6 rows: a million ids received eight days ago, beside recent ones and
+/// another consumer's old ones. `Inbox::purge` in bounded batches deletes exactly this
+/// consumer's old ids while the consumer keeps recording new messages; its record latency
+/// during the purge is measured beside its latency before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_million_inbox_ids_are_purged_in_batches_while_messages_keep_arriving() {
+    use idem_stream::postgres::Inbox;
+    let Some(database) = fresh_postgres_schema("idem_inbox_retention").await else { return };
+    let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    Inbox::migrate(&mut client).await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO idem_inbox (consumer, message_id, received_at)
+             SELECT 'ledger', 'old-' || i, now() - interval '8 days'
+             FROM generate_series(1, 1000000) AS i;
+             INSERT INTO idem_inbox (consumer, message_id, received_at)
+             SELECT 'audit', 'old-' || i, now() - interval '8 days'
+             FROM generate_series(1, 1000) AS i;
+             INSERT INTO idem_inbox (consumer, message_id, received_at)
+             SELECT 'ledger', 'recent-' || i, now() - interval '1 hour'
+             FROM generate_series(1, 1000) AS i;
+             ANALYZE idem_inbox;",
+        )
+        .await
+        .unwrap();
+    let inbox = Inbox::new("ledger").unwrap();
+
+    /// Records new message ids, one transaction each, until stopped; each commit's latency.
+    async fn record(
+        database: String,
+        stop: tokio::sync::watch::Receiver<bool>,
+        from: usize,
+    ) -> Vec<Duration> {
+        let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let inbox = Inbox::new("ledger").unwrap();
+        let mut latencies = Vec::new();
+        let mut index = from;
+        while !*stop.borrow() {
+            index += 1;
+            let started = Instant::now();
+            let transaction = client.transaction().await.unwrap();
+            inbox.record(&transaction, &format!("new-{index}")).await.unwrap();
+            transaction.commit().await.unwrap();
+            latencies.push(started.elapsed());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.sort();
+        latencies
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let before = tokio::spawn(record(database.clone(), stopped, 0));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    let before = before.await.unwrap();
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let during = tokio::spawn(record(database.clone(), stopped, 1_000_000));
+    let started = Instant::now();
+    let (mut purged, mut batches) = (0, 0);
+    loop {
+        let deleted =
+            inbox.purge(&client, Duration::from_secs(7 * 24 * 3600), 10_000).await.unwrap();
+        purged += deleted;
+        batches += 1;
+        if deleted == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "not done: {purged}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed();
+    stop.send(true).unwrap();
+    let during = during.await.unwrap();
+
+    assert_eq!(purged, 1_000_000);
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM idem_inbox WHERE message_id LIKE 'old-%' AND consumer = 'ledger'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM idem_inbox WHERE consumer = 'audit'").await,
+        1000,
+        "another consumer's ids are its own"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM idem_inbox WHERE message_id LIKE 'recent-%'").await,
+        1000
+    );
+    let new = count("SELECT count(*) FROM idem_inbox WHERE message_id LIKE 'new-%'").await;
+    assert_eq!(new as usize, before.len() + during.len(), "every recorded id kept");
+    let (p99_before, p99_during) = (percentile(&before, 0.99), percentile(&during, 0.99));
+    assert!(p99_during < Duration::from_secs(1), "the consumer was held up: p99 {p99_during:?}");
+    eprintln!(
+        "inbox purge: {purged} ids in {batches} batches, {took:?}; record commits p50/p99 \
+         {:?}/{p99_before:?} before ({} commits), {:?}/{p99_during:?} during ({} commits)",
+        percentile(&before, 0.5),
+        before.len(),
+        percentile(&during, 0.5),
+        during.len()
+    );
 }
