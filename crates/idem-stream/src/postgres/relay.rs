@@ -70,12 +70,15 @@ impl<P: crate::publish::Publisher> Relay<P> {
         let (topics, names): (Vec<String>, Vec<String>) =
             keys.iter().map(|row| (row.get::<_, String>(0), row.get::<_, String>(1))).unzip();
         // Every claimed key's pending events in one query. Read after the locks: a relay that
-        // held a key before us has committed by now.
+        // held a key before us has committed by now, and a key it parked or sent into backoff
+        // meanwhile (after our candidates were read) is not due any more.
         let events = transaction
             .query(
                 "SELECT k.topic, k.key, e.id, e.seq, e.payload, e.headers
                  FROM unnest($1::text[], $2::text[]) AS claimed(topic, key)
                  JOIN idem_outbox_keys k ON k.topic = claimed.topic AND k.key = claimed.key
+                     AND k.parked_at IS NULL
+                     AND (k.retry_at IS NULL OR k.retry_at <= clock_timestamp())
                  CROSS JOIN LATERAL (
                      SELECT id, seq, payload, headers FROM idem_outbox
                      WHERE topic = k.topic AND key = k.key AND seq > k.published_seq
