@@ -180,8 +180,9 @@ struct NoDeadLetters;
 
 #[async_trait::async_trait]
 impl DeadLetter for NoDeadLetters {
-    async fn bury(&self, message: &Received, failure: &str) -> Result<(), String> {
-        Err(format!("benchmark handler failed on {}: {failure}", message.id))
+    async fn bury(&self, message: &Received, failure: &str) -> idem_stream::Result<()> {
+        let failed = format!("benchmark handler failed on {}: {failure}", message.id);
+        Err(idem_stream::Error::other(failed))
     }
 }
 
@@ -429,7 +430,7 @@ impl Bench {
                     consume::HandlerResult::Ok(())
                 }
             };
-            consume::run_batches(subscription, handler, dead_letters, config, shutdown).await?
+            consume::run_batches(subscription, handler, dead_letters, config, shutdown).await
         } else {
             let handler = move |message: Received| {
                 let (pool, dedup, count) = (pool.clone(), dedup.clone(), count.clone());
@@ -439,7 +440,7 @@ impl Bench {
                     consume::HandlerResult::Ok(())
                 }
             };
-            consume::run(subscription, handler, dead_letters, config, shutdown).await?
+            consume::run(subscription, handler, dead_letters, config, shutdown).await
         };
         let elapsed = started.elapsed();
         let handled = done.load(Ordering::SeqCst);

@@ -48,7 +48,7 @@ impl<S: Subscription + Sync> Subscription for DroppingAcks<S> {
         &mut self,
         max: usize,
         wait: Duration,
-    ) -> Result<Vec<(Received, Self::Token)>, String> {
+    ) -> crate::Result<Vec<(Received, Self::Token)>> {
         let batch = self.inner.fetch(max, wait).await?;
         Ok(batch
             .into_iter()
@@ -60,7 +60,7 @@ impl<S: Subscription + Sync> Subscription for DroppingAcks<S> {
             .collect())
     }
 
-    async fn settle(&self, (drop_ack, token): Self::Token, settle: Settle) -> Result<(), String> {
+    async fn settle(&self, (drop_ack, token): Self::Token, settle: Settle) -> crate::Result<()> {
         if drop_ack && settle == Settle::Ack {
             *self.dropped.lock().unwrap_or_else(|poison| poison.into_inner()) += 1;
             return Ok(());
@@ -301,7 +301,7 @@ struct OrderedDeadLetters(Arc<std::sync::Mutex<OrderLog>>);
 
 #[async_trait]
 impl crate::consume::DeadLetter for OrderedDeadLetters {
-    async fn bury(&self, message: &Received, _failure: &str) -> Result<(), String> {
+    async fn bury(&self, message: &Received, _failure: &str) -> crate::Result<()> {
         self.0.lock().unwrap().apply(message);
         Ok(())
     }
@@ -390,7 +390,7 @@ pub async fn the_runner_keeps_each_keys_order_through_failures_and_redeliveries<
     // Past the redelivery of the dropped acks.
     tokio::time::sleep(broker.redelivery_after() * 2).await;
     let _ = stop.send(());
-    let report = runner.await.unwrap().unwrap();
+    let report = runner.await.unwrap();
     let log = log.lock().unwrap();
     assert!(log.out_of_order.is_empty(), "out of order: {:?}", log.out_of_order);
     assert_eq!(log.done.len(), total);

@@ -66,14 +66,14 @@ pub trait Subscription: Send {
         &mut self,
         max: usize,
         wait: Duration,
-    ) -> Result<Vec<(Received, Self::Token)>, String>;
-    async fn settle(&self, token: Self::Token, settle: Settle) -> Result<(), String>;
+    ) -> crate::Result<Vec<(Received, Self::Token)>>;
+    async fn settle(&self, token: Self::Token, settle: Settle) -> crate::Result<()>;
 }
 
 /// Where a message goes after its last failed attempt.
 #[async_trait]
 pub trait DeadLetter: Send + Sync {
-    async fn bury(&self, message: &Received, failure: &str) -> Result<(), String>;
+    async fn bury(&self, message: &Received, failure: &str) -> crate::Result<()>;
 }
 
 /// Which messages must be handled in order: those with the same order key.
@@ -258,7 +258,7 @@ pub async fn run<S, H, F, E, D>(
     dead_letter: Arc<D>,
     config: RunnerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<RunReport, String>
+) -> RunReport
 where
     S: Subscription,
     H: Fn(Received) -> F + Send + Sync + 'static,
@@ -286,7 +286,7 @@ pub async fn run_batches<S, H, F, E, D>(
     dead_letter: Arc<D>,
     config: RunnerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<RunReport, String>
+) -> RunReport
 where
     S: Subscription,
     H: Fn(Vec<Received>) -> F + Send + Sync + 'static,
@@ -427,9 +427,12 @@ impl<D: DeadLetter + ?Sized + 'static> Lanes<D> {
                                 (Arc::clone(&self.dead_letter), message.clone(), reason.clone());
                             tokio::spawn(async move { dead_letter.bury(&message, &reason).await })
                         };
-                        let buried = bury.await.unwrap_or_else(|panic| {
-                            Err(format!("the dead-letter destination panicked: {panic}"))
-                        });
+                        let buried = match bury.await {
+                            Ok(buried) => buried.map_err(|error| error.to_string()),
+                            Err(panic) => {
+                                Err(format!("the dead-letter destination panicked: {panic}"))
+                            }
+                        };
                         match buried {
                             Ok(()) => {
                                 done.outcome = Outcome::Buried;
@@ -471,7 +474,7 @@ async fn drive<S, D>(
     dead_letter: Arc<D>,
     config: RunnerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<RunReport, String>
+) -> RunReport
 where
     S: Subscription,
     D: DeadLetter + ?Sized + 'static,
@@ -508,7 +511,7 @@ where
         }
         if stopped {
             if lanes.is_empty() {
-                return Ok(report);
+                return report;
             }
             if let Some(finished) = done.recv().await {
                 settle_done(&subscription, &mut lanes, &mut buffered, &mut report, finished).await;

@@ -91,7 +91,7 @@ where
                 }
                 failure => {
                     let (reason, full) = match failure {
-                        Some(Err(error)) => (error.reason, error.full),
+                        Some(Err(error)) => (error.source.to_string(), error.full),
                         _ => ("the publisher gave no result for this event".to_owned(), false),
                     };
                     published.keys[index].full = full;

@@ -69,9 +69,29 @@ pub enum Error {
     Config(String),
     #[error("the database connection was lost")]
     Disconnected,
+    /// The database did not answer in time.
+    #[error("the database did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// A broker refused or failed an operation: connecting, subscribing, fetching,
+    /// acknowledging, publishing. `broker` names it (`NATS`, `RabbitMQ`, `Redis`); `context`
+    /// says what was being done.
+    #[error("{broker}: {context}: {source}")]
+    Broker {
+        broker: &'static str,
+        context: String,
+        #[source]
+        source: BoxError,
+    },
+    /// An error of a user's own [`consume::Subscription`], [`consume::DeadLetter`] or
+    /// [`publish::Publisher`].
+    #[error(transparent)]
+    Other(BoxError),
     #[cfg(feature = "postgres")]
     #[error("PostgreSQL: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    #[cfg(feature = "postgres")]
+    #[error("PostgreSQL pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
     #[cfg(feature = "sqlite")]
     #[error("SQLite: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -79,7 +99,33 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The cause of a [`Error::Broker`]: the broker client's own error, or a sentence.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 impl Error {
+    /// A broker error: `broker` failed while doing `context`, because of `source`.
+    pub fn broker(
+        broker: &'static str,
+        context: impl Into<String>,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        Self::Broker { broker, context: context.into(), source: source.into() }
+    }
+
+    /// An error of a user's own subscription, dead-letter destination or publisher.
+    pub fn other(source: impl Into<BoxError>) -> Self {
+        Self::Other(source.into())
+    }
+
+    /// For `map_err`: the broker error `broker` gives while doing `context`.
+    pub(crate) fn from_broker<E: Into<BoxError>>(
+        broker: &'static str,
+        context: impl Into<String>,
+    ) -> impl FnOnce(E) -> Self {
+        let context = context.into();
+        move |source| Self::broker(broker, context, source)
+    }
+
     /// Whether the error says the database is unavailable for now (connection lost or refused,
     /// the server shutting down, starting, out of resources, read-only, or asking for the
     /// transaction to be tried again), rather than that this operation is wrong: a consumer
@@ -87,9 +133,14 @@ impl Error {
     /// ([`consume::Failure::Unavailable`]).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            Self::Disconnected => true,
+            Self::Disconnected | Self::Timeout(_) => true,
             #[cfg(feature = "postgres")]
             Self::Postgres(error) => postgres_unavailable(error),
+            #[cfg(feature = "postgres")]
+            Self::Pool(error) => match error {
+                deadpool_postgres::PoolError::Backend(error) => postgres_unavailable(error),
+                _ => true,
+            },
             #[cfg(feature = "sqlite")]
             Self::Sqlite(error) => matches!(
                 error.sqlite_error_code(),

@@ -7,6 +7,9 @@ use async_trait::async_trait;
 
 use crate::publish::{OutboxMessage, PublishError, Publisher};
 
+/// How errors name this broker.
+const NATS: &str = "NATS";
+
 /// Publishes outbox events to JetStream, on the subject named by the event's topic.
 #[derive(Debug, Clone)]
 pub struct JetStreamPublisher {
@@ -42,10 +45,12 @@ impl Publisher for JetStreamPublisher {
         let mut results = Vec::with_capacity(messages.len());
         for (message, sent) in messages.iter().zip(pending) {
             let result = match sent {
-                Ok(ack) => ack.await.map(drop).map_err(|error| error.to_string()),
-                Err(error) => Err(error.to_string()),
+                Ok(ack) => {
+                    ack.await.map(drop).map_err(crate::Error::from_broker(NATS, "publish ack"))
+                }
+                Err(error) => Err(crate::Error::broker(NATS, "publish", error)),
             };
-            results.push(result.map_err(|reason| PublishError::new(message.id, reason)));
+            results.push(result.map_err(|error| PublishError::new(message.id, error)));
         }
         results
     }
@@ -70,7 +75,7 @@ impl JetStreamSubscription {
         stream: &async_nats::jetstream::stream::Stream,
         durable: &str,
         ack_wait: std::time::Duration,
-    ) -> Result<Self, String> {
+    ) -> crate::Result<Self> {
         let config = async_nats::jetstream::consumer::pull::Config {
             durable_name: Some(durable.to_owned()),
             ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
@@ -80,7 +85,7 @@ impl JetStreamSubscription {
         let consumer = stream
             .get_or_create_consumer(durable, config)
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(crate::Error::from_broker(NATS, format!("durable consumer {durable}")))?;
         Ok(Self { consumer })
     }
 }
@@ -93,7 +98,7 @@ impl crate::consume::Subscription for JetStreamSubscription {
         &mut self,
         max: usize,
         wait: std::time::Duration,
-    ) -> Result<Vec<(crate::consume::Received, Self::Token)>, String> {
+    ) -> crate::Result<Vec<(crate::consume::Received, Self::Token)>> {
         use futures_util::StreamExt;
         let mut batch = self
             .consumer
@@ -102,10 +107,10 @@ impl crate::consume::Subscription for JetStreamSubscription {
             .expires(wait)
             .messages()
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(crate::Error::from_broker(NATS, "fetch"))?;
         let mut received = Vec::new();
         while let Some(message) = batch.next().await {
-            let message = message.map_err(|error| error.to_string())?;
+            let message = message.map_err(crate::Error::from_broker(NATS, "fetch"))?;
             received.push((received_from(&message), message));
         }
         Ok(received)
@@ -115,13 +120,13 @@ impl crate::consume::Subscription for JetStreamSubscription {
         &self,
         token: Self::Token,
         settle: crate::consume::Settle,
-    ) -> Result<(), String> {
+    ) -> crate::Result<()> {
         use async_nats::jetstream::AckKind;
         let kind = match settle {
             crate::consume::Settle::Ack => AckKind::Ack,
             crate::consume::Settle::Retry(delay) => AckKind::Nak(Some(delay)),
         };
-        token.ack_with(kind).await.map_err(|error| error.to_string())
+        token.ack_with(kind).await.map_err(crate::Error::from_broker(NATS, "ack"))
     }
 }
 
@@ -195,7 +200,7 @@ impl JetStreamPartitions {
     pub async fn start(
         stream: &async_nats::jetstream::stream::Stream,
         partitions: impl IntoIterator<Item = (String, u64)>,
-    ) -> Result<Self, String> {
+    ) -> crate::Result<Self> {
         use async_nats::jetstream::consumer::DeliverPolicy;
         use futures_util::StreamExt;
         let mut messages = futures_util::stream::SelectAll::new();
@@ -211,14 +216,13 @@ impl JetStreamPartitions {
                 },
                 ..Default::default()
             };
+            let context = format!("ordered consumer for partition {subject}");
             let consumer = stream
                 .create_consumer(config)
                 .await
-                .map_err(|error| format!("partition {subject}: {error}"))?;
-            let ordered = consumer
-                .messages()
-                .await
-                .map_err(|error| format!("partition {subject}: {error}"))?;
+                .map_err(crate::Error::from_broker(NATS, context.clone()))?;
+            let ordered =
+                consumer.messages().await.map_err(crate::Error::from_broker(NATS, context))?;
             messages.push(ordered.boxed());
         }
         Ok(Self { messages: std::sync::Mutex::new(messages), last })
@@ -234,7 +238,7 @@ impl crate::consume::Subscription for JetStreamPartitions {
         &mut self,
         max: usize,
         wait: std::time::Duration,
-    ) -> Result<Vec<(crate::consume::Received, ())>, String> {
+    ) -> crate::Result<Vec<(crate::consume::Received, ())>> {
         use futures_util::{FutureExt, StreamExt};
         let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
         let last = &mut self.last;
@@ -253,10 +257,16 @@ impl crate::consume::Subscription for JetStreamPartitions {
         };
         let first = match tokio::time::timeout(wait, messages.next()).await {
             Err(_) => return Ok(batch),
-            Ok(None) => return Err("every partition's consumer ended".into()),
+            Ok(None) => {
+                return Err(crate::Error::broker(
+                    NATS,
+                    "fetch",
+                    "every partition's consumer ended",
+                ));
+            }
             Ok(Some(first)) => first,
         };
-        batch.extend(take(&first.map_err(|error| error.to_string())?));
+        batch.extend(take(&first.map_err(crate::Error::from_broker(NATS, "fetch"))?));
         while batch.len() < max {
             match messages.next().now_or_never() {
                 Some(Some(Ok(message))) => batch.extend(take(&message)),
@@ -270,7 +280,7 @@ impl crate::consume::Subscription for JetStreamPartitions {
         Ok(batch)
     }
 
-    async fn settle(&self, (): (), _settle: crate::consume::Settle) -> Result<(), String> {
+    async fn settle(&self, (): (), _settle: crate::consume::Settle) -> crate::Result<()> {
         Ok(())
     }
 }

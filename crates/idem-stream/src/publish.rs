@@ -32,18 +32,19 @@ impl OutboxMessage {
 
 /// Why a message was not published.
 #[derive(Debug, thiserror::Error)]
-#[error("publishing outbox event {id} failed: {reason}")]
+#[error("publishing outbox event {id} failed: {source}")]
 pub struct PublishError {
     pub id: i64,
-    pub reason: String,
+    /// What went wrong (usually [`crate::Error::Broker`]): kept as the key's last error.
+    pub source: crate::Error,
     /// The broker is full for now (a Redis stream at its bound, waiting for a lagging
     /// consumer group): the key backs off but this never counts toward parking it.
     pub full: bool,
 }
 
 impl PublishError {
-    pub fn new(id: i64, reason: impl Into<String>) -> Self {
-        Self { id, reason: reason.into(), full: false }
+    pub fn new(id: i64, source: crate::Error) -> Self {
+        Self { id, source, full: false }
     }
 }
 

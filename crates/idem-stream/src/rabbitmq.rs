@@ -32,21 +32,28 @@ use tokio::sync::Mutex;
 
 use crate::consume::{Received, Settle, Subscription};
 use crate::publish::{OutboxMessage, PublishError, Publisher};
+use crate::{Error, Result};
 
 /// The most messages a consumer may hold unacknowledged, whatever its prefetch asks.
 pub const MAX_PREFETCH: u16 = 10_000;
 
-async fn open_channel(uri: &str, name: &str) -> Result<(Connection, Channel), String> {
+/// How errors name this broker.
+const RABBITMQ: &str = "RabbitMQ";
+
+/// For `map_err`: a RabbitMQ error while doing `context`.
+fn failed(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
+    Error::from_broker(RABBITMQ, context)
+}
+
+async fn open_channel(uri: &str, name: &str) -> Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(uri, properties)
-        .await
-        .map_err(|error| format!("connecting to RabbitMQ: {error}"))?;
-    let channel = connection.create_channel().await.map_err(|error| error.to_string())?;
+    let connection = Connection::connect(uri, properties).await.map_err(failed("connect"))?;
+    let channel = connection.create_channel().await.map_err(failed("open a channel"))?;
     Ok((connection, channel))
 }
 
-fn short(text: &str, what: &str) -> Result<ShortString, String> {
-    ShortString::try_new(text).map_err(|error| format!("{what} {text:?}: {error}"))
+fn short(text: &str, what: &str) -> Result<ShortString> {
+    ShortString::try_new(text).map_err(|error| Error::Config(format!("{what} {text:?}: {error}")))
 }
 
 /// Declares a durable quorum queue `queue` and, unless `exchange` is empty (the default
@@ -56,15 +63,14 @@ pub async fn declare_queue(
     queue: &str,
     exchange: &str,
     routing_key: &str,
-) -> Result<(), String> {
+) -> Result<()> {
     let (connection, channel) = open_channel(uri, "idem-declare").await?;
     let mut arguments = FieldTable::default();
     arguments.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-    let error = |error: lapin::Error| error.to_string();
     channel
         .queue_declare(short(queue, "queue")?, QueueDeclareOptions::durable(), arguments)
         .await
-        .map_err(error)?;
+        .map_err(failed(format!("declare queue {queue}")))?;
     if !exchange.is_empty() {
         channel
             .queue_bind(
@@ -75,9 +81,9 @@ pub async fn declare_queue(
                 FieldTable::default(),
             )
             .await
-            .map_err(error)?;
+            .map_err(failed(format!("bind queue {queue} to exchange {exchange}")))?;
     }
-    connection.close(200, "declared".into()).await.map_err(error)
+    connection.close(200, "declared".into()).await.map_err(failed("close"))
 }
 
 /// Publishes outbox events to `exchange` with the event's topic as routing key (with the
@@ -100,7 +106,7 @@ impl std::fmt::Debug for RabbitPublisher {
 
 impl RabbitPublisher {
     /// Connects to `uri` (`amqp://user:password@host:5672/%2f`) and checks the link works.
-    pub async fn connect(uri: &str, exchange: &str) -> Result<Self, String> {
+    pub async fn connect(uri: &str, exchange: &str) -> Result<Self> {
         let publisher = Self {
             uri: uri.to_owned(),
             exchange: short(exchange, "exchange")?,
@@ -110,7 +116,7 @@ impl RabbitPublisher {
         Ok(publisher)
     }
 
-    async fn channel(&self) -> Result<Channel, String> {
+    async fn channel(&self) -> Result<Channel> {
         let mut link = self.link.lock().await;
         if let Some((connection, channel)) = link.as_ref() {
             if connection.status().connected() && channel.status().connected() {
@@ -122,12 +128,12 @@ impl RabbitPublisher {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
-            .map_err(|error| error.to_string())?;
+            .map_err(failed("turn publisher confirms on"))?;
         *link = Some((connection, channel.clone()));
         Ok(channel)
     }
 
-    fn properties(message: &OutboxMessage) -> Result<BasicProperties, String> {
+    fn properties(message: &OutboxMessage) -> Result<BasicProperties> {
         let mut headers = FieldTable::default();
         headers.insert(
             crate::publish::KEY_HEADER.into(),
@@ -148,12 +154,19 @@ impl RabbitPublisher {
 #[async_trait]
 impl Publisher for RabbitPublisher {
     async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
-        let failed =
-            |message: &OutboxMessage, reason: String| PublishError::new(message.id, reason);
         let channel = match self.channel().await {
             Ok(channel) => channel,
-            Err(reason) => {
-                return messages.iter().map(|m| Err(failed(m, reason.clone()))).collect();
+            Err(error) => {
+                let reason = error.to_string();
+                return messages
+                    .iter()
+                    .map(|m| {
+                        Err(PublishError::new(
+                            m.id,
+                            Error::broker(RABBITMQ, "connect", reason.clone()),
+                        ))
+                    })
+                    .collect();
             }
         };
         // Send every message first, then wait for the confirms: one key each, so order within
@@ -170,29 +183,30 @@ impl Publisher for RabbitPublisher {
                         properties,
                     )
                     .await
-                    .map_err(|error| error.to_string()),
-                (Err(reason), _) | (_, Err(reason)) => Err(reason),
+                    .map_err(failed("publish")),
+                (Err(error), _) | (_, Err(error)) => Err(error),
             };
             pending.push(sent);
         }
         let mut results = Vec::with_capacity(messages.len());
         for (message, sent) in messages.iter().zip(pending) {
+            let refused = |reason: String| Error::broker(RABBITMQ, "publish", reason);
             let confirmed = match sent {
                 Ok(confirm) => match confirm.await {
                     Ok(Confirmation::Ack(None)) => Ok(()),
-                    Ok(Confirmation::Ack(Some(returned))) => Err(format!(
+                    Ok(Confirmation::Ack(Some(returned))) => Err(refused(format!(
                         "no queue took it (returned: {} {})",
                         returned.reply_code, returned.reply_text
-                    )),
-                    Ok(Confirmation::Nack(_)) => Err("RabbitMQ refused it (nack)".to_owned()),
+                    ))),
+                    Ok(Confirmation::Nack(_)) => Err(refused("refused (nack)".to_owned())),
                     Ok(Confirmation::NotRequested) => {
-                        Err("publisher confirms are off on this channel".to_owned())
+                        Err(refused("publisher confirms are off on this channel".to_owned()))
                     }
-                    Err(error) => Err(error.to_string()),
+                    Err(error) => Err(failed("publish confirm")(error)),
                 },
-                Err(reason) => Err(reason),
+                Err(error) => Err(error),
             };
-            results.push(confirmed.map_err(|reason| failed(message, reason)));
+            results.push(confirmed.map_err(|error| PublishError::new(message.id, error)));
         }
         results
     }
@@ -222,7 +236,7 @@ impl RabbitSubscription {
     /// Consumes from the existing queue `queue`, holding at most `prefetch` messages
     /// unacknowledged (the runner's concurrency, plus room for messages waiting out a retry
     /// delay). Fails at once if the queue does not exist.
-    pub async fn consume(uri: &str, queue: &str, prefetch: u16) -> Result<Self, String> {
+    pub async fn consume(uri: &str, queue: &str, prefetch: u16) -> Result<Self> {
         let mut subscription = Self {
             uri: uri.to_owned(),
             queue: short(queue, "queue")?,
@@ -234,15 +248,17 @@ impl RabbitSubscription {
         Ok(subscription)
     }
 
-    async fn connect(&mut self) -> Result<&mut lapin::Consumer, String> {
+    async fn connect(&mut self) -> Result<&mut lapin::Consumer> {
         let usable = self.consumer.as_ref().is_some_and(|(connection, channel, _)| {
             connection.status().connected() && channel.status().connected()
         });
         if !usable {
             self.consumer = None;
             let (connection, channel) = open_channel(&self.uri, "idem-consumer").await?;
-            let error = |error: lapin::Error| error.to_string();
-            channel.basic_qos(self.prefetch, BasicQosOptions::default()).await.map_err(error)?;
+            channel
+                .basic_qos(self.prefetch, BasicQosOptions::default())
+                .await
+                .map_err(failed("set the prefetch"))?;
             let consumer = channel
                 .basic_consume(
                     self.queue.clone(),
@@ -251,7 +267,7 @@ impl RabbitSubscription {
                     FieldTable::default(),
                 )
                 .await
-                .map_err(|error| format!("consuming from queue {}: {error}", self.queue))?;
+                .map_err(failed(format!("consume from queue {}", self.queue)))?;
             self.consumer = Some((connection, channel, consumer));
         }
         Ok(&mut self.consumer.as_mut().expect("connected above").2)
@@ -320,11 +336,7 @@ impl RabbitSubscription {
 impl Subscription for RabbitSubscription {
     type Token = lapin::Acker;
 
-    async fn fetch(
-        &mut self,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<(Received, Self::Token)>, String> {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<(Received, Self::Token)>> {
         let consumer = self.connect().await?;
         let mut deliveries = Vec::new();
         // Wait for the first message, then take whatever else has already arrived.
@@ -339,14 +351,18 @@ impl Subscription for RabbitSubscription {
                 Some(Err(error)) => {
                     self.consumer = None;
                     if deliveries.is_empty() {
-                        return Err(error.to_string());
+                        return Err(failed("fetch")(error));
                     }
                     break;
                 }
                 None => {
                     self.consumer = None;
                     if deliveries.is_empty() {
-                        return Err(format!("the consumer on queue {} was cancelled", self.queue));
+                        return Err(Error::broker(
+                            RABBITMQ,
+                            "fetch",
+                            format!("the consumer on queue {} was cancelled", self.queue),
+                        ));
                     }
                     break;
                 }
@@ -366,15 +382,17 @@ impl Subscription for RabbitSubscription {
             .collect())
     }
 
-    async fn settle(&self, acker: Self::Token, settle: Settle) -> Result<(), String> {
+    async fn settle(&self, acker: Self::Token, settle: Settle) -> Result<()> {
         match settle {
             Settle::Ack => match acker.ack(BasicAckOptions::default()).await {
                 Ok(true) => Ok(()),
                 // The channel it came on is gone: RabbitMQ requeues the message.
-                Ok(false) => {
-                    Err("the channel closed before the ack; it will be redelivered".into())
-                }
-                Err(error) => Err(error.to_string()),
+                Ok(false) => Err(Error::broker(
+                    RABBITMQ,
+                    "ack",
+                    "the channel closed before the ack; it will be redelivered",
+                )),
+                Err(error) => Err(failed("ack")(error)),
             },
             // RabbitMQ has no delayed requeue: hold the message (it counts against the
             // prefetch limit) for the delay, then return it to the queue. Should the

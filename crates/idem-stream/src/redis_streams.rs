@@ -15,6 +15,15 @@ use redis::streams::{StreamId, StreamPendingCountReply, StreamReadOptions, Strea
 
 use crate::consume::{Received, Settle, Subscription};
 use crate::publish::{OutboxMessage, PublishError, Publisher};
+use crate::{Error, Result};
+
+/// How errors name this broker.
+const REDIS: &str = "Redis";
+
+/// For `map_err`: a Redis error while doing `context`.
+fn failed(context: impl Into<String>) -> impl FnOnce(redis::RedisError) -> Error {
+    Error::from_broker(REDIS, context)
+}
 
 /// Publishes outbox events with `XADD`, and trims each stream of what every consumer group has
 /// acknowledged, never more.
@@ -150,34 +159,44 @@ impl Publisher for RedisStreamsPublisher {
         pipeline.ignore_errors();
         let mut connection = self.connection.clone();
         let max_len = self.max_len;
-        let failed = |message: &OutboxMessage, error: redis::RedisError| {
+        let refused = |message: &OutboxMessage, error: redis::RedisError| {
             if error.to_string().contains("IDEMFULL") {
                 let reason = format!(
                     "stream {} holds {max_len} entries not yet acknowledged by every consumer group (one lags, or none reads it); publishing resumes as they catch up",
                     message.topic
                 );
-                PublishError { full: true, ..PublishError::new(message.id, reason) }
+                let error = Error::broker(REDIS, "XADD", reason);
+                PublishError { full: true, ..PublishError::new(message.id, error) }
             } else {
-                PublishError::new(message.id, error.to_string())
+                PublishError::new(message.id, failed("XADD")(error))
             }
         };
         match pipeline.query_async::<Vec<redis::RedisResult<String>>>(&mut connection).await {
             Ok(replies) if replies.len() == messages.len() => messages
                 .iter()
                 .zip(replies)
-                .map(|(message, reply)| reply.map(drop).map_err(|e| failed(message, e)))
+                .map(|(message, reply)| reply.map(drop).map_err(|e| refused(message, e)))
                 .collect(),
             Ok(replies) => {
                 let reason = format!("{} replies to {} XADDs", replies.len(), messages.len());
                 messages
                     .iter()
-                    .map(|message| Err(PublishError::new(message.id, reason.clone())))
+                    .map(|message| {
+                        let error = Error::broker(REDIS, "XADD", reason.clone());
+                        Err(PublishError::new(message.id, error))
+                    })
                     .collect()
             }
-            Err(error) => messages
-                .iter()
-                .map(|message| Err(PublishError::new(message.id, error.to_string())))
-                .collect(),
+            Err(error) => {
+                let reason = error.to_string();
+                messages
+                    .iter()
+                    .map(|message| {
+                        let error = Error::broker(REDIS, "XADD", reason.clone());
+                        Err(PublishError::new(message.id, error))
+                    })
+                    .collect()
+            }
         }
     }
 }
@@ -218,13 +237,11 @@ impl RedisStreamsSubscription {
         group: &str,
         consumer: &str,
         claim_idle: Duration,
-    ) -> Result<Self, String> {
+    ) -> Result<Self> {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_response_timeout(Some(MAX_BLOCK + Duration::from_secs(5)));
-        let connection = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|error| error.to_string())?;
+        let connection =
+            client.get_connection_manager_with_config(config).await.map_err(failed("connect"))?;
         let mut connection_for_setup = connection.clone();
         let created: redis::RedisResult<String> = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -237,7 +254,7 @@ impl RedisStreamsSubscription {
         match created {
             Ok(_) => {}
             Err(error) if error.code() == Some("BUSYGROUP") => {}
-            Err(error) => return Err(error.to_string()),
+            Err(error) => return Err(failed(format!("create group {group} on {stream}"))(error)),
         }
         Ok(Self {
             connection,
@@ -284,13 +301,8 @@ impl Subscription for RedisStreamsSubscription {
     /// The entry's id in the stream.
     type Token = String;
 
-    async fn fetch(
-        &mut self,
-        max: usize,
-        wait: Duration,
-    ) -> Result<Vec<(Received, String)>, String> {
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<(Received, String)>> {
         let mut connection = self.connection.clone();
-        let error = |error: redis::RedisError| error.to_string();
         // First, entries others took and abandoned (idle past claim_idle), with their counts.
         let pending: StreamPendingCountReply = redis::cmd("XPENDING")
             .arg(&self.stream)
@@ -302,7 +314,7 @@ impl Subscription for RedisStreamsSubscription {
             .arg(max)
             .query_async(&mut connection)
             .await
-            .map_err(error)?;
+            .map_err(failed("XPENDING"))?;
         let mut batch = Vec::new();
         if !pending.ids.is_empty() {
             let deliveries: HashMap<String, u64> = pending
@@ -320,7 +332,7 @@ impl Subscription for RedisStreamsSubscription {
                 claim.arg(&entry.id);
             }
             let claimed: redis::streams::StreamClaimReply =
-                claim.query_async(&mut connection).await.map_err(error)?;
+                claim.query_async(&mut connection).await.map_err(failed("XCLAIM"))?;
             for entry in &claimed.ids {
                 // XCLAIM counted this delivery too.
                 let attempt = deliveries.get(&entry.id).copied().unwrap_or(1) + 1;
@@ -339,7 +351,7 @@ impl Subscription for RedisStreamsSubscription {
                 &options,
             )
             .await
-            .map_err(error)?;
+            .map_err(failed("XREADGROUP"))?;
             for key in reply.map(|reply| reply.keys).unwrap_or_default() {
                 for entry in &key.ids {
                     batch.push((self.received(entry, 1), entry.id.clone()));
@@ -349,7 +361,7 @@ impl Subscription for RedisStreamsSubscription {
         Ok(batch)
     }
 
-    async fn settle(&self, token: String, settle: Settle) -> Result<(), String> {
+    async fn settle(&self, token: String, settle: Settle) -> Result<()> {
         match settle {
             Settle::Ack => {
                 let mut connection = self.connection.clone();
@@ -361,7 +373,7 @@ impl Subscription for RedisStreamsSubscription {
                 )
                 .await
                 .map(drop)
-                .map_err(|error| error.to_string())
+                .map_err(failed("XACK"))
             }
             // Redis has no delayed redelivery: the entry stays pending and is claimed again
             // once idle past `claim_idle`, which is the retry delay here.

@@ -160,7 +160,7 @@ async fn scenario(batched: bool) {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 };
                 let subscription = subscription.await;
-                let report = if batched {
+                if batched {
                     let config = RunnerConfig { concurrency: 20, ..config };
                     consume::run_batches(
                         subscription,
@@ -172,8 +172,7 @@ async fn scenario(batched: bool) {
                     .await
                 } else {
                     consume::run(subscription, handler, dead_letters, config, shutdown).await
-                };
-                report.unwrap()
+                }
             })
         })
         .collect();

@@ -24,7 +24,7 @@ struct NoDeadLetters;
 
 #[async_trait::async_trait]
 impl DeadLetter for NoDeadLetters {
-    async fn bury(&self, message: &Received, failure: &str) -> Result<(), String> {
+    async fn bury(&self, message: &Received, failure: &str) -> idem_stream::Result<()> {
         panic!("nothing fails here, yet {} was buried: {failure}", message.id)
     }
 }
@@ -112,7 +112,7 @@ async fn the_runner_rides_out_a_dropped_broker_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.send(()).unwrap();
-    let report = runner.await.unwrap().unwrap();
+    let report = runner.await.unwrap();
     let (distinct, runs) = {
         let handled = handled.lock().unwrap();
         (handled.0.len(), handled.1)
@@ -179,7 +179,7 @@ struct Burials {
 
 #[async_trait::async_trait]
 impl DeadLetter for Burials {
-    async fn bury(&self, message: &Received, _failure: &str) -> Result<(), String> {
+    async fn bury(&self, message: &Received, _failure: &str) -> idem_stream::Result<()> {
         self.buried.lock().unwrap().push((message.id.clone(), message.attempt));
         Ok(())
     }
@@ -272,7 +272,7 @@ async fn a_poison_message_is_dead_lettered_after_max_attempts_on_classic_and_quo
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let _ = stop.send(());
-        let report = runner.await.unwrap().unwrap();
+        let report = runner.await.unwrap();
         let mut buried = burials.buried.lock().unwrap().clone();
         buried.sort();
         let runs = runs.lock().unwrap().clone();
@@ -336,7 +336,7 @@ async fn a_copy_arriving_while_the_first_waits_is_settled_with_it() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop.send(());
-    let report = runner.await.unwrap().unwrap();
+    let report = runner.await.unwrap();
     assert_eq!(*runs.lock().unwrap(), ["idem-outbox-1", "idem-outbox-2"], "each id ran once");
     assert_eq!(report.handled, 2, "{report:?}");
     // The runner's channel is closed: anything it left unacknowledged is back in the queue.

@@ -146,7 +146,7 @@ async fn poison_messages_are_buried_once_across_a_postgres_restart() {
     // Past the redelivery of anything left unsettled: nothing buried runs again.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = stop.send(true);
-    let report = runner.await.unwrap().unwrap();
+    let report = runner.await.unwrap();
     let runs = runs.lock().unwrap().clone();
     assert_eq!(runs, runs_when_done, "a buried message ran again");
     assert!(report.unavailable > 0, "the outage was met: {report:?}");

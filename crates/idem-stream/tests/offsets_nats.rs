@@ -53,7 +53,7 @@ async fn consumer(
     pool: deadpool_postgres::Pool,
     failed_once: Arc<Mutex<HashSet<String>>>,
     database: &str,
-) -> tokio::task::JoinHandle<Result<consume::RunReport, String>> {
+) -> tokio::task::JoinHandle<consume::RunReport> {
     let offsets = Offsets::new("ledger").unwrap();
     let client = pool.get().await.unwrap();
     let positions = offsets.positions(&**client).await.unwrap();

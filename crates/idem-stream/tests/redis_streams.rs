@@ -148,7 +148,6 @@ async fn redelivered_and_republished_entries_apply_once() {
                     shutdown,
                 )
                 .await
-                .unwrap()
             })
         })
         .collect();
@@ -266,7 +265,7 @@ async fn a_lagging_group_loses_nothing_to_trimming() {
     for id in 1..=150 {
         match publisher.publish(&[message(id)]).await.remove(0) {
             Ok(()) => published.push(id),
-            Err(error) => refused.push((id, error.reason)),
+            Err(error) => refused.push((id, error.source.to_string())),
         }
     }
     assert_eq!(published.len(), 100, "the bound: {refused:?}");

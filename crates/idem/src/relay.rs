@@ -286,7 +286,8 @@ async fn publisher(args: &RelayArgs) -> Result<Box<dyn Publisher>, String> {
             Ok(Box::new(JetStreamPublisher::new(async_nats::jetstream::new(client))))
         }
         "amqp" | "amqps" => {
-            Ok(Box::new(RabbitPublisher::connect(&args.broker, &args.exchange).await?))
+            let publisher = RabbitPublisher::connect(&args.broker, &args.exchange).await;
+            Ok(Box::new(publisher.map_err(|error| error.to_string())?))
         }
         "redis" | "rediss" => {
             if args.stream_max_len == 0 {

@@ -60,18 +60,14 @@ impl DeadLetters {
 
 #[async_trait::async_trait]
 impl crate::consume::DeadLetter for DeadLetters {
-    async fn bury(
-        &self,
-        message: &crate::consume::Received,
-        failure: &str,
-    ) -> std::result::Result<(), String> {
+    async fn bury(&self, message: &crate::consume::Received, failure: &str) -> Result<()> {
         let headers: Vec<&str> = message
             .headers
             .iter()
             .flat_map(|(name, value)| [name.as_str(), value.as_str()])
             .collect();
         let bury = async {
-            let client = self.pool.get().await.map_err(|error| error.to_string())?;
+            let client = self.pool.get().await?;
             client
             .execute(
                 // One dead letter per message: a redelivered copy that fails again is not
@@ -90,11 +86,11 @@ impl crate::consume::DeadLetter for DeadLetters {
             )
             .await
             .map(drop)
-            .map_err(|error| error.to_string())
+            .map_err(crate::Error::from)
         };
         match tokio::time::timeout(Self::TIMEOUT, bury).await {
             Ok(buried) => buried,
-            Err(_) => Err(format!("the database did not answer within {:?}", Self::TIMEOUT)),
+            Err(_) => Err(crate::Error::Timeout(Self::TIMEOUT)),
         }
     }
 }

@@ -94,7 +94,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let handler = move |message: Received| apply(pool.clone(), inbox.clone(), message);
     println!("ledger consuming {} as {}", args.stream, args.durable);
     let config = RunnerConfig { concurrency: args.concurrency, ..RunnerConfig::default() };
-    consume::run(subscription, handler, dead_letters, config, idem::serve::shutdown_signal())
-        .await?;
+    let report =
+        consume::run(subscription, handler, dead_letters, config, idem::serve::shutdown_signal())
+            .await;
+    println!("ledger stopped: {report:?}");
     Ok(())
 }
