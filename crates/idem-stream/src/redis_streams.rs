@@ -266,34 +266,47 @@ impl RedisStreamsSubscription {
     }
 
     fn received(&self, entry: &StreamId, attempt: u64) -> Received {
-        let text = |name: &str| match entry.map.get(name) {
-            Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
-            _ => String::new(),
-        };
-        let payload = match entry.map.get("payload") {
-            Some(redis::Value::BulkString(bytes)) => Bytes::from(bytes.clone()),
-            _ => Bytes::new(),
-        };
-        let mut headers: Vec<(String, String)> = entry
-            .map
-            .iter()
-            .filter_map(|(name, value)| match (name.strip_prefix("h:"), value) {
-                (Some(name), redis::Value::BulkString(bytes)) => {
-                    Some((name.to_owned(), String::from_utf8_lossy(bytes).into_owned()))
-                }
-                _ => None,
-            })
-            .collect();
-        headers.sort();
-        headers.push((crate::publish::KEY_HEADER.into(), text("key")));
-        headers.push((crate::publish::SEQ_HEADER.into(), text("seq")));
-        let id = match text("id") {
-            // Not the entry id: a producer's retry is a new entry.
-            id if id.is_empty() => crate::content_id("sha256-", &self.stream, &headers, &payload),
-            id => id,
-        };
-        Received { id, subject: self.stream.clone(), payload, headers, attempt, position: None }
+        received_from(&self.stream, entry, attempt)
     }
+}
+
+/// An entry of `stream` as the consumer sees it, by the one message-id rule.
+fn received_from(stream: &str, entry: &StreamId, attempt: u64) -> Received {
+    let text = |name: &str| match entry.map.get(name) {
+        Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
+        _ => String::new(),
+    };
+    let payload = match entry.map.get("payload") {
+        Some(redis::Value::BulkString(bytes)) => Bytes::from(bytes.clone()),
+        _ => Bytes::new(),
+    };
+    let mut headers: Vec<(String, String)> = entry
+        .map
+        .iter()
+        .filter_map(|(name, value)| match (name.strip_prefix("h:"), value) {
+            (Some(name), redis::Value::BulkString(bytes)) => {
+                Some((name.to_owned(), String::from_utf8_lossy(bytes).into_owned()))
+            }
+            _ => None,
+        })
+        .collect();
+    headers.sort();
+    // The relay's key and seq, when a relay wrote the entry (another producer's entries have
+    // no key, and are then not ordered by one).
+    for (field, header) in
+        [("key", crate::publish::KEY_HEADER), ("seq", crate::publish::SEQ_HEADER)]
+    {
+        let value = text(field);
+        if !value.is_empty() {
+            headers.push((header.into(), value));
+        }
+    }
+    let id = match text("id") {
+        // Not the entry id: a producer's retry is a new entry.
+        id if id.is_empty() => crate::content_id("sha256-", stream, &headers, &payload),
+        id => id,
+    };
+    Received { id, subject: stream.to_owned(), payload, headers, attempt, position: None }
 }
 
 #[async_trait]
@@ -379,5 +392,164 @@ impl Subscription for RedisStreamsSubscription {
             // once idle past `claim_idle`, which is the retry delay here.
             Settle::Retry(_) => Ok(()),
         }
+    }
+}
+
+/// Bits of a position that hold the entry id's sequence part (the rest hold its milliseconds).
+const SEQ_BITS: u32 = 20;
+
+/// An entry id (`<ms>-<seq>`) as an offsets-mode position: `ms << 20 | seq`, so positions
+/// order as the ids do. `None` for an id past what that holds: milliseconds beyond 2^43 (the
+/// year 2248) or a sequence of 2^20 or more within one millisecond, which only ids a producer
+/// chose itself reach (Redis numbers its own from 0 each millisecond).
+pub fn position_of(entry_id: &str) -> Option<u64> {
+    let (ms, seq) = entry_id.split_once('-')?;
+    let (ms, seq): (u64, u64) = (ms.parse().ok()?, seq.parse().ok()?);
+    if ms >= 1 << (63 - SEQ_BITS) || seq >= 1 << SEQ_BITS {
+        return None;
+    }
+    Some(ms << SEQ_BITS | seq)
+}
+
+/// The entry id a position stands for ([`position_of`]'s inverse).
+pub fn entry_id_of(position: u64) -> String {
+    format!("{}-{}", position >> SEQ_BITS, position & ((1 << SEQ_BITS) - 1))
+}
+
+/// Most streams one [`RedisStreamsPartitions`] reads.
+pub const MAX_PARTITIONS: usize = 1_000;
+
+/// The offsets mode's source on Redis: each partition is a stream, read with `XREAD` (no
+/// consumer group, nothing to acknowledge) after the position its consumer recorded
+/// ([`crate::postgres::Offsets::positions`]); the recorded position is the cursor. After a
+/// restart each stream is read again from there, so nothing is skipped and nothing applied is
+/// applied again. Each message's position is its entry id ([`position_of`]). Run it with the
+/// runner ordered by subject ([`crate::consume::OrderBy::Subject`]), so each stream is handled
+/// in order.
+///
+/// Trimming: nothing here holds entries in the stream. A stream trimmed past a consumer's
+/// position (by `XADD MAXLEN`, or `XTRIM` elsewhere) loses those entries for it; the relay's
+/// publisher trims only what consumer groups acknowledged, and this reader is not a group.
+pub struct RedisStreamsPartitions {
+    connection: ConnectionManager,
+    streams: Vec<String>,
+    /// Per stream, the last entry id handed out (at first, the recorded one).
+    cursors: Vec<String>,
+}
+
+impl std::fmt::Debug for RedisStreamsPartitions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStreamsPartitions")
+            .field("streams", &self.streams)
+            .field("cursors", &self.cursors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStreamsPartitions {
+    /// Starts reading each `(stream, after)` partition after position `after` (0: from the
+    /// start), on a connection of its own (a blocking `XREAD` holds it for its whole wait).
+    pub async fn start(
+        client: &redis::Client,
+        partitions: impl IntoIterator<Item = (String, u64)>,
+    ) -> Result<Self> {
+        let (streams, cursors): (Vec<String>, Vec<String>) =
+            partitions.into_iter().map(|(stream, after)| (stream, entry_id_of(after))).unzip();
+        if streams.is_empty() || streams.len() > MAX_PARTITIONS {
+            return Err(Error::Config(format!(
+                "{} partitions; read 1 to {MAX_PARTITIONS} streams",
+                streams.len()
+            )));
+        }
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(MAX_BLOCK + Duration::from_secs(5)));
+        let connection =
+            client.get_connection_manager_with_config(config).await.map_err(failed("connect"))?;
+        Ok(Self { connection, streams, cursors })
+    }
+}
+
+#[async_trait]
+impl Subscription for RedisStreamsPartitions {
+    /// Nothing to settle: the recorded position is the cursor.
+    type Token = ();
+
+    async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<(Received, ())>> {
+        let mut connection = self.connection.clone();
+        let options = StreamReadOptions::default()
+            .count(max.max(1))
+            .block(wait.min(MAX_BLOCK).as_millis().max(1) as usize);
+        let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
+            &mut connection,
+            &self.streams,
+            &self.cursors,
+            &options,
+        )
+        .await
+        .map_err(failed("XREAD"))?;
+        let mut batch = Vec::new();
+        // `COUNT` is per stream: take at most `max` in all, moving each cursor only past what
+        // was taken, so the rest is read again next time.
+        'streams: for key in reply.map(|reply| reply.keys).unwrap_or_default() {
+            let Some(index) = self.streams.iter().position(|stream| *stream == key.key) else {
+                continue;
+            };
+            for entry in &key.ids {
+                if batch.len() >= max {
+                    break 'streams;
+                }
+                let Some(position) = position_of(&entry.id) else {
+                    if !batch.is_empty() {
+                        // Hand out what came before it; the error comes on the next fetch.
+                        break 'streams;
+                    }
+                    return Err(Error::broker(
+                        REDIS,
+                        format!("read stream {}", key.key),
+                        format!(
+                            "entry id {} is past what a position holds (milliseconds below 2^43, a sequence below 2^20); the offsets mode cannot read this stream",
+                            entry.id
+                        ),
+                    ));
+                };
+                let mut received = received_from(&key.key, entry, 1);
+                received.position = Some(position);
+                self.cursors[index] = entry.id.clone();
+                batch.push((received, ()));
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn settle(&self, (): (), _settle: Settle) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{entry_id_of, position_of};
+
+    #[test]
+    fn positions_order_as_entry_ids_do_and_convert_back() {
+        let ids = ["0-0", "0-1", "1-0", "1700000000000-0", "1700000000000-7", "1700000000001-0"];
+        let positions: Vec<u64> = ids.iter().map(|id| position_of(id).unwrap()).collect();
+        assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "{positions:?}");
+        for (id, position) in ids.iter().zip(&positions) {
+            assert_eq!(entry_id_of(*position), *id);
+        }
+        // What i64 (the offsets table's column) holds.
+        assert!(
+            position_of(&format!("{}-{}", (1u64 << 43) - 1, (1 << 20) - 1)).unwrap()
+                <= i64::MAX as u64
+        );
+    }
+
+    #[test]
+    fn ids_past_what_a_position_holds_are_refused() {
+        assert_eq!(position_of(&format!("1-{}", 1 << 20)), None);
+        assert_eq!(position_of(&format!("{}-0", 1u64 << 43)), None);
+        assert_eq!(position_of("12"), None);
+        assert_eq!(position_of("a-1"), None);
     }
 }

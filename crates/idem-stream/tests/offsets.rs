@@ -1,0 +1,274 @@
+//! The offsets mode against the real brokers and PostgreSQL, on each source with positions
+//! (JetStream subjects, Redis streams): 2,000 payments over 10 partitions, some failing once,
+//! a few always (dead-lettered). The consumer is killed mid-stream (its runner aborted while
+//! handlers are in flight; their transactions commit or not on their own), a new one starts
+//! from the recorded positions, and then a third after everything was applied. Every payment
+//! is applied once, the balance is the sum, and the state is one row per partition.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use idem_core::conformance::service_url;
+use idem_stream::consume::{self, Failure, OrderBy, Received, RunnerConfig, Subscription};
+use idem_stream::nats::JetStreamPartitions;
+use idem_stream::postgres::{DeadLetters, Offsets};
+use idem_stream::redis_streams::RedisStreamsPartitions;
+use idem_stream::{Delivery, Error};
+use tokio_postgres::NoTls;
+
+const PAYMENTS: usize = 2_000;
+const PARTITIONS: usize = 10;
+
+/// Payment `index`: its kind (`ok`, `flaky`: fails once, `poison`: always) and amount.
+fn payment(index: usize) -> (&'static str, i64) {
+    let kind = if POISON.contains(&index) {
+        "poison"
+    } else if index % 37 == 0 {
+        "flaky"
+    } else {
+        "ok"
+    };
+    (kind, index as i64 + 1)
+}
+
+const POISON: [usize; 3] = [17, 444, 1999];
+
+/// Applies a payment in the transaction that advances its partition's position.
+async fn apply(
+    pool: &deadpool_postgres::Pool,
+    offsets: &Offsets,
+    message: &Received,
+    cents: i64,
+) -> Result<(), Failure> {
+    let mut client = pool.get().await.map_err(Failure::unavailable)?;
+    let transaction = client.transaction().await.map_err(Error::from)?;
+    let position = message.position.ok_or("no position")?;
+    if offsets.advance(&transaction, &message.subject, position).await? == Delivery::First {
+        transaction
+            .execute("UPDATE ledger SET cents = cents + $1 WHERE id = 1", &[&cents])
+            .await
+            .map_err(Error::from)?;
+        transaction
+            .execute("INSERT INTO applied VALUES ($1)", &[&message.id])
+            .await
+            .map_err(Error::from)?;
+    }
+    transaction.commit().await.map_err(Error::from)?;
+    Ok(())
+}
+
+/// A consumer reading `partitions` from the positions recorded so far, through `start`.
+async fn consumer<S, F, Fut>(
+    partitions: &[String],
+    start: &F,
+    pool: deadpool_postgres::Pool,
+    failed_once: Arc<Mutex<HashSet<String>>>,
+    database: &str,
+) -> tokio::task::JoinHandle<consume::RunReport>
+where
+    S: Subscription + Sync + 'static,
+    F: Fn(Vec<(String, u64)>) -> Fut,
+    Fut: Future<Output = S>,
+{
+    let offsets = Offsets::new("ledger").unwrap();
+    let client = pool.get().await.unwrap();
+    let positions: HashMap<String, u64> = offsets.positions(&**client).await.unwrap();
+    drop(client);
+    let from = partitions
+        .iter()
+        .map(|partition| (partition.clone(), positions.get(partition).copied().unwrap_or(0)))
+        .collect();
+    let subscription = start(from).await;
+    let handler = move |message: Received| {
+        let (pool, offsets, failed_once) =
+            (pool.clone(), offsets.clone(), Arc::clone(&failed_once));
+        async move {
+            let text = String::from_utf8_lossy(&message.payload).into_owned();
+            let (kind, cents) = text.split_once(':').ok_or("no kind")?;
+            let cents: i64 = cents.parse().map_err(|_| "bad amount")?;
+            if kind == "poison" {
+                return Err(Failure::rejected("account closed"));
+            }
+            if kind == "flaky" && failed_once.lock().unwrap().insert(message.id.clone()) {
+                return Err(Failure::rejected("flaky: fails once"));
+            }
+            apply(&pool, &offsets, &message, cents).await
+        }
+    };
+    let config = RunnerConfig {
+        concurrency: 8,
+        max_attempts: 3,
+        backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        fetch_wait: Duration::from_millis(100),
+        order_by: OrderBy::Subject,
+        ..RunnerConfig::default()
+    };
+    let dead_letters = Arc::new(DeadLetters::connect(database, "ledger").unwrap());
+    tokio::spawn(consume::run(subscription, handler, dead_letters, config, std::future::pending()))
+}
+
+/// Kills a consumer mid-stream, runs a second to the end and a third after it, over the
+/// payments already published to `partitions`, and checks every effect; `label` names the
+/// source in the printed summary.
+async fn kill_restart_and_count<S, F, Fut>(
+    label: &str,
+    partitions: &[String],
+    start: F,
+    mut client: tokio_postgres::Client,
+    database: &str,
+) where
+    S: Subscription + Sync + 'static,
+    F: Fn(Vec<(String, u64)>) -> Fut,
+    Fut: Future<Output = S>,
+{
+    Offsets::migrate(&mut client).await.unwrap();
+    let pool = {
+        let config: tokio_postgres::Config = database.parse().unwrap();
+        deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(config, NoTls))
+            .max_size(16)
+            .build()
+            .unwrap()
+    };
+    let failed_once: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let applied = async || -> i64 {
+        client.query_one("SELECT count(*) FROM applied", &[]).await.unwrap().get(0)
+    };
+    let run = |pool: deadpool_postgres::Pool| {
+        consumer(partitions, &start, pool, Arc::clone(&failed_once), database)
+    };
+
+    // The first consumer, killed mid-stream.
+    let first = run(pool.clone()).await;
+    let started = Instant::now();
+    while applied().await < 600 {
+        assert!(started.elapsed() < Duration::from_secs(60), "the first consumer is stuck");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort();
+    let _ = first.await;
+    let at_kill = applied().await;
+
+    // A new one from the recorded positions, until everything is applied or buried.
+    let second = run(pool.clone()).await;
+    let expected_applied = (PAYMENTS - POISON.len()) as i64;
+    let started = Instant::now();
+    loop {
+        let buried: i64 =
+            client.query_one("SELECT count(*) FROM idem_dead_letters", &[]).await.unwrap().get(0);
+        if applied().await >= expected_applied && buried >= POISON.len() as i64 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "stuck at {}", applied().await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    second.abort();
+    let _ = second.await;
+    // A third, after everything: reads nothing again (every position recorded).
+    let third = run(pool.clone()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    third.abort();
+    let _ = third.await;
+
+    let row = client
+        .query_one(
+            "SELECT (SELECT cents FROM ledger WHERE id = 1), count(*), count(DISTINCT message_id)
+             FROM applied",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (cents, total, distinct): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let sum: i64 = (0..PAYMENTS)
+        .map(payment)
+        .filter(|(kind, _)| *kind != "poison")
+        .map(|(_, cents)| cents)
+        .sum();
+    assert_eq!((total, distinct), (expected_applied, expected_applied), "each payment once");
+    assert_eq!(cents, sum, "the balance is the sum");
+    let state: i64 =
+        client.query_one("SELECT count(*) FROM idem_offsets", &[]).await.unwrap().get(0);
+    assert_eq!(state, PARTITIONS as i64, "one row per partition");
+    let buried: i64 =
+        client.query_one("SELECT count(*) FROM idem_dead_letters", &[]).await.unwrap().get(0);
+    assert_eq!(buried, POISON.len() as i64, "each poison payment buried once");
+    println!(
+        "offsets on {label}: {PAYMENTS} payments over {PARTITIONS} partitions; consumer killed at {at_kill} applied; \
+         after restart {total} applied once each, balance {cents}, {buried} dead letters, {state} offset rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offsets_on_jetstream_apply_each_payment_once_through_a_killed_consumer() {
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let Some((client, database)) = common::ledger_database("idem_offsets_nats").await else {
+        return;
+    };
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let prefix = format!("idemtest.offsets.{}", std::process::id());
+    let name = format!("IDEM_OFFSETS_{}", std::process::id());
+    let _ = jetstream.delete_stream(&name).await;
+    let stream = jetstream
+        .create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{prefix}.>")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let partitions: Vec<String> = (0..PARTITIONS).map(|p| format!("{prefix}.p{p}")).collect();
+    for index in 0..PAYMENTS {
+        let (kind, cents) = payment(index);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("payment-{index}").as_str());
+        let subject = partitions[index % PARTITIONS].clone();
+        let payload = Bytes::from(format!("{kind}:{cents}"));
+        jetstream.publish_with_headers(subject, headers, payload).await.unwrap().await.unwrap();
+    }
+    let start = |from: Vec<(String, u64)>| {
+        let stream = stream.clone();
+        async move { JetStreamPartitions::start(&stream, from).await.unwrap() }
+    };
+    kill_restart_and_count("JetStream", &partitions, start, client, &database).await;
+    let _ = jetstream.delete_stream(&name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn offsets_on_redis_streams_apply_each_payment_once_through_a_killed_consumer() {
+    let Some(redis_url) = service_url("IDEM_TEST_REDIS_URL") else { return };
+    let Some((client, database)) = common::ledger_database("idem_offsets_redis").await else {
+        return;
+    };
+    let redis = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let partitions: Vec<String> =
+        (0..PARTITIONS).map(|p| format!("idemtest:offsets:{}:p{p}", std::process::id())).collect();
+    let _: () = redis::cmd("DEL").arg(&partitions).query_async(&mut connection).await.unwrap();
+    for chunk in (0..PAYMENTS).collect::<Vec<_>>().chunks(500) {
+        let mut pipeline = redis::pipe();
+        for &index in chunk {
+            let (kind, cents) = payment(index);
+            pipeline
+                .cmd("XADD")
+                .arg(&partitions[index % PARTITIONS])
+                .arg("*")
+                .arg("id")
+                .arg(format!("payment-{index}"))
+                .arg("payload")
+                .arg(format!("{kind}:{cents}"));
+        }
+        let _: Vec<String> = pipeline.query_async(&mut connection).await.unwrap();
+    }
+    let start = |from: Vec<(String, u64)>| {
+        let redis = redis.clone();
+        async move { RedisStreamsPartitions::start(&redis, from).await.unwrap() }
+    };
+    kill_restart_and_count("Redis Streams", &partitions, start, client, &database).await;
+    let _: () = redis::cmd("DEL").arg(&partitions).query_async(&mut connection).await.unwrap();
+}
