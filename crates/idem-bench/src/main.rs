@@ -56,6 +56,9 @@ struct Args {
     /// Messages per messaging run [default: 20000, 1000 with --quick]
     #[arg(long)]
     messages: Option<usize>,
+    /// Only the messaging rows (needs --postgres and --nats), printed, no report written
+    #[arg(long)]
+    messaging_only: bool,
     /// The idem binary [default: beside this one]
     #[arg(long)]
     idem: Option<PathBuf>,
@@ -187,6 +190,15 @@ async fn run(args: Args) -> Result<(), String> {
         Duration::from_secs(5)
     });
     let rounds = args.rounds.unwrap_or(if quick { 2 } else { 3 }).max(1);
+    if args.messaging_only {
+        let (Some(postgres), Some(nats)) = (&args.postgres, &args.nats) else {
+            return Err("--messaging-only needs --postgres and --nats".into());
+        };
+        let messages = args.messages.unwrap_or(if quick { 1_000 } else { 20_000 }).max(1);
+        let results = messaging::run(postgres, nats, messages, rounds).await?;
+        print!("{}", report::messaging_section(&results));
+        return Ok(());
+    }
     let hold = args.hold.unwrap_or(if quick { 200 } else { 1_000 });
     let idem = match args.idem.clone() {
         Some(path) => path,

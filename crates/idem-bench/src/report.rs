@@ -394,7 +394,7 @@ impl Report<'_> {
     }
 }
 
-fn messaging_section(results: &crate::messaging::Results) -> String {
+pub fn messaging_section(results: &crate::messaging::Results) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,

@@ -26,6 +26,34 @@ pub(crate) struct Published {
     pub failed: usize,
 }
 
+impl Published {
+    /// Adds what a later part of the same round published (a subset of the same keys, each
+    /// continuing where this part left it).
+    pub fn merge(&mut self, later: Published) {
+        let mut index: std::collections::HashMap<(String, String), usize> = self
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(at, outcome)| ((outcome.topic.clone(), outcome.key.clone()), at))
+            .collect();
+        for outcome in later.keys {
+            match index.remove(&(outcome.topic.clone(), outcome.key.clone())) {
+                Some(at) => {
+                    let mine = &mut self.keys[at];
+                    mine.published_seq = mine.published_seq.max(outcome.published_seq);
+                    if outcome.error.is_some() {
+                        mine.error = outcome.error;
+                        mine.full = outcome.full;
+                    }
+                }
+                None => self.keys.push(outcome),
+            }
+        }
+        self.ids.extend(later.ids);
+        self.failed += later.failed;
+    }
+}
+
 /// Groups events (sorted by topic, key and seq) into one queue per key.
 pub(crate) fn queues_by_key(events: Vec<OutboxMessage>) -> Vec<VecDeque<OutboxMessage>> {
     let mut queues: Vec<VecDeque<OutboxMessage>> = Vec::new();

@@ -77,7 +77,8 @@ async fn enqueue(client: &mut Client, topic: &str, keys: usize, per_key: usize) 
 /// Every message in the stream, in stream order: (outbox message id, key, seq).
 /// Events not yet marked sent.
 async fn unsent(client: &Client) -> i64 {
-    let sql = "SELECT count(*) FROM idem_outbox WHERE sent_at IS NULL";
+    let sql = "SELECT count(*) FROM idem_outbox e JOIN idem_outbox_keys k USING (topic, key)
+               WHERE e.seq > k.published_seq AND e.discarded_at IS NULL";
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 

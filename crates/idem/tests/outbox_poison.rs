@@ -73,7 +73,9 @@ async fn relay_until<P: Publisher>(
 }
 
 async fn sent(client: &tokio_postgres::Client, topic: &str) -> i64 {
-    let sql = "SELECT count(*) FROM idem_outbox WHERE topic = $1 AND sent_at IS NOT NULL";
+    // Sent: at or below its key's published sequence (and not discarded).
+    let sql = "SELECT count(*) FROM idem_outbox e JOIN idem_outbox_keys k USING (topic, key)
+               WHERE e.topic = $1 AND e.seq <= k.published_seq AND e.discarded_at IS NULL";
     client.query_one(sql, &[&topic]).await.unwrap().get(0)
 }
 

@@ -116,7 +116,9 @@ async fn enqueue_payments(client: &mut tokio_postgres::Client, topic: &str) {
 }
 
 async fn marked_sent(client: &tokio_postgres::Client) -> i64 {
-    let sql = "SELECT count(*) FROM idem_outbox WHERE sent_at IS NOT NULL";
+    // Sent: at or below its key's published sequence (and not discarded).
+    let sql = "SELECT count(*) FROM idem_outbox e JOIN idem_outbox_keys k USING (topic, key)
+               WHERE e.seq <= k.published_seq AND e.discarded_at IS NULL";
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 

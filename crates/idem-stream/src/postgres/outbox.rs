@@ -55,8 +55,9 @@ impl Outbox {
                      WHERE published_seq < enqueued_seq AND parked_at IS NULL;
                  CREATE INDEX IF NOT EXISTS idem_outbox_keys_parked
                      ON idem_outbox_keys (parked_at) WHERE parked_at IS NOT NULL;
-                 CREATE INDEX IF NOT EXISTS idem_outbox_unsent
-                     ON idem_outbox (id) WHERE sent_at IS NULL AND discarded_at IS NULL;",
+                 -- Version 3: what was sent is the key's published_seq alone (sent_at is no
+                 -- longer written), so this index would hold every event.
+                 DROP INDEX IF EXISTS idem_outbox_unsent;",
         )
         .await
     }
@@ -70,9 +71,14 @@ impl Outbox {
                       FROM idem_outbox_keys WHERE published_seq < enqueued_seq),
                    (SELECT count(*) FROM idem_outbox_keys WHERE published_seq < enqueued_seq),
                    (SELECT count(*) FROM idem_outbox_keys WHERE parked_at IS NOT NULL),
-                   (SELECT extract(epoch FROM clock_timestamp() - created_at)::float8
-                      FROM idem_outbox WHERE sent_at IS NULL AND discarded_at IS NULL
-                      ORDER BY id LIMIT 1)",
+                   (SELECT extract(epoch FROM clock_timestamp() - min(head.created_at))::float8
+                      FROM idem_outbox_keys k
+                      CROSS JOIN LATERAL (
+                          SELECT created_at FROM idem_outbox e
+                          WHERE e.topic = k.topic AND e.key = k.key AND e.seq > k.published_seq
+                            AND e.discarded_at IS NULL
+                          ORDER BY e.seq LIMIT 1) head
+                      WHERE k.published_seq < k.enqueued_seq)",
                 &[],
             )
             .await?;
@@ -148,12 +154,13 @@ impl Outbox {
         Ok(Some((state, events)))
     }
 
-    /// Deletes events sent (or discarded) more than `older_than` ago, in batches of at most
-    /// `batch` rows walked in id order (each a short transaction of its own, so producers are
-    /// never held up), pausing `pause` between batches and stopping at the first batch that
-    /// reaches events newer than that, or after `max_batches`; then the key rows idle that
-    /// long with no event left (a key that appears again starts its sequence afresh). Events
-    /// still waiting, however old, are kept.
+    /// Deletes events enqueued more than `older_than` ago that were sent (or discarded), in
+    /// batches of at most `batch` rows walked in id order (each a short transaction of its
+    /// own, so producers are never held up), pausing `pause` between batches and stopping at
+    /// the first batch that reaches events newer than that, or after `max_batches`; then the
+    /// key rows idle that long with no event left (a key that appears again starts its
+    /// sequence afresh). Events still waiting, however old, are kept; an event that waited
+    /// longer than `older_than` goes at the first purge after it is sent.
     pub async fn purge_sent(
         client: &impl GenericClient,
         older_than: std::time::Duration,
@@ -169,12 +176,15 @@ impl Outbox {
             let row = client
                 .query_one(
                     "WITH span AS (
-                         SELECT id, coalesce(sent_at, discarded_at) AS done_at, created_at
+                         SELECT id, topic, key, seq, discarded_at, created_at
                          FROM idem_outbox WHERE id >= $1 ORDER BY id LIMIT $3),
                      gone AS (
-                         DELETE FROM idem_outbox e USING span
+                         DELETE FROM idem_outbox e
+                         USING span JOIN idem_outbox_keys k
+                             ON k.topic = span.topic AND k.key = span.key
                          WHERE e.id = span.id
-                           AND span.done_at < clock_timestamp() - make_interval(secs => $2)
+                           AND span.created_at < clock_timestamp() - make_interval(secs => $2)
+                           AND (span.seq <= k.published_seq OR span.discarded_at IS NOT NULL)
                          RETURNING e.id)
                      SELECT (SELECT count(*) FROM gone), (SELECT max(id) FROM span),
                             coalesce((SELECT bool_or(created_at >= clock_timestamp()

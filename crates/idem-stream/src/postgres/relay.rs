@@ -12,10 +12,11 @@ use crate::outbox::{RelayConfig, RoundReport};
 /// keys, are not due) by taking a
 /// transaction-scoped advisory lock on each (keys another relay holds are skipped); read each
 /// key's pending events in sequence order; publish them in layers (the next event of every key
-/// at once, so keys proceed in parallel while each key stays in order), checking before each
-/// layer that the session is still alive (a relay that lost its session may have lost its
-/// keys); mark what was published and commit. A relay that dies after publishing and before
-/// its commit leaves the events unmarked: the next round republishes them with the same
+/// at once, so keys proceed in parallel while each key stays in order), checking between
+/// layers that the session is still alive (a relay that lost its session may have lost its
+/// keys); record each key's highest published sequence (one row per key, the events
+/// themselves untouched) and commit. A relay that dies after publishing and before its commit
+/// leaves the keys where they were: the next round republishes the events with the same
 /// message ids, and the broker's deduplication (and the consumers' inbox) absorbs the repeat.
 #[derive(Debug)]
 pub struct Relay<P> {
@@ -69,62 +70,86 @@ impl<P: crate::publish::Publisher> Relay<P> {
         let mut report = RoundReport::default();
         let (topics, names): (Vec<String>, Vec<String>) =
             keys.iter().map(|row| (row.get::<_, String>(0), row.get::<_, String>(1))).unzip();
-        // Every claimed key's pending events in one query. Read after the locks: a relay that
-        // held a key before us has committed by now, and a key it parked or sent into backoff
-        // meanwhile (after our candidates were read) is not due any more.
-        let events = transaction
-            .query(
-                "SELECT k.topic, k.key, e.id, e.seq, e.payload, e.headers
-                 FROM unnest($1::text[], $2::text[]) AS claimed(topic, key)
-                 JOIN idem_outbox_keys k ON k.topic = claimed.topic AND k.key = claimed.key
-                     AND k.parked_at IS NULL
-                     AND (k.retry_at IS NULL OR k.retry_at <= clock_timestamp())
-                 CROSS JOIN LATERAL (
-                     SELECT id, seq, payload, headers FROM idem_outbox
-                     WHERE topic = k.topic AND key = k.key AND seq > k.published_seq
-                       AND discarded_at IS NULL
-                     ORDER BY seq LIMIT $3) e
-                 ORDER BY k.topic, k.key, e.seq",
-                &[&topics, &names, &self.config.max_events_per_key],
-            )
-            .await?;
-        let events: Vec<crate::publish::OutboxMessage> = events
-            .iter()
-            .map(|event| {
-                let flat: Vec<String> = event.get(5);
-                crate::publish::OutboxMessage {
-                    topic: event.get(0),
-                    key: event.get(1),
-                    id: event.get(2),
-                    seq: event.get(3),
-                    payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(4)),
-                    headers: flat
-                        .chunks(2)
-                        .map(|pair| (pair[0].clone(), pair.get(1).cloned().unwrap_or_default()))
-                        .collect(),
-                }
-            })
-            .collect();
-        let queues = crate::layers::queues_by_key(events);
+        // Every claimed key's pending events, read after the locks: a relay that held a key
+        // before us has committed by now, and a key it parked or sent into backoff meanwhile
+        // (after our candidates were read) is not due any more. Read in two parts: the first
+        // few events of each key, then (while those are being published) the rest.
+        let head = self.config.max_events_per_key.clamp(1, HEAD_EVENTS);
+        let rest = self.config.max_events_per_key - head;
+        let from_start = vec![0; topics.len()];
+        let first = read_events(&transaction, &topics, &names, &from_start, head).await?;
+        let queues = crate::layers::queues_by_key(first);
         report.keys = queues.len();
-        // Still ours before each layer? A session ended by the stall timeout has given its
-        // locks away.
-        let published = crate::layers::publish_in_layers(&self.publisher, queues, || async {
-            transaction.query_one("SELECT 1", &[]).await.map(|_| true)
-        })
-        .await?;
+        // The rest, for each key that had a full first part: after the last event read (not
+        // by position, which events committed meanwhile would shift).
+        let (mut later_topics, mut later_keys, mut later_after) =
+            (Vec::new(), Vec::new(), Vec::new());
+        for queue in &queues {
+            if let Some(last) = queue.back().filter(|_| queue.len() as i64 == head) {
+                later_topics.push(last.topic.clone());
+                later_keys.push(last.key.clone());
+                later_after.push(last.seq);
+            }
+        }
+        // Still ours before each layer? A session ended by the stall timeout (idle that long)
+        // has given its locks away. Asked at most every `check_every`, which is shorter than
+        // the stall timeout, so a session the timeout ended is always caught before the next
+        // layer; a session lost otherwise (the server restarted) publishes for at most that
+        // long more: copies, which the broker's deduplication and the inbox absorb.
+        let check_every = (self.config.stall_timeout / 4).min(SESSION_CHECK_EVERY);
+        let checked = std::sync::Mutex::new(std::time::Instant::now());
+        let still_ours = || {
+            let due = {
+                let mut checked = checked.lock().unwrap_or_else(|poison| poison.into_inner());
+                let due = checked.elapsed() >= check_every;
+                if due {
+                    *checked = std::time::Instant::now();
+                }
+                due
+            };
+            let transaction = &transaction;
+            async move {
+                if due {
+                    transaction.query_typed("SELECT 1", &[]).await?;
+                }
+                Ok::<_, tokio_postgres::Error>(true)
+            }
+        };
+        let (published, later) = tokio::join!(
+            crate::layers::publish_in_layers(&self.publisher, queues, still_ours),
+            async {
+                if rest > 0 && !later_topics.is_empty() {
+                    read_events(&transaction, &later_topics, &later_keys, &later_after, rest).await
+                } else {
+                    Ok(Vec::new())
+                }
+            }
+        );
+        let mut published = published?;
+        let later = later?;
+        if !later.is_empty() {
+            // Only keys whose first part all went out go on; a key that failed stays where
+            // its failure stopped it.
+            let stopped: std::collections::HashSet<(&str, &str)> = published
+                .keys
+                .iter()
+                .filter(|outcome| outcome.error.is_some())
+                .map(|outcome| (outcome.topic.as_str(), outcome.key.as_str()))
+                .collect();
+            let later: Vec<_> = later
+                .into_iter()
+                .filter(|event| !stopped.contains(&(event.topic.as_str(), event.key.as_str())))
+                .collect();
+            let queues = crate::layers::queues_by_key(later);
+            let more =
+                crate::layers::publish_in_layers(&self.publisher, queues, still_ours).await?;
+            published.merge(more);
+        }
         report.published = published.ids.len();
         report.failed = published.failed;
-        let published_ids = published.ids;
         let outcomes = published.keys;
-        if !published_ids.is_empty() {
-            transaction
-                .execute(
-                    "UPDATE idem_outbox SET sent_at = now() WHERE id = ANY($1)",
-                    &[&published_ids],
-                )
-                .await?;
-        }
+        // What was published is recorded by each key's `published_seq` below, not event by
+        // event: one row per key per round, whatever the number of events.
         if !outcomes.is_empty() {
             let topics: Vec<&str> = outcomes.iter().map(|o| o.topic.as_str()).collect();
             let keys: Vec<&str> = outcomes.iter().map(|o| o.key.as_str()).collect();
@@ -307,6 +332,59 @@ impl<P: crate::publish::Publisher> Relay<P> {
         }
     }
 }
+
+/// Events per key read before publishing starts; the rest of a round's events are read while
+/// these are published.
+const HEAD_EVENTS: i64 = 8;
+
+/// Up to `limit` pending events of each claimed key (those still due) after sequence `after`
+/// (0: from the first pending one), in key and sequence order.
+async fn read_events(
+    transaction: &tokio_postgres::Transaction<'_>,
+    topics: &[String],
+    names: &[String],
+    after: &[i64],
+    limit: i64,
+) -> Result<Vec<crate::publish::OutboxMessage>> {
+    let rows = transaction
+        .query(
+            "SELECT k.topic, k.key, e.id, e.seq, e.payload, e.headers
+             FROM unnest($1::text[], $2::text[], $4::bigint[]) AS claimed(topic, key, after)
+             JOIN idem_outbox_keys k ON k.topic = claimed.topic AND k.key = claimed.key
+                 AND k.parked_at IS NULL
+                 AND (k.retry_at IS NULL OR k.retry_at <= clock_timestamp())
+             CROSS JOIN LATERAL (
+                 SELECT id, seq, payload, headers FROM idem_outbox
+                 WHERE topic = k.topic AND key = k.key
+                   AND seq > greatest(k.published_seq, claimed.after)
+                   AND discarded_at IS NULL
+                 ORDER BY seq LIMIT $3) e
+             ORDER BY k.topic, k.key, e.seq",
+            &[&topics, &names, &limit, &after],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|event| {
+            let flat: Vec<String> = event.get(5);
+            crate::publish::OutboxMessage {
+                topic: event.get(0),
+                key: event.get(1),
+                id: event.get(2),
+                seq: event.get(3),
+                payload: bytes::Bytes::from(event.get::<_, Vec<u8>>(4)),
+                headers: flat
+                    .chunks(2)
+                    .map(|pair| (pair[0].clone(), pair.get(1).cloned().unwrap_or_default()))
+                    .collect(),
+            }
+        })
+        .collect())
+}
+
+/// The longest a relay publishes without asking whether its session (and so its key locks)
+/// is still alive.
+const SESSION_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// Aborts its task when dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
