@@ -55,15 +55,20 @@ impl Offsets {
         let position = i64::try_from(position).map_err(|_| {
             crate::Error::InvalidMessageId(format!("position {position} too large"))
         })?;
+        // Typed parameters: one round trip, no statement to prepare.
         let advanced = transaction
-            .query_opt(
+            .query_typed_opt(
                 "INSERT INTO idem_offsets AS o (consumer, partition, position)
                  VALUES ($1, $2, $3)
                  ON CONFLICT (consumer, partition) DO UPDATE
                      SET position = EXCLUDED.position, updated_at = now()
                      WHERE o.position < EXCLUDED.position
                  RETURNING 1",
-                &[&self.consumer, &partition, &position],
+                &[
+                    (&self.consumer, tokio_postgres::types::Type::TEXT),
+                    (&partition, tokio_postgres::types::Type::TEXT),
+                    (&position, tokio_postgres::types::Type::INT8),
+                ],
             )
             .await?;
         Ok(if advanced.is_some() { Delivery::First } else { Delivery::Duplicate })
