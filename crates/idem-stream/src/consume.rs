@@ -555,13 +555,14 @@ where
         };
         let mut next_batch = Vec::new();
         for (message, token) in fetched {
-            if let Some(copies) = buffered.get_mut(&message.id) {
+            let copy_key = copy_key(&message);
+            if let Some(copies) = buffered.get_mut(&copy_key) {
                 tracing::debug!(id = %message.id, "redelivered while still waiting here; settled with the first copy");
                 copies.push(token);
                 report.copies += 1;
                 continue;
             }
-            buffered.insert(message.id.clone(), Vec::new());
+            buffered.insert(copy_key, Vec::new());
             let lane = config.order_by.lane(&message);
             if batch.is_some() && !lanes.contains_key(&lane) {
                 next_batch.push((lane, message, token));
@@ -585,7 +586,7 @@ where
                 Ok(()) => {
                     for (_, message, token) in next_batch {
                         report.handled += 1;
-                        let id = message.id;
+                        let id = copy_key(&message);
                         settle(&subscription, &mut buffered, &id, token, Settle::Ack, &mut report)
                             .await;
                     }
@@ -598,6 +599,17 @@ where
                 }
             }
         }
+    }
+}
+
+/// What makes two fetched messages copies of one: the same id; for a message with a position
+/// (the offsets mode), also the same place in its partition. Readers of partitions never hand
+/// out a position twice, and two messages at different positions are two messages there, even
+/// with the same content (and so the same derived id).
+fn copy_key(message: &Received) -> String {
+    match message.position {
+        None => message.id.clone(),
+        Some(position) => format!("{}\u{1f}{}\u{1f}{position}", message.id, message.subject),
     }
 }
 
@@ -616,7 +628,7 @@ fn to_lane<D, T>(
         tokio::spawn(Arc::clone(shared).run(key, receiver));
         Lane { sender, tokens: VecDeque::new() }
     });
-    lane.tokens.push_back((message.id.clone(), token));
+    lane.tokens.push_back((copy_key(&message), token));
     // The lane's task lives until the lane is dropped, so the send cannot fail.
     let _ = lane.sender.send(message);
 }

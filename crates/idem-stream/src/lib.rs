@@ -139,7 +139,13 @@ impl Error {
             #[cfg(feature = "postgres")]
             Self::Pool(error) => match error {
                 deadpool_postgres::PoolError::Backend(error) => postgres_unavailable(error),
-                _ => true,
+                // No connection in time, or the pool is closed: the database (or the way to
+                // it) is busy or gone for now. The rest are the pool's set-up: not a passing
+                // state.
+                deadpool_postgres::PoolError::Timeout(_) | deadpool_postgres::PoolError::Closed => {
+                    true
+                }
+                _ => false,
             },
             #[cfg(feature = "sqlite")]
             Self::Sqlite(error) => matches!(

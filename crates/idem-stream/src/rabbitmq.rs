@@ -157,15 +157,11 @@ impl Publisher for RabbitPublisher {
         let channel = match self.channel().await {
             Ok(channel) => channel,
             Err(error) => {
+                // Each message gets the same error (already naming RabbitMQ and the step).
                 let reason = error.to_string();
                 return messages
                     .iter()
-                    .map(|m| {
-                        Err(PublishError::new(
-                            m.id,
-                            Error::broker(RABBITMQ, "connect", reason.clone()),
-                        ))
-                    })
+                    .map(|m| Err(PublishError::new(m.id, Error::other(reason.clone()))))
                     .collect();
             }
         };

@@ -291,21 +291,25 @@ fn received_from(stream: &str, entry: &StreamId, attempt: u64) -> Received {
         })
         .collect();
     headers.sort();
+    let (key, seq) = (text("key"), text("seq"));
+    let id = match text("id") {
+        // Not the entry id: a producer's retry is a new entry. (Hashed with the relay's two
+        // headers, empty when absent, as ids recorded by earlier versions were.)
+        id if id.is_empty() => {
+            let mut hashed = headers.clone();
+            hashed.push((crate::publish::KEY_HEADER.into(), key.clone()));
+            hashed.push((crate::publish::SEQ_HEADER.into(), seq.clone()));
+            crate::content_id("sha256-", stream, &hashed, &payload)
+        }
+        id => id,
+    };
     // The relay's key and seq, when a relay wrote the entry (another producer's entries have
     // no key, and are then not ordered by one).
-    for (field, header) in
-        [("key", crate::publish::KEY_HEADER), ("seq", crate::publish::SEQ_HEADER)]
-    {
-        let value = text(field);
+    for (header, value) in [(crate::publish::KEY_HEADER, key), (crate::publish::SEQ_HEADER, seq)] {
         if !value.is_empty() {
             headers.push((header.into(), value));
         }
     }
-    let id = match text("id") {
-        // Not the entry id: a producer's retry is a new entry.
-        id if id.is_empty() => crate::content_id("sha256-", stream, &headers, &payload),
-        id => id,
-    };
     Received { id, subject: stream.to_owned(), payload, headers, attempt, position: None }
 }
 
@@ -475,9 +479,12 @@ impl Subscription for RedisStreamsPartitions {
     type Token = ();
 
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<(Received, ())>> {
+        let max = max.max(1);
         let mut connection = self.connection.clone();
+        // `COUNT` is per stream: ask each for its share, so one reply stays near `max`.
+        let share = max.div_ceil(self.streams.len()).max(1);
         let options = StreamReadOptions::default()
-            .count(max.max(1))
+            .count(share)
             .block(wait.min(MAX_BLOCK).as_millis().max(1) as usize);
         let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
             &mut connection,
@@ -487,38 +494,53 @@ impl Subscription for RedisStreamsPartitions {
         )
         .await
         .map_err(failed("XREAD"))?;
+        let mut per_stream: Vec<(usize, std::collections::VecDeque<StreamId>)> = reply
+            .map(|reply| reply.keys)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|key| {
+                let index = self.streams.iter().position(|stream| *stream == key.key)?;
+                Some((index, key.ids.into()))
+            })
+            .collect();
+        // Take in turns, one entry of each stream at a time, so a stream with a backlog does
+        // not crowd the others out; each cursor moves only past what was taken, and the rest
+        // is read again next time. A stream whose next entry id cannot be a position stops
+        // there (the others go on), with an error when nothing else was read.
         let mut batch = Vec::new();
-        // `COUNT` is per stream: take at most `max` in all, moving each cursor only past what
-        // was taken, so the rest is read again next time.
-        'streams: for key in reply.map(|reply| reply.keys).unwrap_or_default() {
-            let Some(index) = self.streams.iter().position(|stream| *stream == key.key) else {
-                continue;
-            };
-            for entry in &key.ids {
+        let mut unreadable = None;
+        while batch.len() < max && per_stream.iter().any(|(_, entries)| !entries.is_empty()) {
+            for (index, entries) in &mut per_stream {
                 if batch.len() >= max {
-                    break 'streams;
+                    break;
                 }
+                let Some(entry) = entries.pop_front() else { continue };
+                let stream = &self.streams[*index];
                 let Some(position) = position_of(&entry.id) else {
-                    if !batch.is_empty() {
-                        // Hand out what came before it; the error comes on the next fetch.
-                        break 'streams;
-                    }
-                    return Err(Error::broker(
-                        REDIS,
-                        format!("read stream {}", key.key),
-                        format!(
-                            "entry id {} is past what a position holds (milliseconds below 2^43, a sequence below 2^20); the offsets mode cannot read this stream",
-                            entry.id
-                        ),
-                    ));
+                    entries.clear();
+                    unreadable = Some((stream.clone(), entry.id));
+                    continue;
                 };
-                let mut received = received_from(&key.key, entry, 1);
+                let mut received = received_from(stream, &entry, 1);
                 received.position = Some(position);
-                self.cursors[index] = entry.id.clone();
+                self.cursors[*index] = entry.id;
                 batch.push((received, ()));
             }
         }
-        Ok(batch)
+        match unreadable {
+            Some((stream, id)) if batch.is_empty() => Err(Error::broker(
+                REDIS,
+                format!("read stream {stream}"),
+                format!(
+                    "entry id {id} is past what a position holds (milliseconds below 2^43, a sequence below 2^20); the offsets mode cannot read this stream past it"
+                ),
+            )),
+            Some((stream, id)) => {
+                tracing::error!(%stream, %id, "an entry id the offsets mode cannot hold as a position; this stream stops here");
+                Ok(batch)
+            }
+            None => Ok(batch),
+        }
     }
 
     async fn settle(&self, (): (), _settle: Settle) -> Result<()> {

@@ -272,3 +272,119 @@ async fn offsets_on_redis_streams_apply_each_payment_once_through_a_killed_consu
     kill_restart_and_count("Redis Streams", &partitions, start, client, &database).await;
     let _: () = redis::cmd("DEL").arg(&partitions).query_async(&mut connection).await.unwrap();
 }
+
+/// A stream with a backlog does not crowd out the others in a fetch, and a stream whose next
+/// entry id cannot be a position stops there while the others go on; alone, it is an error
+/// that says why.
+#[tokio::test]
+async fn redis_partitions_share_each_fetch_and_an_unreadable_id_stops_only_its_stream() {
+    let Some(redis_url) = service_url("IDEM_TEST_REDIS_URL") else { return };
+    let redis = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let name = |what: &str| format!("idemtest:offsets-share:{}:{what}", std::process::id());
+    let (busy, quiet, odd) = (name("busy"), name("quiet"), name("odd"));
+    let _: () =
+        redis::cmd("DEL").arg(&[&busy, &quiet, &odd]).query_async(&mut connection).await.unwrap();
+    let mut pipeline = redis::pipe();
+    for index in 0..500 {
+        pipeline.cmd("XADD").arg(&busy).arg("*").arg("payload").arg(format!("busy {index}"));
+    }
+    for index in 0..3 {
+        pipeline.cmd("XADD").arg(&quiet).arg("*").arg("payload").arg(format!("quiet {index}"));
+    }
+    // An id a producer chose, with a sequence past 2^20.
+    pipeline.cmd("XADD").arg(&odd).arg(format!("1-{}", 1 << 21)).arg("payload").arg("odd");
+    let _: Vec<String> = pipeline.query_async(&mut connection).await.unwrap();
+
+    let mut partitions = RedisStreamsPartitions::start(
+        &redis,
+        [(busy.clone(), 0), (quiet.clone(), 0), (odd.clone(), 0)],
+    )
+    .await
+    .unwrap();
+    let wait = Duration::from_millis(200);
+    let first = partitions.fetch(8, wait).await.unwrap();
+    let from = |batch: &[(Received, ())], stream: &str| {
+        batch.iter().filter(|(message, ())| message.subject == stream).count()
+    };
+    assert!(first.len() <= 8 && from(&first, &busy) > 0, "{}", first.len());
+    assert_eq!(from(&first, &quiet), 3, "the quiet stream's entries come in the first fetch");
+    assert_eq!(from(&first, &odd), 0);
+    // Every busy entry, once each, in order, while the odd stream stays where it is.
+    let mut busy_seen: Vec<String> = first
+        .iter()
+        .filter(|(message, ())| message.subject == busy)
+        .map(|(message, ())| String::from_utf8_lossy(&message.payload).into_owned())
+        .collect();
+    while busy_seen.len() < 500 {
+        let batch = partitions.fetch(50, wait).await.unwrap();
+        assert!(!batch.is_empty(), "stuck at {}", busy_seen.len());
+        assert_eq!(from(&batch, &odd), 0);
+        busy_seen.extend(
+            batch
+                .iter()
+                .map(|(message, ())| String::from_utf8_lossy(&message.payload).into_owned()),
+        );
+    }
+    let expected: Vec<String> = (0..500).map(|index| format!("busy {index}")).collect();
+    assert_eq!(busy_seen, expected);
+    // Only the odd entry is left: an error naming it.
+    let error = partitions.fetch(8, wait).await.unwrap_err().to_string();
+    assert!(error.contains(&format!("1-{}", 1 << 21)) && error.contains(&odd), "{error}");
+    let _: () =
+        redis::cmd("DEL").arg(&[&busy, &quiet, &odd]).query_async(&mut connection).await.unwrap();
+}
+
+/// In the offsets mode two entries at different positions are two messages, even when their
+/// content (and so their derived id) is the same: the runner handles both, fetched together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_entries_at_two_positions_are_both_handled() {
+    let Some(redis_url) = service_url("IDEM_TEST_REDIS_URL") else { return };
+    let redis = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut connection = redis.get_multiplexed_async_connection().await.unwrap();
+    let stream = format!("idemtest:offsets-same:{}", std::process::id());
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut connection).await.unwrap();
+    let mut pipeline = redis::pipe();
+    for payload in ["deposit:1", "deposit:100", "deposit:100", "deposit:5"] {
+        pipeline.cmd("XADD").arg(&stream).arg("*").arg("payload").arg(payload);
+    }
+    let _: Vec<String> = pipeline.query_async(&mut connection).await.unwrap();
+    let partitions = RedisStreamsPartitions::start(&redis, [(stream.clone(), 0)]).await.unwrap();
+    let handled: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let done = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (handled, done) = (Arc::clone(&handled), Arc::clone(&done));
+        move |message: Received| {
+            let (handled, done) = (Arc::clone(&handled), Arc::clone(&done));
+            async move {
+                let mut handled = handled.lock().unwrap();
+                let payload = String::from_utf8_lossy(&message.payload).into_owned();
+                handled.push((payload, message.position.unwrap()));
+                if handled.len() == 4 {
+                    done.notify_one();
+                }
+                Ok::<(), Failure>(())
+            }
+        }
+    };
+    struct Unused;
+    #[async_trait::async_trait]
+    impl consume::DeadLetter for Unused {
+        async fn bury(&self, message: &Received, failure: &str) -> idem_stream::Result<()> {
+            panic!("{} buried: {failure}", message.id)
+        }
+    }
+    let config = RunnerConfig { order_by: OrderBy::Subject, ..RunnerConfig::default() };
+    let shutdown = {
+        let done = Arc::clone(&done);
+        async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), done.notified()).await;
+        }
+    };
+    let report = consume::run(partitions, handler, Arc::new(Unused), config, shutdown).await;
+    let handled = handled.lock().unwrap().clone();
+    let payloads: Vec<&str> = handled.iter().map(|(payload, _)| payload.as_str()).collect();
+    assert_eq!(payloads, ["deposit:1", "deposit:100", "deposit:100", "deposit:5"], "{report:?}");
+    assert_eq!(report.copies, 0);
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut connection).await.unwrap();
+}

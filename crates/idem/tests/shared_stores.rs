@@ -152,13 +152,18 @@ async fn a_killed_and_restarted_redis_fails_closed_and_loses_nothing() {
     let gateway = Gateway::start(&upstream.url(), &store, &[]);
     let prefix = unique("redis-outage");
 
-    // Traffic runs on while the server is killed and restarted underneath it.
+    // Traffic runs on while the server is killed and restarted underneath it, until told to
+    // stop once Redis is back (so it meets the outage however slow the machine is).
+    let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let background = {
         let client = gateway.client();
         let prefix = prefix.clone();
         tokio::spawn(async move {
             let mut statuses = Vec::new();
-            for i in 0..150 {
+            for i in 0..3_000 {
+                if *background_stopped.borrow() {
+                    break;
+                }
                 let key = format!("{prefix}-bg-{i}");
                 statuses.push((key.clone(), client.post(&key, "x", &[]).await.status.as_u16()));
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -190,6 +195,7 @@ async fn a_killed_and_restarted_redis_fails_closed_and_loses_nothing() {
             "refused during the outage, runs now"
         );
     }
+    stop_background.send(true).unwrap();
     let background = background.await.unwrap();
     let statuses: Vec<u16> = background.iter().map(|(_, status)| *status).collect();
     assert!(statuses.contains(&503), "some background requests met the outage: {statuses:?}");

@@ -205,7 +205,8 @@ async fn payments_apply_exactly_once_through_retries_and_killed_processes() {
         .query_one(
             "SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM ledger_log),
                     (SELECT count(DISTINCT message_id) FROM ledger_log), (SELECT sum(cents) FROM balances)::bigint,
-                    (SELECT count(*) FROM idem_outbox WHERE sent_at IS NULL), (SELECT count(*) FROM idem_dead_letters)",
+                    (SELECT count(*) FROM idem_outbox e JOIN idem_outbox_keys k USING (topic, key)
+                      WHERE e.seq > k.published_seq AND e.discarded_at IS NULL), (SELECT count(*) FROM idem_dead_letters)",
             &[],
         )
         .await
