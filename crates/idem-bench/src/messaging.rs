@@ -20,7 +20,7 @@ use async_nats::jetstream::{self, stream};
 use idem_stream::Delivery;
 use idem_stream::consume::{self, DeadLetter, Received, RunnerConfig};
 use idem_stream::nats::{JetStreamPartitions, JetStreamPublisher, JetStreamSubscription};
-use idem_stream::postgres::{Event, Inbox, Offsets, Outbox, Relay, RelayConfig};
+use idem_stream::postgres::{Applied, Event, Inbox, Offsets, Outbox, Relay, RelayConfig};
 use idem_stream::publish::{OutboxMessage, Publisher};
 use tokio_postgres::NoTls;
 
@@ -54,7 +54,10 @@ pub struct Results {
     pub rounds: usize,
     /// Plain, inbox: a transaction per message.
     pub plain: Row,
+    /// The inbox: `Inbox::apply` (its INSERT pipelined with the effects), and `Inbox::record`
+    /// then the effects.
     pub inbox: Row,
+    pub inbox_record: Row,
     /// Plain, inbox: a transaction per batch.
     pub plain_batch: Row,
     pub inbox_batch: Row,
@@ -68,15 +71,17 @@ pub struct Results {
 enum Variant {
     Plain,
     Inbox,
+    InboxRecord,
     PlainBatch,
     InboxBatch,
     Offsets,
 }
 
 impl Variant {
-    const ALL: [Variant; 5] = [
+    const ALL: [Variant; 6] = [
         Variant::Plain,
         Variant::Inbox,
+        Variant::InboxRecord,
         Variant::PlainBatch,
         Variant::InboxBatch,
         Variant::Offsets,
@@ -86,6 +91,7 @@ impl Variant {
         match self {
             Variant::Plain => "plain",
             Variant::Inbox => "inbox",
+            Variant::InboxRecord => "inbox-record",
             Variant::PlainBatch => "plain-batch",
             Variant::InboxBatch => "inbox-batch",
             Variant::Offsets => "offsets",
@@ -93,7 +99,7 @@ impl Variant {
     }
 
     fn inbox(self) -> bool {
-        matches!(self, Variant::Inbox | Variant::InboxBatch)
+        matches!(self, Variant::Inbox | Variant::InboxRecord | Variant::InboxBatch)
     }
 
     fn batched(self) -> bool {
@@ -121,6 +127,10 @@ pub async fn run(
         plain: Row { name: "consumer, plain handler, a transaction per message", ..Row::default() },
         inbox: Row {
             name: "consumer, same through the inbox, a transaction per message",
+            ..Row::default()
+        },
+        inbox_record: Row {
+            name: "consumer, same through the inbox, recorded before the effects",
             ..Row::default()
         },
         plain_batch: Row {
@@ -151,6 +161,7 @@ pub async fn run(
             let row = match variant {
                 Variant::Plain => &mut results.plain,
                 Variant::Inbox => &mut results.inbox,
+                Variant::InboxRecord => &mut results.inbox_record,
                 Variant::PlainBatch => &mut results.plain_batch,
                 Variant::InboxBatch => &mut results.inbox_batch,
                 Variant::Offsets => &mut results.offsets,
@@ -190,8 +201,8 @@ fn error<E: std::fmt::Display>(context: &str) -> impl Fn(E) -> String + '_ {
     move |error| format!("{context}: {error}")
 }
 
-/// The benchmark's handler: credits one account in a transaction of its own, recording the
-/// message in the inbox first when there is one.
+/// The benchmark's handler: credits one account in a transaction of its own, through the inbox
+/// or the offsets when there are.
 async fn credit(
     pool: deadpool_postgres::Pool,
     dedup: Dedup,
@@ -200,8 +211,18 @@ async fn credit(
     let (account, cents) = parse(&message)?;
     let mut client = pool.get().await.map_err(|e| e.to_string())?;
     let transaction = client.transaction().await.map_err(|e| e.to_string())?;
+    let sql = "UPDATE bench_accounts SET cents = cents + $1 WHERE id = $2";
     let first = match &dedup {
-        Dedup::Inbox(inbox) => {
+        Dedup::Apply(inbox) => {
+            let credit = async { transaction.execute(sql, &[&cents, &account]).await };
+            match inbox.apply(&transaction, &message.id, credit).await {
+                Ok(Applied::First(credited)) => credited.map(drop).map_err(|e| e.to_string())?,
+                Ok(Applied::Duplicate) => {}
+                Err(error) => return Err(error.to_string()),
+            }
+            false
+        }
+        Dedup::Record(inbox) => {
             inbox.record(&transaction, &message.id).await.map_err(|e| e.to_string())?
                 == Delivery::First
         }
@@ -216,7 +237,6 @@ async fn credit(
         Dedup::None => true,
     };
     if first {
-        let sql = "UPDATE bench_accounts SET cents = cents + $1 WHERE id = $2";
         transaction.execute(sql, &[&cents, &account]).await.map_err(|e| e.to_string())?;
     }
     transaction.commit().await.map_err(|e| e.to_string())
@@ -226,7 +246,10 @@ async fn credit(
 #[derive(Clone)]
 enum Dedup {
     None,
-    Inbox(Inbox),
+    /// `Inbox::apply`: the inbox INSERT pipelined with the credit.
+    Apply(Inbox),
+    /// `Inbox::record`, then the credit.
+    Record(Inbox),
     Offsets(Offsets),
 }
 
@@ -366,7 +389,11 @@ impl Bench {
             .map_err(error("consumer"))?;
         let inbox = variant.inbox().then(|| Inbox::new(consumer.clone())).transpose();
         let inbox = inbox.map_err(error("inbox"))?;
-        let dedup = inbox.map_or(Dedup::None, Dedup::Inbox);
+        let dedup = match inbox {
+            Some(inbox) if variant == Variant::InboxRecord => Dedup::Record(inbox),
+            Some(inbox) => Dedup::Apply(inbox),
+            None => Dedup::None,
+        };
         let rate = self.consume_with(subscription, dedup, messages, variant).await?;
         if variant.inbox() {
             let sql = "SELECT count(*) FROM idem_inbox WHERE consumer = $1";
@@ -418,8 +445,8 @@ impl Bench {
         let started = Instant::now();
         let report = if variant.batched() {
             let inbox = match dedup {
-                Dedup::Inbox(inbox) => Some(inbox),
-                _ => None,
+                Dedup::Apply(inbox) | Dedup::Record(inbox) => Some(inbox),
+                Dedup::Offsets(_) | Dedup::None => None,
             };
             let handler = move |batch: Vec<Received>| {
                 let (pool, inbox, count) = (pool.clone(), inbox.clone(), count.clone());

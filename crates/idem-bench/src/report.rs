@@ -400,7 +400,7 @@ pub fn messaging_section(results: &crate::messaging::Results) -> String {
         out,
         "\n## Messaging: PostgreSQL and NATS JetStream\n\n{} messages per run, {} rounds; each round runs every variant once, alternating which goes first. \
          The consumers apply each payment to one of 1,000 account balances, through the consumer runner at batches of {} (a pool of 32 connections): \
-         either each payment in a transaction of its own (`consume::run`; the inbox adds one INSERT to each transaction) or each batch in one transaction \
+         either each payment in a transaction of its own (`consume::run`; the inbox adds one INSERT to each transaction, sent with the credit by `Inbox::apply`, or awaited before it by `Inbox::record`) or each batch in one transaction \
          (`consume::run_batches`; the inbox adds one INSERT of the batch's ids, `Inbox::record_many`), or through the offsets mode (each payment's transaction advances its partition's position, `Offsets::advance`; one partition per key, read with `JetStreamPartitions`; its ratio is to the first row). The publishers send events over 100 keys, a layer of one event per key at a time; \
          the relay also claims the keys, reads the events and records how far each key got, one row per key per round. Each ratio compares a row with the first row of its kind.\n",
         results.messages,
@@ -414,6 +414,7 @@ pub fn messaging_section(results: &crate::messaging::Results) -> String {
     for (row, base) in [
         (&results.plain, &results.plain),
         (&results.inbox, &results.plain),
+        (&results.inbox_record, &results.plain),
         (&results.plain_batch, &results.plain_batch),
         (&results.inbox_batch, &results.plain_batch),
         (&results.offsets, &results.plain),

@@ -245,3 +245,120 @@ async fn overlapping_batches_apply_each_message_once_without_deadlock() {
         "a batch over the limit is refused"
     );
 }
+
+/// `Inbox::apply` sends the inbox INSERT and the effects together. A duplicate applies nothing
+/// even when its caller commits anyway, a duplicate racing the first waits for it, a failing
+/// effect is the caller's error with nothing recorded, and 1,500 shuffled deliveries of 500
+/// messages by 4 consumers apply each message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_pipelines_the_record_and_a_duplicate_applies_nothing() {
+    use idem_stream::postgres::Applied;
+    let Some((mut client, config)) = fresh("idem_stream_apply").await else { return };
+    let inbox = Inbox::new("ledger").unwrap();
+    const CREDIT: &str = "UPDATE ledger SET cents = cents + $1 WHERE id = 1";
+    const APPLIED: &str = "INSERT INTO applied VALUES ($1)";
+
+    // Applies `cents` for `id` and commits whatever apply said, as a careless caller would.
+    async fn credit(client: &mut Client, inbox: &Inbox, id: &str, cents: i64) -> Applied<()> {
+        let transaction = client.transaction().await.unwrap();
+        let effects = async {
+            transaction.execute(CREDIT, &[&cents]).await?;
+            transaction.execute(APPLIED, &[&id]).await
+        };
+        let applied = inbox.apply(&transaction, id, effects).await.unwrap();
+        transaction.commit().await.unwrap();
+        match applied {
+            Applied::First(result) => {
+                result.unwrap();
+                Applied::First(())
+            }
+            Applied::Duplicate => Applied::Duplicate,
+        }
+    }
+
+    assert_eq!(credit(&mut client, &inbox, "a-1", 5).await, Applied::First(()));
+    assert_eq!(credit(&mut client, &inbox, "a-1", 5).await, Applied::Duplicate);
+    assert_eq!(effects(&client).await, (5, 1, 1), "the committed duplicate applied nothing");
+    // `record` and `apply` share the same rows: a message recorded by one is a duplicate to
+    // the other.
+    assert_eq!(common::credit(&mut client, &inbox, "a-1", 5).await.unwrap(), Delivery::Duplicate);
+
+    // A failing effect: the caller's error, the transaction aborted, nothing recorded.
+    {
+        let transaction = client.transaction().await.unwrap();
+        let effects = async {
+            transaction.execute(CREDIT, &[&7i64]).await?;
+            transaction.execute("SELECT 1 / 0", &[]).await
+        };
+        let Applied::First(result) = inbox.apply(&transaction, "a-2", effects).await.unwrap()
+        else {
+            panic!("a-2 is new")
+        };
+        assert!(result.is_err());
+        // The caller sees the error and rolls back; the redelivery applies.
+        transaction.rollback().await.unwrap();
+    }
+    assert_eq!(credit(&mut client, &inbox, "a-2", 7).await, Applied::First(()));
+    assert_eq!(effects(&client).await, (12, 2, 2));
+
+    // A duplicate racing the first waits for its outcome.
+    for commit_first in [true, false] {
+        let id = format!("race-{commit_first}");
+        let transaction = client.transaction().await.unwrap();
+        let effects = async { transaction.execute(CREDIT, &[&100i64]).await };
+        assert!(matches!(inbox.apply(&transaction, &id, effects).await, Ok(Applied::First(Ok(1)))));
+        let second = {
+            let (inbox, config, id) = (inbox.clone(), config.clone(), id.clone());
+            tokio::spawn(async move {
+                let mut client = connect(&config).await;
+                credit(&mut client, &inbox, &id, 1_000).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "the second delivery waits on the first's transaction");
+        if commit_first {
+            transaction.commit().await.unwrap();
+            assert_eq!(second.await.unwrap(), Applied::Duplicate);
+        } else {
+            transaction.rollback().await.unwrap();
+            assert_eq!(second.await.unwrap(), Applied::First(()), "the first rolled back");
+        }
+    }
+    // race-true: 100 by the first; race-false: 1,000 by the second (it wrote `applied`).
+    assert_eq!(effects(&client).await, (1_112, 3, 3));
+
+    // Many deliveries at once.
+    let mut deliveries: Vec<(String, i64)> =
+        (0..1_500).map(|i| (format!("p-{}", i % 500), 1)).collect();
+    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+    for index in (1..deliveries.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        deliveries.swap(index, (seed % (index as u64 + 1)) as usize);
+    }
+    let queue = Arc::new(Mutex::new(deliveries));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let (queue, inbox, config) = (Arc::clone(&queue), inbox.clone(), config.clone());
+            tokio::spawn(async move {
+                let mut client = connect(&config).await;
+                let mut firsts = 0;
+                loop {
+                    let Some((id, cents)) = queue.lock().unwrap().pop() else { break };
+                    if credit(&mut client, &inbox, &id, cents).await == Applied::First(()) {
+                        firsts += 1;
+                    }
+                }
+                firsts
+            })
+        })
+        .collect();
+    let mut firsts = 0;
+    for worker in workers {
+        firsts += worker.await.unwrap();
+    }
+    assert_eq!(firsts, 500, "one first delivery per message");
+    assert_eq!(effects(&client).await, (1_612, 503, 503), "each of the 500 applied once");
+    println!("inbox apply: 1500 deliveries of 500 messages by 4 consumers -> 500 applied once");
+}

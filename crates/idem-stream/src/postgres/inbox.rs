@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use tokio_postgres::types::Type;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{GenericClient, Transaction};
 
 use super::migrate_locked;
@@ -75,6 +76,48 @@ impl Inbox {
         Ok(if inserted == 1 { Delivery::First } else { Delivery::Duplicate })
     }
 
+    /// Records `message_id` and applies `effects` in the caller's transaction, in one round trip
+    /// fewer than [`Inbox::record`]: the inbox INSERT is sent, and `effects`' first statement
+    /// behind it, without waiting for its answer (the driver pipelines requests polled
+    /// together). PostgreSQL runs them in order, so a duplicate's INSERT fails first and
+    /// aborts the transaction: every statement of `effects` then fails, and committing the
+    /// transaction rolls it back. Whatever the caller does next, a duplicate applies nothing.
+    ///
+    /// Returns [`Applied::First`] with `effects`' output (commit when it is a success), or
+    /// [`Applied::Duplicate`] (`effects`' output is dropped; roll back or commit, then
+    /// acknowledge). `effects` must act only through this transaction: anything else it does
+    /// (an HTTP call, an email) would happen for a duplicate too; such handlers use
+    /// [`Inbox::record`] first. Like `record`, a concurrent transaction recording the same id
+    /// makes this wait for its outcome.
+    pub async fn apply<R>(
+        &self,
+        transaction: &Transaction<'_>,
+        message_id: &str,
+        effects: impl Future<Output = R>,
+    ) -> Result<Applied<R>> {
+        check_message_id(message_id)?;
+        // Biased: the INSERT is polled first, so it is on the wire before `effects` sends
+        // anything.
+        let params: [(&(dyn ToSql + Sync), Type); 2] =
+            [(&self.consumer, Type::TEXT), (&message_id, Type::TEXT)];
+        let insert = "INSERT INTO idem_inbox (consumer, message_id) VALUES ($1, $2)";
+        let (inserted, output) =
+            tokio::join!(biased; transaction.execute_typed(insert, &params), effects);
+        match inserted {
+            Ok(_) => Ok(Applied::First(output)),
+            Err(error)
+                if error.code() == Some(&SqlState::UNIQUE_VIOLATION)
+                    && error
+                        .as_db_error()
+                        .and_then(|db| db.constraint())
+                        .is_some_and(|name| name == "idem_inbox_pkey") =>
+            {
+                Ok(Applied::Duplicate)
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
     /// Records a batch of message ids in the caller's transaction with one statement; returns
     /// one [`Delivery`] per id, in order. Apply the effects of the `First` ones in the same
     /// transaction; commit; then acknowledge the whole batch. An id twice in the batch (a
@@ -143,6 +186,16 @@ impl Inbox {
             )
             .await?)
     }
+}
+
+/// What [`Inbox::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a duplicate's transaction is aborted: roll it back (or commit, which rolls it back)"]
+pub enum Applied<R> {
+    /// The first delivery: the effects ran in the transaction; here is their output.
+    First(R),
+    /// Already processed by this consumer: the transaction is aborted and applies nothing.
+    Duplicate,
 }
 
 /// Most ids [`Inbox::record_many`] takes at once.

@@ -13,7 +13,7 @@ pub use crate::outbox::{
     RelayConfig, RoundReport,
 };
 pub use dead_letters::DeadLetters;
-pub use inbox::{Inbox, MAX_BATCH};
+pub use inbox::{Applied, Inbox, MAX_BATCH};
 pub use offsets::Offsets;
 pub use outbox::Outbox;
 pub use relay::{Relay, RunConfig};
