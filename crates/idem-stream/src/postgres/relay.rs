@@ -72,25 +72,15 @@ impl<P: crate::publish::Publisher> Relay<P> {
             keys.iter().map(|row| (row.get::<_, String>(0), row.get::<_, String>(1))).unzip();
         // Every claimed key's pending events, read after the locks: a relay that held a key
         // before us has committed by now, and a key it parked or sent into backoff meanwhile
-        // (after our candidates were read) is not due any more. Read in two parts: the first
-        // few events of each key, then (while those are being published) the rest.
+        // (after our candidates were read) is not due any more. Read in parts: the first few
+        // events of each key, then, while those are being published, parts twice as large
+        // each time, so the publisher never waits for a read it could have overlapped.
         let head = self.config.max_events_per_key.clamp(1, HEAD_EVENTS);
-        let rest = self.config.max_events_per_key - head;
         let from_start = vec![0; topics.len()];
         let first = read_events(&transaction, &topics, &names, &from_start, head).await?;
+        let full = full_keys(&first, head);
         let queues = crate::layers::queues_by_key(first);
         report.keys = queues.len();
-        // The rest, for each key that had a full first part: after the last event read (not
-        // by position, which events committed meanwhile would shift).
-        let (mut later_topics, mut later_keys, mut later_after) =
-            (Vec::new(), Vec::new(), Vec::new());
-        for queue in &queues {
-            if let Some(last) = queue.back().filter(|_| queue.len() as i64 == head) {
-                later_topics.push(last.topic.clone());
-                later_keys.push(last.key.clone());
-                later_after.push(last.seq);
-            }
-        }
         // Still ours before each layer? A session ended by the stall timeout (idle that long)
         // has given its locks away. Asked at most every `check_every`, which is shorter than
         // the stall timeout, so a session the timeout ended is always caught before the next
@@ -115,36 +105,15 @@ impl<P: crate::publish::Publisher> Relay<P> {
                 Ok::<_, tokio_postgres::Error>(true)
             }
         };
-        let (published, later) = tokio::join!(
-            crate::layers::publish_in_layers(&self.publisher, queues, still_ours),
-            async {
-                if rest > 0 && !later_topics.is_empty() {
-                    read_events(&transaction, &later_topics, &later_keys, &later_after, rest).await
-                } else {
-                    Ok(Vec::new())
-                }
-            }
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let read_on =
+            read_the_rest(&transaction, full, head, self.config.max_events_per_key, sender);
+        let (published, read) = tokio::join!(
+            crate::layers::publish_fed(&self.publisher, queues, Some(receiver), still_ours),
+            read_on
         );
-        let mut published = published?;
-        let later = later?;
-        if !later.is_empty() {
-            // Only keys whose first part all went out go on; a key that failed stays where
-            // its failure stopped it.
-            let stopped: std::collections::HashSet<(&str, &str)> = published
-                .keys
-                .iter()
-                .filter(|outcome| outcome.error.is_some())
-                .map(|outcome| (outcome.topic.as_str(), outcome.key.as_str()))
-                .collect();
-            let later: Vec<_> = later
-                .into_iter()
-                .filter(|event| !stopped.contains(&(event.topic.as_str(), event.key.as_str())))
-                .collect();
-            let queues = crate::layers::queues_by_key(later);
-            let more =
-                crate::layers::publish_in_layers(&self.publisher, queues, still_ours).await?;
-            published.merge(more);
-        }
+        let published = published?;
+        read?;
         report.published = published.ids.len();
         report.failed = published.failed;
         let outcomes = published.keys;
@@ -380,6 +349,44 @@ async fn read_events(
             }
         })
         .collect())
+}
+
+/// The keys with `part` events in `events` (sorted by topic, key and seq), each with the seq
+/// of its last: the keys that may have more.
+fn full_keys(events: &[crate::publish::OutboxMessage], part: i64) -> Vec<(String, String, i64)> {
+    events
+        .chunk_by(|a, b| a.topic == b.topic && a.key == b.key)
+        .filter(|run| run.len() as i64 == part)
+        .filter_map(|run| run.last())
+        .map(|last| (last.topic.clone(), last.key.clone(), last.seq))
+        .collect()
+}
+
+/// Reads on after the first `head` events of each key in `full` (with the seq each ended
+/// at), in parts twice the last part's size per key, up to `max_per_key` in all, and sends
+/// each part as it comes. Only keys whose last part was full are read again; it stops early
+/// when the receiver is gone (the round ended).
+async fn read_the_rest(
+    transaction: &tokio_postgres::Transaction<'_>,
+    mut full: Vec<(String, String, i64)>,
+    head: i64,
+    max_per_key: i64,
+    sender: tokio::sync::mpsc::UnboundedSender<Vec<crate::publish::OutboxMessage>>,
+) -> Result<()> {
+    let (mut read, mut part) = (head, head);
+    while !full.is_empty() && read < max_per_key && !sender.is_closed() {
+        part = (part * 2).min(max_per_key - read);
+        let topics: Vec<String> = full.iter().map(|(topic, _, _)| topic.clone()).collect();
+        let keys: Vec<String> = full.iter().map(|(_, key, _)| key.clone()).collect();
+        let after: Vec<i64> = full.iter().map(|(_, _, seq)| *seq).collect();
+        let events = read_events(transaction, &topics, &keys, &after, part).await?;
+        read += part;
+        full = full_keys(&events, part);
+        if sender.send(events).is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// The longest a relay publishes without asking whether its session (and so its key locks)
