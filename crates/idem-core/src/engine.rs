@@ -535,17 +535,21 @@ impl Claim {
                 now,
                 expires_at,
             );
-            match timed("complete", stored).await {
+            let mut result = timed("complete", stored).await;
+            if attempt > 1 && matches!(result, Err(Error::Fenced)) {
                 // An earlier attempt whose reply was lost may have committed: the record is
-                // then completed with exactly this payload, and it is ours.
-                Err(Error::Fenced) if attempt > 1 => {
-                    return match engine.inner.store.get(&self.key).await {
-                        Ok(Some(record)) if matches!(&record.state, RecordState::Completed { payload: stored } if *stored == payload) => {
-                            Ok(())
-                        }
-                        _ => Err(Error::Fenced),
-                    };
-                }
+                // then completed with exactly this payload, and it is ours. A read that fails
+                // cannot tell, so it is retried like a failed write, never taken for fenced
+                // (found by idem-sim: the outcome was stored, the caller was told otherwise).
+                result = match engine.inner.store.get(&self.key).await {
+                    Ok(Some(record)) if matches!(&record.state, RecordState::Completed { payload: stored } if *stored == payload) => {
+                        Ok(())
+                    }
+                    Ok(_) => Err(Error::Fenced),
+                    Err(error) => Err(error),
+                };
+            }
+            match result {
                 Err(error)
                     if error.is_unavailable()
                         && attempt < COMPLETE_ATTEMPTS
