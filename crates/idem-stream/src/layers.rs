@@ -66,11 +66,12 @@ where
 /// key ended): a chunk is taken in before the next layer, so the publisher never waits for
 /// a read while it has something to send. Events of a key that failed this round are dropped;
 /// events of keys not in `queues` are ignored. The round ends when every queue is empty and
-/// `more` is closed; dropping `more` tells its sender to stop.
+/// `more` is closed, or at once when `more` sends `None` (its reader failed: the caller ends
+/// the round with that error); dropping `more` tells its sender to stop.
 pub(crate) async fn publish_fed<P, F, Fut, E>(
     publisher: &P,
     mut queues: Vec<VecDeque<OutboxMessage>>,
-    mut more: Option<tokio::sync::mpsc::UnboundedReceiver<Vec<OutboxMessage>>>,
+    mut more: Option<tokio::sync::mpsc::UnboundedReceiver<Option<Vec<OutboxMessage>>>>,
     mut go_on: F,
 ) -> Result<Published, E>
 where
@@ -111,9 +112,13 @@ where
                     Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
                 }
             };
-            let Some(chunk) = chunk else {
-                more = None;
-                break;
+            let chunk = match chunk {
+                Some(Some(chunk)) => chunk,
+                Some(None) => return Ok(published),
+                None => {
+                    more = None;
+                    break;
+                }
             };
             for message in chunk {
                 let at = index.get(&(message.topic.clone(), message.key.clone()));
@@ -206,14 +211,21 @@ mod tests {
         let publisher = Recording { sent: Mutex::default(), fail: i64::from(b'b') * 1_000 + 3 };
         let first = [events("a", 1..=2), events("b", 1..=2)].concat();
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        sender.send([events("a", 3..=4), events("b", 3..=4), events("z", 1..=1)].concat()).unwrap();
-        sender.send([events("a", 5..=5), events("b", 5..=5)].concat()).unwrap();
-        drop(sender);
-        let published = publish_fed(&publisher, queues_by_key(first), Some(receiver), || async {
-            Ok::<_, ()>(true)
-        })
-        .await
-        .unwrap();
+        sender
+            .send(Some([events("a", 3..=4), events("b", 3..=4), events("z", 1..=1)].concat()))
+            .unwrap();
+        // The last part arrives after b failed, so only the filter keeps b's 5 back.
+        let reader = async move {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            sender.send(Some([events("a", 5..=5), events("b", 5..=5)].concat())).unwrap();
+        };
+        let (published, ()) = tokio::join!(
+            publish_fed(&publisher, queues_by_key(first), Some(receiver), || async {
+                Ok::<_, ()>(true)
+            }),
+            reader
+        );
+        let published = published.unwrap();
         let sent = publisher.sent.into_inner().unwrap();
         let of = |key: &str| -> Vec<i64> {
             sent.iter().filter(|(k, _)| k == key).map(|(_, seq)| *seq).collect()
@@ -238,7 +250,7 @@ mod tests {
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         let reader = async move {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            sender.send(events("a", 2..=3)).unwrap();
+            sender.send(Some(events("a", 2..=3))).unwrap();
         };
         let (published, ()) = tokio::join!(
             publish_fed(&publisher, queues_by_key(events("a", 1..=1)), Some(receiver), || async {

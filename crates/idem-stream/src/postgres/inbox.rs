@@ -84,11 +84,14 @@ impl Inbox {
     /// transaction rolls it back. Whatever the caller does next, a duplicate applies nothing.
     ///
     /// Returns [`Applied::First`] with `effects`' output (commit when it is a success), or
-    /// [`Applied::Duplicate`] (`effects`' output is dropped; roll back or commit, then
-    /// acknowledge). `effects` must act only through this transaction: anything else it does
-    /// (an HTTP call, an email) would happen for a duplicate too; such handlers use
-    /// [`Inbox::record`] first. Like `record`, a concurrent transaction recording the same id
-    /// makes this wait for its outcome.
+    /// [`Applied::Duplicate`] (`effects`' output is dropped; roll the transaction back, then
+    /// acknowledge; a top-level commit rolls back too, but a savepoint's commit fails).
+    /// `effects` must act only through this transaction: anything else it does (an HTTP call,
+    /// an email) would happen for a duplicate too; such handlers use [`Inbox::record`] first.
+    /// Like `record`, a concurrent transaction recording the same id makes this wait for its
+    /// outcome. A duplicate costs the server more than with `record` (a failed statement in
+    /// its log, a rolled-back transaction, a dead row): use `apply` where duplicates are the
+    /// exception, as redeliveries are.
     pub async fn apply<R>(
         &self,
         transaction: &Transaction<'_>,
@@ -105,12 +108,11 @@ impl Inbox {
             tokio::join!(biased; transaction.execute_typed(insert, &params), effects);
         match inserted {
             Ok(_) => Ok(Applied::First(output)),
+            // The inbox's only unique index is its key (whatever a DBA named it): a unique
+            // violation on the table is this id, already recorded.
             Err(error)
                 if error.code() == Some(&SqlState::UNIQUE_VIOLATION)
-                    && error
-                        .as_db_error()
-                        .and_then(|db| db.constraint())
-                        .is_some_and(|name| name == "idem_inbox_pkey") =>
+                    && error.as_db_error().is_some_and(|db| db.table() == Some("idem_inbox")) =>
             {
                 Ok(Applied::Duplicate)
             }
@@ -190,7 +192,7 @@ impl Inbox {
 
 /// What [`Inbox::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[must_use = "a duplicate's transaction is aborted: roll it back (or commit, which rolls it back)"]
+#[must_use = "a duplicate's transaction is aborted: roll it back"]
 pub enum Applied<R> {
     /// The first delivery: the effects ran in the transaction; here is their output.
     First(R),

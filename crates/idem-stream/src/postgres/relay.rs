@@ -371,7 +371,7 @@ async fn read_the_rest(
     mut full: Vec<(String, String, i64)>,
     head: i64,
     max_per_key: i64,
-    sender: tokio::sync::mpsc::UnboundedSender<Vec<crate::publish::OutboxMessage>>,
+    sender: tokio::sync::mpsc::UnboundedSender<Option<Vec<crate::publish::OutboxMessage>>>,
 ) -> Result<()> {
     let (mut read, mut part) = (head, head);
     while !full.is_empty() && read < max_per_key && !sender.is_closed() {
@@ -379,10 +379,17 @@ async fn read_the_rest(
         let topics: Vec<String> = full.iter().map(|(topic, _, _)| topic.clone()).collect();
         let keys: Vec<String> = full.iter().map(|(_, key, _)| key.clone()).collect();
         let after: Vec<i64> = full.iter().map(|(_, _, seq)| *seq).collect();
-        let events = read_events(transaction, &topics, &keys, &after, part).await?;
+        let events = match read_events(transaction, &topics, &keys, &after, part).await {
+            Ok(events) => events,
+            Err(error) => {
+                // The publisher stops at once; the round fails with this error.
+                let _ = sender.send(None);
+                return Err(error);
+            }
+        };
         read += part;
         full = full_keys(&events, part);
-        if sender.send(events).is_err() {
+        if sender.send(Some(events)).is_err() {
             break;
         }
     }
