@@ -2,6 +2,7 @@
 //! from a seed, under clients that retry as real ones do; then every effect is counted and
 //! every guarantee checked. Exits non-zero on any violation, printing the seed.
 
+mod messaging;
 mod servers;
 mod upstream;
 
@@ -39,9 +40,15 @@ struct Args {
     /// [default: the time]
     #[arg(long)]
     seed: Option<u64>,
-    /// Stores to run on, in turn
+    /// Stores to run the HTTP scenario on, in turn
     #[arg(long, value_enum, value_delimiter = ',', default_value = "postgres,redis,sqlite")]
     stores: Vec<StoreKind>,
+    /// Skip the messaging scenario (outbox, relays, NATS, consumers through the inbox)
+    #[arg(long)]
+    no_messaging: bool,
+    /// Skip the HTTP scenario
+    #[arg(long)]
+    no_http: bool,
     /// Seconds of traffic per store [default: 60, 20 with --quick]
     #[arg(long, value_parser = parse_seconds)]
     seconds: Option<Duration>,
@@ -87,6 +94,19 @@ impl Rng {
 const SCOPES: u64 = 3;
 
 fn main() -> ExitCode {
+    // The messaging scenario's consumers are this binary: `idem-chaos consume DB NATS N`.
+    let raw: Vec<String> = std::env::args().collect();
+    if raw.get(1).map(String::as_str) == Some("consume") && raw.len() == 5 {
+        let partition = raw[4].parse().unwrap_or(0);
+        let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+        return match runtime.block_on(messaging::consume(&raw[2], &raw[3], partition)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("idem-chaos consume: {error}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -113,7 +133,8 @@ fn main() -> ExitCode {
         if args.quick { " --quick" } else { "" }
     );
     let mut failed = false;
-    for (index, kind) in args.stores.iter().enumerate() {
+    let stores = if args.no_http { &[][..] } else { &args.stores[..] };
+    for (index, kind) in stores.iter().enumerate() {
         let store_seed = seed.wrapping_add(index as u64 * 0x1000_0000);
         match runtime.block_on(scenario(&args, *kind, store_seed, &idem)) {
             Ok(report) => {
@@ -122,6 +143,19 @@ fn main() -> ExitCode {
             }
             Err(error) => {
                 eprintln!("idem-chaos: the {kind:?} scenario could not run: {error}");
+                failed = true;
+            }
+        }
+    }
+    if !args.no_messaging {
+        let seconds = args.seconds.unwrap_or(Duration::from_secs(if args.quick { 20 } else { 60 }));
+        match runtime.block_on(messaging::scenario(seconds, seed, &idem)) {
+            Ok(report) => {
+                println!("{report}");
+                failed |= !report.clean();
+            }
+            Err(error) => {
+                eprintln!("idem-chaos: the messaging scenario could not run: {error}");
                 failed = true;
             }
         }

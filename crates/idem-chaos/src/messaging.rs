@@ -1,0 +1,513 @@
+//! The messaging scenario: producers commit business rows with outbox events in one
+//! transaction, two `idem relay` processes publish them to a NATS JetStream server of the
+//! rig's own, and three consumer processes (this binary, `idem-chaos consume`) apply them
+//! through the inbox, one stream partition each. Relays and consumers are killed with
+//! `kill -9`, the NATS server and PostgreSQL crash and restart. Then the database says what
+//! was committed and what was applied.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use idem_core::conformance::servers::PrivatePostgres;
+use idem_stream::consume::{self, Failure, Received, RunnerConfig};
+use idem_stream::nats::JetStreamSubscription;
+use idem_stream::postgres::{Applied, DeadLetters, Event, Inbox, Outbox};
+
+use crate::Rng;
+use crate::servers::free_port;
+
+const PARTITIONS: usize = 3;
+const KEYS: i64 = 60;
+/// JetStream redelivers what a killed consumer held after this.
+const ACK_WAIT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub seconds: f64,
+    pub committed: i64,
+    pub rolled_back: i64,
+    pub producer_errors: i64,
+    pub applied_rows: i64,
+    pub faults: HashMap<&'static str, u64>,
+    pub never_applied: i64,
+    pub applied_twice: i64,
+    pub applied_not_committed: i64,
+    pub out_of_order_after_consumer_kill: i64,
+    pub out_of_order_other: i64,
+    pub dead_letters: i64,
+}
+
+impl Report {
+    pub fn clean(&self) -> bool {
+        self.never_applied == 0
+            && self.applied_twice == 0
+            && self.applied_not_committed == 0
+            && self.out_of_order_other == 0
+            && self.dead_letters == 0
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut faults: Vec<_> = self.faults.iter().collect();
+        faults.sort();
+        let faults: Vec<String> = faults.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        writeln!(
+            f,
+            "\n== messaging: PostgreSQL outbox -> 2 relays -> NATS JetStream -> 3 consumers through the inbox ({:.0} s)",
+            self.seconds
+        )?;
+        writeln!(f, "| what | count |\n| --- | ---: |")?;
+        writeln!(f, "| transactions committed with an event | {} |", self.committed)?;
+        writeln!(
+            f,
+            "| transactions rolled back (their events must never arrive) | {} |",
+            self.rolled_back
+        )?;
+        writeln!(
+            f,
+            "| producer transactions that failed (database restarting) | {} |",
+            self.producer_errors
+        )?;
+        writeln!(f, "| faults injected | {} |", faults.join(", "))?;
+        writeln!(f, "| events applied | {} |", self.applied_rows)?;
+        writeln!(
+            f,
+            "| applied out of key order after that partition's consumer was killed (the documented limit of a durable consumer) | {} |",
+            self.out_of_order_after_consumer_kill
+        )?;
+        writeln!(f, "| committed, never applied | {} |", self.never_applied)?;
+        writeln!(f, "| applied twice | {} |", self.applied_twice)?;
+        writeln!(f, "| applied, never committed | {} |", self.applied_not_committed)?;
+        writeln!(
+            f,
+            "| applied out of key order, no consumer killed | {} |",
+            self.out_of_order_other
+        )?;
+        writeln!(f, "| dead-lettered | {} |", self.dead_letters)?;
+        Ok(())
+    }
+}
+
+fn err<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> String {
+    move |error| format!("{context}: {error}")
+}
+
+/// A `nats-server -js` of the rig's own, with its store in `dir`.
+struct Nats {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Nats {
+    fn start(port: u16, dir: &Path) -> Result<Self, String> {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(err("nats-server"))?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(15) {
+                return Err("nats-server did not listen".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { child, port, dir: dir.to_path_buf() })
+    }
+
+    fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::start(self.port, &self.dir.clone())?;
+        Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child process killed when dropped.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Killed, String> {
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(err("log"))?;
+    let child = Command::new(program)
+        .args(args)
+        .env("IDEM_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|error| format!("{}: {error}", program.display()))?;
+    Ok(Killed(child))
+}
+
+pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Report, String> {
+    let dir = std::env::temp_dir().join(format!("idem-chaos-{}-messaging", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("nats")).map_err(err("temp dir"))?;
+    let postgres = PrivatePostgres::start(free_port()?)
+        .ok_or("no PostgreSQL binaries to make a cluster with")?;
+    let database = postgres.url();
+    let nats = Nats::start(free_port()?, &dir.join("nats"))?;
+    let nats_url = nats.url();
+
+    let config: tokio_postgres::Config = database.parse().map_err(err("database URL"))?;
+    let (mut client, connection) =
+        config.connect(tokio_postgres::NoTls).await.map_err(err("connect"))?;
+    tokio::spawn(connection);
+    Outbox::migrate(&mut client).await.map_err(err("outbox tables"))?;
+    Inbox::migrate(&mut client).await.map_err(err("inbox tables"))?;
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, key text NOT NULL);
+             CREATE TABLE applied (n bigserial PRIMARY KEY, partition int NOT NULL,
+                 key text NOT NULL, seq bigint NOT NULL, order_id bigint NOT NULL,
+                 at timestamptz NOT NULL DEFAULT clock_timestamp());",
+        )
+        .await
+        .map_err(err("tables"))?;
+    drop(client);
+    let jetstream = async_nats::jetstream::new(
+        async_nats::connect(&nats_url).await.map_err(err("nats connect"))?,
+    );
+    for partition in 0..PARTITIONS {
+        let config = async_nats::jetstream::stream::Config {
+            name: format!("CHAOS{partition}"),
+            subjects: vec![format!("chaos.p{partition}")],
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        jetstream.create_stream(config).await.map_err(err("create stream"))?;
+    }
+
+    let log = dir.join("processes.log");
+    let relay_args = vec![
+        "relay".to_owned(),
+        "--database".to_owned(),
+        database.clone(),
+        "--broker".to_owned(),
+        nats_url.clone(),
+        "--poll-interval".to_owned(),
+        "200ms".to_owned(),
+    ];
+    let me = std::env::current_exe().map_err(err("this binary"))?;
+    let consumer_args = |partition: usize| {
+        vec!["consume".to_owned(), database.clone(), nats_url.clone(), partition.to_string()]
+    };
+    let mut relays = Vec::new();
+    for _ in 0..2 {
+        relays.push(spawn(idem, &relay_args, &log)?);
+    }
+    let mut consumers = Vec::new();
+    for partition in 0..PARTITIONS {
+        consumers.push(spawn(&me, &consumer_args(partition), &log)?);
+    }
+
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let kills: Arc<Mutex<Vec<(usize, SystemTime)>>> = Arc::default();
+    let faults: Arc<Mutex<HashMap<&'static str, u64>>> = Arc::default();
+    let fault_thread = {
+        let (stop, kills, faults, idem, me, log) = (
+            Arc::clone(&stop),
+            Arc::clone(&kills),
+            Arc::clone(&faults),
+            idem.to_path_buf(),
+            me.clone(),
+            log.clone(),
+        );
+        let consumer_args: Vec<Vec<String>> = (0..PARTITIONS).map(consumer_args).collect();
+        let relay_args = relay_args.clone();
+        std::thread::spawn(move || -> Result<_, String> {
+            let mut nats = nats;
+            let mut rng = Rng::new(seed ^ 0x6d73_6766_6175_6c74);
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1_000 + rng.below(2_000)));
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let pause = Duration::from_millis(200 + rng.below(800));
+                let kind = match rng.below(100) {
+                    0..=29 => {
+                        let index = rng.below(relays.len() as u64) as usize;
+                        let _ = relays[index].0.kill();
+                        std::thread::sleep(pause);
+                        relays[index] = spawn(&idem, &relay_args, &log)?;
+                        "relay kill -9 and restart"
+                    }
+                    30..=59 => {
+                        let partition = rng.below(PARTITIONS as u64) as usize;
+                        let _ = consumers[partition].0.kill();
+                        kills.lock().unwrap().push((partition, SystemTime::now()));
+                        std::thread::sleep(pause);
+                        consumers[partition] = spawn(&me, &consumer_args[partition], &log)?;
+                        "consumer kill -9 and restart"
+                    }
+                    60..=79 => {
+                        nats.restart()?;
+                        "NATS server kill -9 and restart"
+                    }
+                    _ => {
+                        postgres.stop("immediate");
+                        std::thread::sleep(pause);
+                        postgres.start_again();
+                        "PostgreSQL crash and restart"
+                    }
+                };
+                *faults.lock().unwrap().entry(kind).or_default() += 1;
+            }
+            Ok((nats, postgres, relays, consumers))
+        })
+    };
+
+    // Producers: business row and event in one transaction; one in ten rolled back.
+    let next = Arc::new(AtomicI64::new(1));
+    let counts = Arc::new(Mutex::new((0i64, 0i64, 0i64)));
+    let deadline = started + seconds;
+    let mut producers = Vec::new();
+    for index in 0..8u64 {
+        let (config, next, counts) = (config.clone(), Arc::clone(&next), Arc::clone(&counts));
+        let mut rng = Rng::new(seed ^ (index + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
+        producers.push(tokio::spawn(async move {
+            let mut client: Option<tokio_postgres::Client> = None;
+            while Instant::now() < deadline {
+                let Some(connected) = client.as_mut().filter(|c| !c.is_closed()) else {
+                    match config.connect(tokio_postgres::NoTls).await {
+                        Ok((fresh, connection)) => {
+                            tokio::spawn(connection);
+                            client = Some(fresh);
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                    continue;
+                };
+                let id = next.fetch_add(1, Ordering::SeqCst);
+                let key_index = rng.below(KEYS as u64) as usize;
+                let key = format!("k{key_index}");
+                let topic = format!("chaos.p{}", key_index % PARTITIONS);
+                let roll_back = rng.below(10) == 0;
+                let produced = async {
+                    let transaction = connected.transaction().await?;
+                    transaction
+                        .execute("INSERT INTO orders (id, key) VALUES ($1, $2)", &[&id, &key])
+                        .await?;
+                    let payload = id.to_string();
+                    let event = Event {
+                        topic: &topic,
+                        key: &key,
+                        payload: payload.as_bytes(),
+                        headers: &[],
+                    };
+                    Outbox::enqueue(&transaction, event)
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    if roll_back {
+                        transaction.rollback().await?;
+                    } else {
+                        transaction.commit().await?;
+                    }
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+                };
+                let outcome = produced.await;
+                let mut counts = counts.lock().unwrap();
+                match outcome {
+                    Ok(()) if roll_back => counts.1 += 1,
+                    Ok(()) => counts.0 += 1,
+                    Err(_) => counts.2 += 1,
+                }
+            }
+        }));
+    }
+    for producer in producers {
+        producer.await.map_err(err("producer"))?;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let (nats, postgres, relays, consumers) =
+        tokio::task::spawn_blocking(move || fault_thread.join())
+            .await
+            .map_err(err("fault thread"))?
+            .map_err(|_| "the fault thread panicked".to_owned())??;
+    let traffic = started.elapsed();
+
+    // Wait for every committed event to be applied (or for the stream to go quiet).
+    let (client, connection) =
+        config.connect(tokio_postgres::NoTls).await.map_err(err("connect after"))?;
+    tokio::spawn(connection);
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move {
+            client.query_one(sql, &[]).await.map(|row| row.get::<_, i64>(0)).map_err(err("count"))
+        }
+    };
+    let quiet_since = Instant::now();
+    let mut last = -1;
+    let mut last_change = Instant::now();
+    loop {
+        let missing = count(
+            "SELECT count(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id)",
+        )
+        .await?;
+        if missing == 0 {
+            break;
+        }
+        if missing != last {
+            last = missing;
+            last_change = Instant::now();
+        }
+        if last_change.elapsed() > Duration::from_secs(30)
+            || quiet_since.elapsed() > Duration::from_secs(180)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A moment more for a late copy, then the verdict.
+    tokio::time::sleep(ACK_WAIT + Duration::from_secs(1)).await;
+    let (committed, rolled_back, producer_errors) = *counts.lock().unwrap();
+    let mut report = Report {
+        seconds: traffic.as_secs_f64(),
+        committed,
+        rolled_back,
+        producer_errors,
+        faults: faults.lock().unwrap().clone(),
+        ..Report::default()
+    };
+    report.applied_rows = count("SELECT count(*) FROM applied").await?;
+    report.never_applied = count(
+        "SELECT count(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id)",
+    )
+    .await?;
+    report.applied_twice = count(
+        "SELECT count(*) FROM (SELECT order_id FROM applied GROUP BY order_id HAVING count(*) > 1) twice",
+    )
+    .await?;
+    report.applied_not_committed = count(
+        "SELECT count(*) FROM applied a WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.id = a.order_id)",
+    )
+    .await?;
+    report.dead_letters = count("SELECT count(*) FROM idem_dead_letters").await?;
+    // Key order: each key's seqs, in the order they were applied, must rise.
+    let inversions = client
+        .query(
+            "SELECT partition, extract(epoch FROM at)::float8 FROM (
+                 SELECT partition, at, seq, lag(seq) OVER (PARTITION BY key ORDER BY n) AS before
+                 FROM applied) ordered
+             WHERE before IS NOT NULL AND seq <= before",
+            &[],
+        )
+        .await
+        .map_err(err("order"))?;
+    let kills = kills.lock().unwrap().clone();
+    for row in inversions {
+        let (partition, at): (i32, f64) = (row.get(0), row.get(1));
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(at);
+        // A killed consumer's unacknowledged messages come back after the ack wait, possibly
+        // after newer ones of the same key: the documented limit.
+        let after_kill = kills.iter().any(|(killed, when)| {
+            *killed == partition as usize
+                && *when <= at
+                && at.duration_since(*when).unwrap_or_default() < ACK_WAIT * 10
+        });
+        if after_kill {
+            report.out_of_order_after_consumer_kill += 1;
+        } else {
+            report.out_of_order_other += 1;
+        }
+    }
+    drop((relays, consumers, nats, postgres));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// `idem-chaos consume DATABASE NATS PARTITION`: applies partition PARTITION's events through
+/// the inbox, one row in `applied` per first delivery, in the inbox's transaction.
+pub async fn consume(database: &str, nats: &str, partition: usize) -> Result<(), String> {
+    let config: tokio_postgres::Config = database.parse().map_err(err("database URL"))?;
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
+        config,
+        tokio_postgres::NoTls,
+    ))
+    .max_size(16)
+    .build()
+    .map_err(err("pool"))?;
+    let jetstream =
+        async_nats::jetstream::new(async_nats::connect(nats).await.map_err(err("nats"))?);
+    let stream = jetstream.get_stream(format!("CHAOS{partition}")).await.map_err(err("stream"))?;
+    let subscription = JetStreamSubscription::durable(&stream, "chaos", ACK_WAIT)
+        .await
+        .map_err(err("consumer"))?;
+    let inbox = Inbox::new(format!("chaos-p{partition}")).map_err(err("inbox"))?;
+    let dead_letters = Arc::new(
+        DeadLetters::new(pool.clone(), format!("chaos-p{partition}"))
+            .map_err(err("dead letters"))?,
+    );
+    let handler = move |message: Received| {
+        let (pool, inbox) = (pool.clone(), inbox.clone());
+        async move { apply(pool, inbox, partition, message).await }
+    };
+    let config = RunnerConfig { concurrency: 16, ..RunnerConfig::default() };
+    consume::run(subscription, handler, dead_letters, config, std::future::pending()).await;
+    Ok(())
+}
+
+async fn apply(
+    pool: deadpool_postgres::Pool,
+    inbox: Inbox,
+    partition: usize,
+    message: Received,
+) -> Result<(), Failure> {
+    let header = |name: &str| {
+        message.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.clone())
+    };
+    let key = header("Idem-Key").ok_or_else(|| Failure::rejected("no Idem-Key"))?;
+    let seq: i64 = header("Idem-Seq")
+        .and_then(|seq| seq.parse().ok())
+        .ok_or_else(|| Failure::rejected("no Idem-Seq"))?;
+    let order_id: i64 = std::str::from_utf8(&message.payload)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| Failure::rejected("the payload is not an order id"))?;
+    let unavailable = |error: tokio_postgres::Error| Failure::Unavailable(error.to_string());
+    let mut client = pool.get().await.map_err(|e| Failure::Unavailable(e.to_string()))?;
+    let transaction = client.transaction().await.map_err(unavailable)?;
+    let partition = partition as i32;
+    let record = async {
+        transaction
+            .execute(
+                "INSERT INTO applied (partition, key, seq, order_id) VALUES ($1, $2, $3, $4)",
+                &[&partition, &key, &seq, &order_id],
+            )
+            .await
+    };
+    match inbox.apply(&transaction, &message.id, record).await.map_err(Failure::from)? {
+        Applied::First(result) => {
+            result.map_err(unavailable)?;
+            transaction.commit().await.map_err(unavailable)
+        }
+        Applied::Duplicate => transaction.rollback().await.map_err(unavailable),
+    }
+}
