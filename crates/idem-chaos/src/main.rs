@@ -70,6 +70,16 @@ fn parse_seconds(text: &str) -> Result<Duration, String> {
     text.parse::<u64>().map(Duration::from_secs).map_err(|e| format!("{text}: {e}"))
 }
 
+/// Sets its flag when dropped: a thread watching it winds down on any return.
+#[derive(Debug)]
+pub struct StopOnDrop(pub Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A small seedable generator (SplitMix64).
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
@@ -92,6 +102,18 @@ impl Rng {
 
 /// Callers sharing the gateways: the same key strings are used by each of them.
 const SCOPES: u64 = 3;
+
+/// After an execution, by when its gateway has stored the outcome: the slowest answer
+/// (3.7 s), a store pause (2 s), and a margin.
+const OUTCOME_STORED_WITHIN: Duration = Duration::from_secs(8);
+
+fn report_long_outages(outages: &[(Instant, Instant)]) {
+    for (from, to) in outages {
+        if *to - *from >= LEASE / 2 {
+            eprintln!("idem-chaos: the store was down for {:?}, half a lease or more", *to - *from);
+        }
+    }
+}
 
 fn main() -> ExitCode {
     // The messaging scenario's consumers are this binary: `idem-chaos consume DB NATS N`.
@@ -190,6 +212,7 @@ struct Report {
     executions: u64,
     unknown_outcomes: u64,
     duplicates_allowed: u64,
+    duplicates_after_long_outage: u64,
     duplicates_other: Vec<String>,
     lost_results: Vec<String>,
     cross_scope: Vec<String>,
@@ -239,13 +262,18 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "| duplicate executions after a gateway was killed mid-request (allowed) | {} |",
+            "| duplicate executions after the forwarding gateway was killed before storing the outcome (allowed) | {} |",
             self.duplicates_allowed
+        )?;
+        writeln!(
+            f,
+            "| duplicate executions around a store outage of half a lease or more (reported apart) | {} |",
+            self.duplicates_after_long_outage
         )?;
         let rows = [
             ("duplicate executions, any other cause", &self.duplicates_other),
             ("lost results (a later answer differs from an earlier outcome)", &self.lost_results),
-            ("responses for another caller", &self.cross_scope),
+            ("answers carrying another caller's or key's execution", &self.cross_scope),
             ("unexpected answers (422, 400, other)", &self.unexpected),
             ("keys without an outcome after every lease passed", &self.stuck),
         ];
@@ -268,6 +296,8 @@ struct Shared {
     outcomes: Mutex<HashMap<u64, Outcome>>,
     /// When each gateway process (by its upstream path) was killed.
     kills: Mutex<HashMap<String, Instant>>,
+    /// When the store was down (restarting or paused), from and to.
+    outages: Mutex<Vec<(Instant, Instant)>>,
     next_op: AtomicU64,
     requests: AtomicU64,
 }
@@ -304,11 +334,14 @@ async fn scenario(
         report: Mutex::new(Report { store: format!("{kind:?}"), ..Report::default() }),
         outcomes: Mutex::new(HashMap::new()),
         kills: Mutex::new(HashMap::new()),
+        outages: Mutex::new(Vec::new()),
         next_op: AtomicU64::new(0),
         requests: AtomicU64::new(0),
     });
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    // Should this return early, the fault thread still stops and kills what it holds.
+    let _stop_on_return = StopOnDrop(Arc::clone(&stop));
 
     // Faults, on a thread of their own (they wait on processes).
     let faults = {
@@ -331,7 +364,7 @@ async fn scenario(
                     break;
                 }
                 let roll = rng.below(100);
-                let kind = match roll {
+                let kind: Option<&'static str> = match roll {
                     0..=39 => {
                         let index = rng.below(gateways.len() as u64) as usize;
                         gateways[index].kill9();
@@ -350,28 +383,38 @@ async fn scenario(
                             }
                             Err(error) => eprintln!("idem-chaos: gateway restart failed: {error}"),
                         }
-                        "gateway kill -9 and restart"
+                        Some("gateway kill -9 and restart")
                     }
                     40..=59 if store.has_server() => {
-                        if let Err(error) = store.restart() {
-                            eprintln!("idem-chaos: store restart failed: {error}");
+                        let down = Instant::now();
+                        let restarted = store.restart();
+                        shared.outages.lock().unwrap().push((down, Instant::now()));
+                        match restarted {
+                            Ok(()) => Some("store crash and restart"),
+                            Err(error) => {
+                                eprintln!("idem-chaos: store restart failed: {error}");
+                                None
+                            }
                         }
-                        "store crash and restart"
                     }
                     60..=79 if store.has_server() => {
                         let pids = store.pids();
+                        let down = Instant::now();
                         servers::signal(&pids, "STOP");
                         std::thread::sleep(Duration::from_millis(300 + rng.below(1_700)));
                         servers::signal(&pids, "CONT");
-                        "store paused (SIGSTOP, SIGCONT)"
+                        shared.outages.lock().unwrap().push((down, Instant::now()));
+                        (!pids.is_empty()).then_some("store paused (SIGSTOP, SIGCONT)")
                     }
                     _ => {
                         let stall = Duration::from_millis(500 + rng.below(2_500));
                         upstream.stall_until(Instant::now() + stall);
-                        "upstream stall"
+                        Some("upstream stall")
                     }
                 };
-                *shared.report.lock().unwrap().faults.entry(kind).or_default() += 1;
+                if let Some(kind) = kind {
+                    *shared.report.lock().unwrap().faults.entry(kind).or_default() += 1;
+                }
             }
             (store, gateways)
         })
@@ -454,6 +497,26 @@ async fn scenario(
     // Effects: executions per (caller, key).
     let executions = upstream.executions();
     let kills = shared.kills.lock().unwrap().clone();
+    let outages = shared.outages.lock().unwrap().clone();
+    report_long_outages(&outages);
+    // Each settled outcome must be an execution of that operation's own caller and key.
+    let owner: HashMap<u64, (&str, &str)> =
+        executions.iter().map(|e| (e.id, (e.scope.as_str(), e.key.as_str()))).collect();
+    {
+        let outcomes = shared.outcomes.lock().unwrap();
+        let mut report = shared.report.lock().unwrap();
+        for (op, outcome) in outcomes.iter() {
+            if let Outcome::Ran { execution } = outcome {
+                let (scope, key) = identity(*op);
+                if owner.get(execution) != Some(&(scope.as_str(), key.as_str())) {
+                    report.cross_scope.push(format!(
+                        "operation {op} ({scope}, {key}) settled on execution {execution}, made for {:?}",
+                        owner.get(execution)
+                    ));
+                }
+            }
+        }
+    }
     let mut by_key: HashMap<(String, String), Vec<&upstream::Execution>> = HashMap::new();
     for execution in &executions {
         by_key.entry((execution.scope.clone(), execution.key.clone())).or_default().push(execution);
@@ -468,11 +531,22 @@ async fn scenario(
         for pair in runs.windows(2) {
             let (first, again) = (pair[0], pair[1]);
             // Allowed: the gateway that forwarded the first run was killed before it could
-            // store the outcome, and the key's lease then expired.
-            let killed =
-                kills.get(&first.gateway).filter(|kill| **kill >= first.at && **kill <= again.at);
+            // store the outcome (within the slowest answer plus a store pause of the run), and
+            // the second came after the kill.
+            let killed = kills.get(&first.gateway).filter(|kill| {
+                **kill >= first.at
+                    && **kill <= first.at + OUTCOME_STORED_WITHIN
+                    && **kill < again.at
+            });
+            // A store down longer than a lease allows while the outcome was being stored lets
+            // the key run again: reported apart, the rig's faults are meant to stay shorter.
+            let long_outage = outages
+                .iter()
+                .any(|(from, to)| *to - *from >= LEASE / 2 && *to >= first.at && *from <= again.at);
             if killed.is_some() {
                 report.duplicates_allowed += 1;
+            } else if long_outage {
+                report.duplicates_after_long_outage += 1;
             } else {
                 report.duplicates_other.push(format!(
                     "{scope} {key}: executions {} (by gateway {}) and {} (by {}), {:?} apart; the first one's gateway was not killed in between",

@@ -229,6 +229,7 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
 
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_return = crate::StopOnDrop(Arc::clone(&stop));
     let kills: Arc<Mutex<Vec<(usize, SystemTime)>>> = Arc::default();
     let faults: Arc<Mutex<HashMap<&'static str, u64>>> = Arc::default();
     let fault_thread = {

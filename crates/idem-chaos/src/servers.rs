@@ -120,7 +120,12 @@ fn start_redis(port: u16, dir: &Path) -> Result<Child, String> {
         .stderr(Stdio::null())
         .spawn()
         .map_err(|error| format!("cannot start redis-server: {error}"))?;
-    wait_listening(port, Duration::from_secs(10))?;
+    let mut child = child;
+    if let Err(error) = wait_listening(port, Duration::from_secs(10)) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(error);
+    }
     Ok(child)
 }
 
@@ -222,9 +227,15 @@ impl Gateway {
             .split("listening on http://")
             .nth(1)
             .and_then(|rest| rest.split(' ').next())
-            .and_then(|addr| addr.parse().ok())
-            .ok_or_else(|| format!("unexpected first line from idem serve: {line}"))?;
-        Ok(Self { child, addr })
+            .and_then(|addr| addr.parse().ok());
+        match addr {
+            Some(addr) => Ok(Self { child, addr }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(format!("unexpected first line from idem serve: {line}"))
+            }
+        }
     }
 
     /// SIGKILL: nothing of the gateway's own cleanup runs.

@@ -66,7 +66,11 @@ impl Upstream {
         let serving = upstream.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    // Out of descriptors, say: not a reason to spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let upstream = serving.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {

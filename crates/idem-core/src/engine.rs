@@ -541,7 +541,7 @@ impl Claim {
                 // then completed with exactly this payload, and it is ours. A read that fails
                 // cannot tell, so it is retried like a failed write, never taken for fenced
                 // (found by idem-sim: the outcome was stored, the caller was told otherwise).
-                result = match engine.inner.store.get(&self.key).await {
+                result = match timed("read", engine.inner.store.get(&self.key)).await {
                     Ok(Some(record)) if matches!(&record.state, RecordState::Completed { payload: stored } if *stored == payload) => {
                         Ok(())
                     }
@@ -739,6 +739,98 @@ mod tests {
             panic!("completed record must replay");
         };
         assert_eq!(payload, "fresh");
+    }
+
+    /// A memory store whose first completion is applied but answered as a failure (its reply
+    /// lost), and whose first read then fails too.
+    struct LostReplyThenFailedRead {
+        inner: MemoryStore,
+        completes: AtomicUsize,
+        reads: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for LostReplyThenFailedRead {
+        async fn claim(&self, request: crate::ClaimRequest<'_>) -> Result<Decision> {
+            self.inner.claim(request).await
+        }
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            token: FencingToken,
+            payload: Bytes,
+            now: Timestamp,
+            expires_at: Timestamp,
+        ) -> Result<()> {
+            let applied = self.inner.complete(key, token, payload, now, expires_at).await;
+            if self.completes.fetch_add(1, Ordering::SeqCst) == 0 {
+                applied?;
+                return Err(Error::unavailable("the reply was lost"));
+            }
+            applied
+        }
+        async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
+            self.inner.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: FencingToken,
+            now: Timestamp,
+            lease_expires_at: Timestamp,
+            expires_at: Timestamp,
+        ) -> Result<()> {
+            self.inner.renew(key, token, now, lease_expires_at, expires_at).await
+        }
+        async fn get(&self, key: &RecordKey) -> Result<Option<crate::Record>> {
+            if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(Error::unavailable("the read failed"));
+            }
+            self.inner.get(key).await
+        }
+        async fn delete(&self, key: &RecordKey) -> Result<bool> {
+            self.inner.delete(key).await
+        }
+        async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
+            self.inner.sweep(now, limit).await
+        }
+        async fn list(&self, query: &crate::ListQuery) -> Result<Vec<crate::RecordSummary>> {
+            self.inner.list(query).await
+        }
+        async fn ping(&self) -> Result<()> {
+            self.inner.ping().await
+        }
+        fn capabilities(&self) -> crate::Capabilities {
+            self.inner.capabilities()
+        }
+    }
+
+    /// Found by idem-sim (seed 14): the first attempt to store the outcome landed but its reply
+    /// was lost, the retry was fenced (the record is completed already), and the read that
+    /// checks whose outcome it is failed. The outcome is ours: `complete` must say so (after
+    /// reading again), never `Fenced`.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_completion_reply_and_a_failed_read_are_not_taken_for_fenced() {
+        let clock = ManualClock::new(1_000_000);
+        let store = LostReplyThenFailedRead {
+            inner: MemoryStore::new(),
+            completes: AtomicUsize::new(0),
+            reads: AtomicUsize::new(0),
+        };
+        let engine = Engine::new(
+            store,
+            clock.clone(),
+            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
+        );
+        let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        let completed = claim.complete(Bytes::from_static(b"ours")).await;
+        assert!(completed.is_ok(), "{completed:?}");
+        let Begin::Replay(payload) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("the completed record must replay");
+        };
+        assert_eq!(payload, "ours");
     }
 
     #[tokio::test(start_paused = true)]

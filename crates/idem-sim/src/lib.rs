@@ -83,6 +83,8 @@ pub enum Mutant {
     ClaimIgnoresLease,
     /// Sweeping deletes records before they expire.
     SweepIgnoresExpiry,
+    /// A replay deletes the record it replayed.
+    ReplayForgets,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +97,23 @@ pub struct SimConfig {
     pub mutant: Mutant,
     /// Print every step.
     pub trace: bool,
+}
+
+impl SimConfig {
+    /// The `idem-sim` command that runs `seed` with this configuration, step by step.
+    pub fn replay_command(&self, seed: u64) -> String {
+        let name = |value: Option<clap::builder::PossibleValue>| {
+            value.map(|v| v.get_name().to_owned()).unwrap_or_default()
+        };
+        format!(
+            "idem-sim --seed {seed} --store {} --mutant {} --steps {} --gateways {} --keys {} --trace",
+            name(clap::ValueEnum::to_possible_value(&self.store)),
+            name(clap::ValueEnum::to_possible_value(&self.mutant)),
+            self.steps,
+            self.actors,
+            self.keys,
+        )
+    }
 }
 
 impl Default for SimConfig {
@@ -203,6 +222,8 @@ pub struct Violation {
     pub what: String,
     /// The last steps, oldest first.
     pub recent: Vec<String>,
+    /// The command that replays this run.
+    pub replay: String,
 }
 
 impl fmt::Display for Violation {
@@ -212,7 +233,7 @@ impl fmt::Display for Violation {
         for line in &self.recent {
             writeln!(f, "  {line}")?;
         }
-        write!(f, "replay it with: idem-sim --seed {} --trace", self.seed)
+        write!(f, "replay it with: {}", self.replay)
     }
 }
 
@@ -340,6 +361,9 @@ struct Mutated {
 impl Store for Mutated {
     async fn claim(&self, request: ClaimRequest<'_>) -> idem_core::Result<Decision> {
         let decision = self.inner.claim(request).await?;
+        if self.mutant == Mutant::ReplayForgets && matches!(decision, Decision::Replay(_)) {
+            self.inner.delete(request.key).await?;
+        }
         if self.mutant == Mutant::ClaimIgnoresLease
             && let Decision::InFlight { .. } = decision
             && let Some(Record { state: RecordState::InFlight { token, .. }, .. }) =
@@ -588,6 +612,7 @@ impl<'a> Sim<'a> {
             step: self.step,
             what,
             recent: self.recent.iter().cloned().collect(),
+            replay: self.config.replay_command(self.seed),
         }
     }
 
@@ -621,6 +646,9 @@ impl<'a> Sim<'a> {
                     35..=54 => self.complete(actor, held, &before)?,
                     55..=61 => self.release(actor, held, &before)?,
                     62..=66 => {
+                        // A crash changes nothing in the store: the key is checked like any
+                        // other this step.
+                        touched = None;
                         self.note(format!("gateway {actor} crashes holding key {}", held.key));
                         self.stats.crashes += 1;
                         held.claim.abandon();
@@ -713,6 +741,15 @@ impl<'a> Sim<'a> {
             if self.faulty.faults.lock().unwrap().orphans.contains(token));
         let could_acquire = expected == Decision::Acquire || orphan_before;
         let after = self.snapshot();
+        // Whatever did not run leaves the record as it was (or without the orphan the engine
+        // released meanwhile).
+        let unchanged = after[key] == before[key] || (orphan_before && after[key].is_none());
+        if !matches!(begun, Ok(Begin::Run(_)) | Err(_)) && !unchanged {
+            return Err(self.violation(format!(
+                "key {key} changed although its begin ran nothing ({begun:?}): {:?} -> {:?}",
+                before[key], after[key]
+            )));
+        }
         match begun {
             Ok(Begin::Run(claim)) => {
                 self.note(format!("gateway {actor} begins key {key} (variant {variant}): runs"));
@@ -804,7 +841,7 @@ impl<'a> Sim<'a> {
                         Some(_) => false,
                         None => true,
                     };
-                if after[key] != before[key] && !landed_as_orphan {
+                if !unchanged && !landed_as_orphan {
                     return Err(self.violation(format!(
                         "a failed begin changed key {key}: {:?} -> {:?}",
                         before[key], after[key]
@@ -855,7 +892,7 @@ impl<'a> Sim<'a> {
                         before[key], after[key]
                     )));
                 }
-                if owned_before && !faulted {
+                if owned_before {
                     return Err(self.violation(format!(
                         "gateway {actor} was fenced on key {key} while it owned it"
                     )));
@@ -900,7 +937,7 @@ impl<'a> Sim<'a> {
             }
             Err(Error::Fenced) => {
                 self.stats.fenced += 1;
-                if after[key] != before[key] || (owned_before && !faulted) {
+                if after[key] != before[key] || owned_before {
                     return Err(self.violation(format!(
                         "a fenced release by gateway {actor} (owner before: {owned_before}) left key {key}: {:?} -> {:?}",
                         before[key], after[key]
@@ -936,7 +973,7 @@ impl<'a> Sim<'a> {
             if *owner == token && *lease_expires_at == now.saturating_add(LEASE));
         let ok = match &result {
             Ok(()) => owned_before && extended,
-            Err(Error::Fenced) => after[key] == before[key] && (!owned_before || faulted),
+            Err(Error::Fenced) => after[key] == before[key] && !owned_before,
             Err(_) => faulted && (after[key] == before[key] || (owned_before && extended)),
         };
         if result.is_err() {
