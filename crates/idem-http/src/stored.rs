@@ -103,7 +103,11 @@ impl StoredResponse {
         let status = StatusCode::from_u16(bytes.get_u16()).map_err(|error| error.to_string())?;
         let flags = bytes.get_u8();
         let count = bytes.get_u16();
-        let mut headers = HeaderMap::with_capacity(count as usize);
+        // A damaged count must not size the map: each header takes at least 6 bytes, and a
+        // map past its maximum size panics (found by fuzzing: a count of 65,535).
+        let capacity = (count as usize).min(bytes.remaining() / 6);
+        let mut headers = HeaderMap::try_with_capacity(capacity)
+            .map_err(|_| format!("{count} headers: more than a header map holds"))?;
         for _ in 0..count {
             need(&bytes, 2, "header name length")?;
             let name_len = bytes.get_u16() as usize;
@@ -115,7 +119,9 @@ impl StoredResponse {
             need(&bytes, value_len, "header value")?;
             let value = HeaderValue::from_maybe_shared(bytes.split_to(value_len))
                 .map_err(|error| error.to_string())?;
-            headers.append(name, value);
+            headers
+                .try_append(name, value)
+                .map_err(|_| format!("{count} headers: more than a header map holds"))?;
         }
         need(&bytes, 4, "body length")?;
         let body_len = bytes.get_u32() as usize;
@@ -137,6 +143,27 @@ impl StoredResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing: a record whose header count is larger than a header map may hold
+    /// panicked in `decode` instead of being refused as damaged.
+    #[test]
+    fn a_damaged_header_count_is_refused_not_a_panic() {
+        let mut record = BytesMut::from(&MAGIC[..]);
+        record.put_u16(204);
+        record.put_u8(0);
+        record.put_u16(u16::MAX);
+        assert!(StoredResponse::decode(record.clone().freeze()).is_err());
+        // And as many headers as the count says, each the smallest there is: still refused,
+        // past what a header map holds.
+        for index in 0..u16::MAX {
+            let name = format!("x{index}");
+            record.put_u16(name.len() as u16);
+            record.put_slice(name.as_bytes());
+            record.put_u32(0);
+        }
+        record.put_u32(0);
+        assert!(StoredResponse::decode(record.freeze()).is_err());
+    }
 
     #[test]
     fn round_trips_and_detects_damage() {
