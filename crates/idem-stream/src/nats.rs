@@ -22,6 +22,29 @@ impl JetStreamPublisher {
     }
 }
 
+/// A message's NATS headers, checked: the relay's own and the event's.
+fn headers_of(message: &OutboxMessage) -> crate::Result<HeaderMap> {
+    use async_nats::header::{HeaderName, HeaderValue};
+    let invalid = |what: String| crate::Error::InvalidEvent(what);
+    let mut headers = HeaderMap::new();
+    let mut add = |name: &str, value: &str| -> crate::Result<()> {
+        let name: HeaderName =
+            name.parse().map_err(|_| invalid(format!("header name {name:?} cannot go to NATS")))?;
+        let value: HeaderValue = value
+            .parse()
+            .map_err(|_| invalid(format!("the value of header {name} cannot go to NATS")))?;
+        headers.append(name, value);
+        Ok(())
+    };
+    add("Nats-Msg-Id", &message.message_id())?;
+    add(crate::publish::KEY_HEADER, &message.key)?;
+    add(crate::publish::SEQ_HEADER, &message.seq.to_string())?;
+    for (name, value) in &message.headers {
+        add(name, value)?;
+    }
+    Ok(headers)
+}
+
 #[async_trait]
 impl Publisher for JetStreamPublisher {
     async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
@@ -29,17 +52,21 @@ impl Publisher for JetStreamPublisher {
         // key is not at stake, and the round trips overlap.
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
-            let mut headers = HeaderMap::new();
-            headers.insert("Nats-Msg-Id", message.message_id().as_str());
-            headers.insert(crate::publish::KEY_HEADER, message.key.as_str());
-            headers.insert(crate::publish::SEQ_HEADER, message.seq.to_string().as_str());
-            for (name, value) in &message.headers {
-                headers.append(name.as_str(), value.as_str());
-            }
+            // async-nats panics on a name or value it cannot carry (CR, LF, ':' in a name):
+            // such an event fails here, and its key backs off and is parked, instead of
+            // taking the relay down on every round.
+            let headers = match headers_of(message) {
+                Ok(headers) => headers,
+                Err(reason) => {
+                    pending.push(Err(reason));
+                    continue;
+                }
+            };
             let sent = self
                 .context
                 .publish_with_headers(message.topic.clone(), headers, message.payload.clone())
-                .await;
+                .await
+                .map_err(|error| crate::Error::broker(NATS, "publish", error));
             pending.push(sent);
         }
         let mut results = Vec::with_capacity(messages.len());
@@ -48,7 +75,7 @@ impl Publisher for JetStreamPublisher {
                 Ok(ack) => {
                     ack.await.map(drop).map_err(crate::Error::from_broker(NATS, "publish ack"))
                 }
-                Err(error) => Err(crate::Error::broker(NATS, "publish", error)),
+                Err(error) => Err(error),
             };
             results.push(result.map_err(|error| PublishError::new(message.id, error)));
         }
@@ -131,7 +158,8 @@ impl crate::consume::Subscription for JetStreamSubscription {
 }
 
 /// A JetStream message as the consumer sees it, by the one message-id rule.
-fn received_from(message: &async_nats::jetstream::Message) -> crate::consume::Received {
+#[doc(hidden)]
+pub fn received_from(message: &async_nats::jetstream::Message) -> crate::consume::Received {
     let attempt = message.info().map_or(1, |info| info.delivered.max(1) as u64);
     let headers: Vec<(String, String)> = message
         .headers

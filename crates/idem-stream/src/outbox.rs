@@ -32,8 +32,25 @@ pub(crate) fn check_event(event: &Event<'_>) -> Result<()> {
             event.topic
         )));
     }
-    if !name_ok(event.key) {
-        return Err(crate::Error::InvalidEvent("the key must be 1 to 255 bytes".into()));
+    // The key and the headers travel as broker headers: no control characters (a CR or LF
+    // would split a NATS header block), names without spaces or ':'.
+    let printable = |text: &str| !text.chars().any(char::is_control);
+    if !name_ok(event.key) || !printable(event.key) {
+        return Err(crate::Error::InvalidEvent(
+            "the key must be 1 to 255 bytes, without control characters".into(),
+        ));
+    }
+    for (name, value) in event.headers {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(crate::Error::InvalidEvent(format!(
+                "header name {name:?}: visible ASCII without ':'"
+            )));
+        }
+        if !printable(value) {
+            return Err(crate::Error::InvalidEvent(format!(
+                "the value of header {name} has a control character"
+            )));
+        }
     }
     if event.payload.len() > MAX_PAYLOAD_BYTES {
         return Err(crate::Error::InvalidEvent(format!(

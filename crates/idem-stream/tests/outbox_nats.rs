@@ -218,3 +218,44 @@ async fn a_relay_that_dies_before_marking_sent_is_absorbed_by_broker_deduplicati
         messages.len()
     );
 }
+
+/// An event whose key or headers NATS cannot carry (a CR or LF would split its header block)
+/// is refused at enqueue; one already in a table (written by an older version) fails to
+/// publish and backs off instead of panicking the relay (noticed while writing the fuzz
+/// targets), and the rest of its layer goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_nats_cannot_carry_is_refused_and_never_panics_the_relay() {
+    let Some(Setup { mut client, jetstream, mut stream, prefix, .. }) = setup("unsendable").await
+    else {
+        return;
+    };
+    let topic = format!("{prefix}.events");
+    for (key, headers) in [
+        ("line\r\nbreak", vec![("traceparent", "x")]),
+        ("fine", vec![("bad name", "x")]),
+        ("fine", vec![("a:b", "x")]),
+        ("fine", vec![("traceparent", "a\nb")]),
+    ] {
+        let transaction = client.transaction().await.unwrap();
+        let event = Event { topic: &topic, key, payload: b"x", headers: &headers };
+        let refused = Outbox::enqueue(&transaction, event).await;
+        assert!(
+            matches!(refused, Err(idem_stream::Error::InvalidEvent(_))),
+            "{key:?} {headers:?}: {refused:?}"
+        );
+    }
+    let message = |id: i64, key: &str| OutboxMessage {
+        id,
+        topic: topic.clone(),
+        key: key.into(),
+        seq: 1,
+        payload: bytes::Bytes::from_static(b"x"),
+        headers: vec![("traceparent".into(), format!("00-{:032x}-{:016x}-01", id, id))],
+    };
+    let layer = [message(1, "split\r\nkey"), message(2, "good")];
+    let results = JetStreamPublisher::new(jetstream).publish(&layer).await;
+    assert!(results[0].is_err(), "the key NATS cannot carry fails, without a panic");
+    assert!(results[1].is_ok(), "{:?}", results[1]);
+    let on_stream = read_stream(&mut stream).await;
+    assert_eq!(on_stream, [("idem-outbox-2".to_owned(), "good".to_owned(), 1)]);
+}
