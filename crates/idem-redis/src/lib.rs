@@ -373,7 +373,8 @@ fn number(value: &[u8], field: &str) -> Result<u64> {
 }
 
 /// Builds a record from its hash fields (`f st t l p c e`), checking the invariants.
-fn read_record(field: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Record> {
+#[doc(hidden)]
+pub fn read_record(field: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Record> {
     let required =
         |name: &str| field(name).ok_or_else(|| Error::Corrupt(format!("field {name} is missing")));
     let fingerprint = required("f")?;

@@ -412,7 +412,8 @@ const SELECT_RECORD: &str =
      FROM idem_records WHERE scope = ?1 AND key = ?2";
 
 /// Reads one row back, checking the invariants the writes keep.
-fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record>> {
+#[doc(hidden)]
+pub fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record>> {
     let fingerprint: Vec<u8> = row.get(0)?;
     let state: i64 = row.get(1)?;
     let token: Option<i64> = row.get(2)?;

@@ -269,6 +269,19 @@ impl RabbitSubscription {
         Ok(&mut self.consumer.as_mut().expect("connected above").2)
     }
 
+    /// `received` on a subscription that holds no connection, so that fuzzing can reach it.
+    #[doc(hidden)]
+    pub fn received_offline(delivery: &lapin::message::Delivery) -> Received {
+        let subscription = Self {
+            uri: String::new(),
+            queue: "offline".into(),
+            prefetch: 1,
+            consumer: None,
+            told_classic: std::sync::atomic::AtomicBool::new(false),
+        };
+        subscription.received(delivery)
+    }
+
     fn received(&self, delivery: &lapin::message::Delivery) -> Received {
         let properties = &delivery.properties;
         let mut headers = Vec::new();

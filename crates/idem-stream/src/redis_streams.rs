@@ -271,7 +271,8 @@ impl RedisStreamsSubscription {
 }
 
 /// An entry of `stream` as the consumer sees it, by the one message-id rule.
-fn received_from(stream: &str, entry: &StreamId, attempt: u64) -> Received {
+#[doc(hidden)]
+pub fn received_from(stream: &str, entry: &StreamId, attempt: u64) -> Received {
     let text = |name: &str| match entry.map.get(name) {
         Some(redis::Value::BulkString(bytes)) => String::from_utf8_lossy(bytes).into_owned(),
         _ => String::new(),
