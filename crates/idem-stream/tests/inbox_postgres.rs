@@ -25,6 +25,17 @@ async fn connect(config: &Config) -> Client {
     client
 }
 
+/// `deliveries` in an order drawn from `seed` (xorshift, Fisher-Yates).
+fn shuffled(mut deliveries: Vec<(String, i64)>, mut seed: u64) -> Vec<(String, i64)> {
+    for index in (1..deliveries.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        deliveries.swap(index, (seed % (index as u64 + 1)) as usize);
+    }
+    deliveries
+}
+
 async fn effects(client: &Client) -> (i64, i64, i64) {
     let row = client
         .query_one(
@@ -41,16 +52,9 @@ async fn every_message_applies_once_however_often_it_is_delivered() {
     let Some((client, config)) = fresh("idem_stream_redelivery").await else { return };
     let inbox = Inbox::new("ledger").unwrap();
     // 500 payments, each delivered 3 times, shuffled, handled by 4 consumers at once.
-    let mut deliveries: Vec<(String, i64)> =
+    let deliveries =
         (0..1_500).map(|i| (format!("payment-{}", i % 500), (i % 500) as i64 + 1)).collect();
-    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-    for index in (1..deliveries.len()).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        deliveries.swap(index, (seed % (index as u64 + 1)) as usize);
-    }
-    let queue = Arc::new(Mutex::new(deliveries));
+    let queue = Arc::new(Mutex::new(shuffled(deliveries, 0x9e37_79b9_7f4a_7c15)));
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let (queue, inbox, config) = (Arc::clone(&queue), inbox.clone(), config.clone());
@@ -328,16 +332,8 @@ async fn apply_pipelines_the_record_and_a_duplicate_applies_nothing() {
     assert_eq!(effects(&client).await, (1_112, 3, 3));
 
     // Many deliveries at once.
-    let mut deliveries: Vec<(String, i64)> =
-        (0..1_500).map(|i| (format!("p-{}", i % 500), 1)).collect();
-    let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
-    for index in (1..deliveries.len()).rev() {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        deliveries.swap(index, (seed % (index as u64 + 1)) as usize);
-    }
-    let queue = Arc::new(Mutex::new(deliveries));
+    let deliveries = (0..1_500).map(|i| (format!("p-{}", i % 500), 1)).collect();
+    let queue = Arc::new(Mutex::new(shuffled(deliveries, 0x2545_f491_4f6c_dd1d)));
     let workers: Vec<_> = (0..4)
         .map(|_| {
             let (queue, inbox, config) = (Arc::clone(&queue), inbox.clone(), config.clone());
