@@ -17,7 +17,8 @@ fn the_rig_reports_duplicates_from_gateways_that_release_unknown_outcomes() {
         return;
     };
     let output = Command::new(env!("CARGO_BIN_EXE_idem-chaos"))
-        .args(["--seed", "3", "--stores", "sqlite", "--seconds", "8", "--idem", &idem])
+        .args(["--seed", "3", "--stores", "sqlite", "--no-messaging", "--seconds", "8"])
+        .args(["--idem", &idem])
         .arg("--gateway-arg=--unknown-outcome=release")
         .output()
         .expect("the rig runs");
