@@ -741,92 +741,22 @@ mod tests {
         assert_eq!(payload, "fresh");
     }
 
-    /// A memory store whose first completion is applied but answered as a failure (its reply
-    /// lost), and whose first read then fails too.
-    struct LostReplyThenFailedRead {
-        inner: MemoryStore,
-        completes: AtomicUsize,
-        reads: AtomicUsize,
-    }
-
-    #[async_trait::async_trait]
-    impl Store for LostReplyThenFailedRead {
-        async fn claim(&self, request: crate::ClaimRequest<'_>) -> Result<Decision> {
-            self.inner.claim(request).await
-        }
-        async fn complete(
-            &self,
-            key: &RecordKey,
-            token: FencingToken,
-            payload: Bytes,
-            now: Timestamp,
-            expires_at: Timestamp,
-        ) -> Result<()> {
-            let applied = self.inner.complete(key, token, payload, now, expires_at).await;
-            if self.completes.fetch_add(1, Ordering::SeqCst) == 0 {
-                applied?;
-                return Err(Error::unavailable("the reply was lost"));
-            }
-            applied
-        }
-        async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
-            self.inner.release(key, token).await
-        }
-        async fn renew(
-            &self,
-            key: &RecordKey,
-            token: FencingToken,
-            now: Timestamp,
-            lease_expires_at: Timestamp,
-            expires_at: Timestamp,
-        ) -> Result<()> {
-            self.inner.renew(key, token, now, lease_expires_at, expires_at).await
-        }
-        async fn get(&self, key: &RecordKey) -> Result<Option<crate::Record>> {
-            if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
-                return Err(Error::unavailable("the read failed"));
-            }
-            self.inner.get(key).await
-        }
-        async fn delete(&self, key: &RecordKey) -> Result<bool> {
-            self.inner.delete(key).await
-        }
-        async fn sweep(&self, now: Timestamp, limit: usize) -> Result<usize> {
-            self.inner.sweep(now, limit).await
-        }
-        async fn list(&self, query: &crate::ListQuery) -> Result<Vec<crate::RecordSummary>> {
-            self.inner.list(query).await
-        }
-        async fn ping(&self) -> Result<()> {
-            self.inner.ping().await
-        }
-        fn capabilities(&self) -> crate::Capabilities {
-            self.inner.capabilities()
-        }
-    }
-
     /// Found by idem-sim (seed 14): the first attempt to store the outcome landed but its reply
     /// was lost, the retry was fenced (the record is completed already), and the read that
     /// checks whose outcome it is failed. The outcome is ours: `complete` must say so (after
     /// reading again), never `Fenced`.
     #[tokio::test(start_paused = true)]
     async fn a_lost_completion_reply_and_a_failed_read_are_not_taken_for_fenced() {
-        let clock = ManualClock::new(1_000_000);
-        let store = LostReplyThenFailedRead {
-            inner: MemoryStore::new(),
-            completes: AtomicUsize::new(0),
-            reads: AtomicUsize::new(0),
-        };
-        let engine = Engine::new(
-            store,
-            clock.clone(),
-            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
-        );
+        let store = Stalling::new(true);
+        let engine = engine_on(&store);
         let Begin::Run(claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
             panic!("first begin must run");
         };
+        store.lose_complete_replies.store(1, Ordering::SeqCst);
+        store.fail_reads.store(1, Ordering::SeqCst);
         let completed = claim.complete(Bytes::from_static(b"ours")).await;
         assert!(completed.is_ok(), "{completed:?}");
+        assert_eq!(store.fail_reads.load(Ordering::SeqCst), 0, "the failed read happened");
         let Begin::Replay(payload) = engine.begin(key("k"), fp("a")).await.unwrap() else {
             panic!("the completed record must replay");
         };
@@ -930,6 +860,8 @@ mod tests {
         lose_claim_replies: std::sync::atomic::AtomicBool,
         lose_complete_replies: AtomicUsize,
         fail_completes: AtomicUsize,
+        /// Reads that fail before reaching the store.
+        fail_reads: AtomicUsize,
         claims_done: AtomicUsize,
         /// The server's clock, this far ahead of the system clock; `None`: no clock.
         clock_ahead_ms: Option<u64>,
@@ -943,6 +875,7 @@ mod tests {
                 lose_claim_replies: false.into(),
                 lose_complete_replies: AtomicUsize::new(0),
                 fail_completes: AtomicUsize::new(0),
+                fail_reads: AtomicUsize::new(0),
                 claims_done: AtomicUsize::new(0),
                 clock_ahead_ms: None,
             })
@@ -993,6 +926,10 @@ mod tests {
             self.inner.renew(key, token, now, lease, expires_at).await
         }
         async fn get(&self, key: &RecordKey) -> Result<Option<crate::Record>> {
+            if self.fail_reads.load(Ordering::SeqCst) > 0 {
+                self.fail_reads.fetch_sub(1, Ordering::SeqCst);
+                return Err(Error::unavailable("connection refused"));
+            }
             self.inner.get(key).await
         }
         async fn delete(&self, key: &RecordKey) -> Result<bool> {
