@@ -43,7 +43,10 @@ struct Args {
     /// Stores to run the HTTP scenario on, in turn
     #[arg(long, value_enum, value_delimiter = ',', default_value = "postgres,redis,sqlite")]
     stores: Vec<StoreKind>,
-    /// Skip the messaging scenario (outbox, relays, NATS, consumers through the inbox)
+    /// Brokers to run the messaging scenario on, in turn
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "nats,redis,rabbitmq")]
+    brokers: Vec<messaging::Broker>,
+    /// Skip the messaging scenario (outbox, relays, a broker, consumers through the inbox)
     #[arg(long)]
     no_messaging: bool,
     /// Skip the HTTP scenario
@@ -55,6 +58,9 @@ struct Args {
     /// Requests per store with --full
     #[arg(long, default_value_t = 1_000_000)]
     requests: u64,
+    /// Committed transactions (each with one event) per broker with --full
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: i64,
     /// Clients sending at once [default: 32, 256 with --full]
     #[arg(long)]
     clients: Option<usize>,
@@ -150,10 +156,8 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("a runtime");
-    println!(
-        "idem-chaos: seed {seed}; replay with: idem-chaos --seed {seed}{}",
-        if args.quick { " --quick" } else { "" }
-    );
+    let replay = replay_command(seed);
+    println!("idem-chaos: seed {seed}; replay with: {replay}");
     let mut failed = false;
     let stores = if args.no_http { &[][..] } else { &args.stores[..] };
     for (index, kind) in stores.iter().enumerate() {
@@ -169,26 +173,50 @@ fn main() -> ExitCode {
             }
         }
     }
-    if !args.no_messaging {
-        let seconds = args.seconds.unwrap_or(Duration::from_secs(if args.quick { 20 } else { 60 }));
-        match runtime.block_on(messaging::scenario(seconds, seed, &idem)) {
+    let brokers = if args.no_messaging { &[][..] } else { &args.brokers[..] };
+    for (index, broker) in brokers.iter().enumerate() {
+        let size = if args.full {
+            messaging::Size::Committed(args.messages)
+        } else {
+            let seconds = Duration::from_secs(if args.quick { 20 } else { 60 });
+            messaging::Size::Seconds(args.seconds.unwrap_or(seconds))
+        };
+        let broker_seed = seed.wrapping_add(index as u64 * 0x1000_0000);
+        match runtime.block_on(messaging::scenario(*broker, size, broker_seed, &idem)) {
             Ok(report) => {
                 println!("{report}");
                 failed |= !report.clean();
             }
             Err(error) => {
-                eprintln!("idem-chaos: the messaging scenario could not run: {error}");
+                eprintln!(
+                    "idem-chaos: the messaging scenario on {broker:?} could not run: {error}"
+                );
                 failed = true;
             }
         }
     }
     if failed {
-        eprintln!("idem-chaos: VIOLATIONS with seed {seed}; replay with: idem-chaos --seed {seed}");
+        eprintln!("idem-chaos: VIOLATIONS with seed {seed}; replay with: {replay}");
         ExitCode::FAILURE
     } else {
         println!("idem-chaos: every guarantee held (seed {seed})");
         ExitCode::SUCCESS
     }
+}
+
+/// This run's command line with its seed: the same faults, answers and choices again.
+fn replay_command(seed: u64) -> String {
+    let mut words = vec!["idem-chaos".to_owned()];
+    let mut given = std::env::args().skip(1);
+    while let Some(word) = given.next() {
+        if word == "--seed" {
+            given.next();
+        } else if !word.starts_with("--seed=") {
+            words.push(word);
+        }
+    }
+    words.push(format!("--seed {seed}"));
+    words.join(" ")
 }
 
 /// What one client saw as an operation's outcome: a run's response, or the stored
@@ -374,8 +402,18 @@ async fn scenario(
                         restarts[index] += 1;
                         let base = format!("http://{}/g{index}x{}", upstream.addr, restarts[index]);
                         let old = gateways[index].addr;
-                        let restarted = Gateway::start(&idem, &base, &url, Some(old), &log, &extra)
-                            .or_else(|_| Gateway::start(&idem, &base, &url, None, &log, &extra));
+                        // As a supervisor would: again until it starts (a gateway refuses to
+                        // start while its store cannot answer, e.g. Redis replaying its AOF).
+                        let mut restarted =
+                            Gateway::start(&idem, &base, &url, Some(old), &log, &extra);
+                        let giving_up = Instant::now() + Duration::from_secs(120);
+                        while restarted.is_err() && Instant::now() < giving_up {
+                            std::thread::sleep(Duration::from_millis(500));
+                            restarted = Gateway::start(&idem, &base, &url, Some(old), &log, &extra)
+                                .or_else(|_| {
+                                    Gateway::start(&idem, &base, &url, None, &log, &extra)
+                                });
+                        }
                         match restarted {
                             Ok(gateway) => {
                                 shared.gateways.write().unwrap()[index] = gateway.addr;

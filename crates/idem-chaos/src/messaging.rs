@@ -1,9 +1,9 @@
 //! The messaging scenario: producers commit business rows with outbox events in one
-//! transaction, two `idem relay` processes publish them to a NATS JetStream server of the
-//! rig's own, and three consumer processes (this binary, `idem-chaos consume`) apply them
-//! through the inbox, one stream partition each. Relays and consumers are killed with
-//! `kill -9`, the NATS server and PostgreSQL crash and restart. Then the database says what
-//! was committed and what was applied.
+//! transaction, two `idem relay` processes publish them to a broker of the rig's own (NATS
+//! JetStream, Redis Streams or RabbitMQ), and three consumer processes (this binary,
+//! `idem-chaos consume`) apply them through the inbox, one partition each. Relays and
+//! consumers are killed with `kill -9`, the broker and PostgreSQL crash and restart. Then the
+//! database says what was committed and what was applied.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,20 +13,55 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use idem_core::conformance::servers::PrivatePostgres;
-use idem_stream::consume::{self, Failure, Received, RunnerConfig};
+use idem_stream::consume::{self, Failure, Received, RunnerConfig, Subscription};
 use idem_stream::nats::JetStreamSubscription;
 use idem_stream::postgres::{Applied, DeadLetters, Event, Inbox, Outbox};
+use idem_stream::rabbitmq::RabbitSubscription;
+use idem_stream::redis_streams::RedisStreamsSubscription;
 
 use crate::Rng;
-use crate::servers::free_port;
+use crate::servers::{Rabbit, Redis, free_port, wait_listening};
 
 const PARTITIONS: usize = 3;
 const KEYS: i64 = 60;
-/// JetStream redelivers what a killed consumer held after this.
+/// JetStream redelivers (and a Redis Streams consumer claims) what a killed consumer held
+/// after this.
 const ACK_WAIT: Duration = Duration::from_secs(3);
+
+/// The broker the relays publish to and the consumers read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Broker {
+    Nats,
+    Redis,
+    Rabbitmq,
+}
+
+impl Broker {
+    fn name(self) -> &'static str {
+        match self {
+            Broker::Nats => "NATS JetStream",
+            Broker::Redis => "Redis Streams",
+            Broker::Rabbitmq => "RabbitMQ (quorum queues)",
+        }
+    }
+}
+
+/// How long producers go on: for a time, or until this many transactions committed.
+#[derive(Debug, Clone, Copy)]
+pub enum Size {
+    Seconds(Duration),
+    Committed(i64),
+}
+
+/// Partition `partition`'s topic: the NATS subject, the Redis stream's key, the RabbitMQ
+/// queue's name.
+fn topic(partition: usize) -> String {
+    format!("chaos.p{partition}")
+}
 
 #[derive(Debug, Default)]
 pub struct Report {
+    pub broker: &'static str,
     pub seconds: f64,
     pub committed: i64,
     pub rolled_back: i64,
@@ -58,8 +93,8 @@ impl std::fmt::Display for Report {
         let faults: Vec<String> = faults.iter().map(|(k, v)| format!("{v} {k}")).collect();
         writeln!(
             f,
-            "\n== messaging: PostgreSQL outbox -> 2 relays -> NATS JetStream -> 3 consumers through the inbox ({:.0} s)",
-            self.seconds
+            "\n== messaging: PostgreSQL outbox -> 2 relays -> {} -> 3 consumers through the inbox ({:.0} s)",
+            self.broker, self.seconds
         )?;
         writeln!(f, "| what | count |\n| --- | ---: |")?;
         writeln!(f, "| transactions committed with an event | {} |", self.committed)?;
@@ -106,19 +141,18 @@ struct Nats {
 
 impl Nats {
     fn start(port: u16, dir: &Path) -> Result<Self, String> {
-        let child = Command::new("nats-server")
+        std::fs::create_dir_all(dir).map_err(err("nats dir"))?;
+        let mut child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .map_err(err("nats-server"))?;
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if started.elapsed() > Duration::from_secs(15) {
-                return Err("nats-server did not listen".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Err(error) = wait_listening(port, Duration::from_secs(15)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(error);
         }
         Ok(Self { child, port, dir: dir.to_path_buf() })
     }
@@ -129,16 +163,78 @@ impl Nats {
         *self = Self::start(self.port, &self.dir.clone())?;
         Ok(())
     }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
 }
 
 impl Drop for Nats {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The broker's server, the rig's own.
+enum BrokerServer {
+    Nats(Nats),
+    Redis(Redis),
+    Rabbit(Rabbit),
+}
+
+impl BrokerServer {
+    fn start(broker: Broker, dir: &Path) -> Result<Self, String> {
+        match broker {
+            Broker::Nats => Nats::start(free_port()?, &dir.join("nats")).map(Self::Nats),
+            Broker::Redis => Redis::start(&dir.join("redis")).map(Self::Redis),
+            Broker::Rabbitmq => Rabbit::start(&dir.join("rabbitmq")).map(Self::Rabbit),
+        }
+    }
+
+    /// `kill -9` and a start on the same data.
+    fn restart(&mut self) -> Result<(), String> {
+        match self {
+            Self::Nats(nats) => nats.restart(),
+            Self::Redis(redis) => redis.restart(),
+            Self::Rabbit(rabbit) => rabbit.restart(),
+        }
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Self::Nats(nats) => format!("nats://127.0.0.1:{}", nats.port),
+            Self::Redis(redis) => redis.url(),
+            Self::Rabbit(rabbit) => rabbit.url(),
+        }
+    }
+
+    /// Makes what the relays publish to: a file-backed stream per partition on JetStream, a
+    /// durable quorum queue per partition on RabbitMQ (Redis makes its streams on first use).
+    async fn prepare(&self) -> Result<(), String> {
+        let url = self.url();
+        match self {
+            Self::Nats(_) => {
+                let jetstream = async_nats::jetstream::new(
+                    async_nats::connect(&url).await.map_err(err("nats connect"))?,
+                );
+                for partition in 0..PARTITIONS {
+                    let config = async_nats::jetstream::stream::Config {
+                        name: format!("CHAOS{partition}"),
+                        subjects: vec![topic(partition)],
+                        storage: async_nats::jetstream::stream::StorageType::File,
+                        ..Default::default()
+                    };
+                    jetstream.create_stream(config).await.map_err(err("create stream"))?;
+                }
+            }
+            Self::Rabbit(_) => {
+                for partition in 0..PARTITIONS {
+                    let queue = topic(partition);
+                    idem_stream::rabbitmq::declare_queue(&url, &queue, "", &queue)
+                        .await
+                        .map_err(err("declare queue"))?;
+                }
+            }
+            Self::Redis(_) => {}
+        }
+        Ok(())
     }
 }
 
@@ -165,15 +261,21 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Killed, String> 
     Ok(Killed(child))
 }
 
-pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Report, String> {
-    let dir = std::env::temp_dir().join(format!("idem-chaos-{}-messaging", std::process::id()));
+pub async fn scenario(
+    broker: Broker,
+    size: Size,
+    seed: u64,
+    idem: &Path,
+) -> Result<Report, String> {
+    let dir = std::env::temp_dir()
+        .join(format!("idem-chaos-{}-messaging-{broker:?}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("nats")).map_err(err("temp dir"))?;
+    std::fs::create_dir_all(&dir).map_err(err("temp dir"))?;
     let postgres = PrivatePostgres::start(free_port()?)
         .ok_or("no PostgreSQL binaries to make a cluster with")?;
     let database = postgres.url();
-    let nats = Nats::start(free_port()?, &dir.join("nats"))?;
-    let nats_url = nats.url();
+    let server = BrokerServer::start(broker, &dir)?;
+    let broker_url = server.url();
 
     let config: tokio_postgres::Config = database.parse().map_err(err("database URL"))?;
     let (mut client, connection) =
@@ -191,18 +293,7 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
         .await
         .map_err(err("tables"))?;
     drop(client);
-    let jetstream = async_nats::jetstream::new(
-        async_nats::connect(&nats_url).await.map_err(err("nats connect"))?,
-    );
-    for partition in 0..PARTITIONS {
-        let config = async_nats::jetstream::stream::Config {
-            name: format!("CHAOS{partition}"),
-            subjects: vec![format!("chaos.p{partition}")],
-            storage: async_nats::jetstream::stream::StorageType::File,
-            ..Default::default()
-        };
-        jetstream.create_stream(config).await.map_err(err("create stream"))?;
-    }
+    server.prepare().await?;
 
     let log = dir.join("processes.log");
     let relay_args = vec![
@@ -210,13 +301,13 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
         "--database".to_owned(),
         database.clone(),
         "--broker".to_owned(),
-        nats_url.clone(),
+        broker_url.clone(),
         "--poll-interval".to_owned(),
         "200ms".to_owned(),
     ];
     let me = std::env::current_exe().map_err(err("this binary"))?;
     let consumer_args = |partition: usize| {
-        vec!["consume".to_owned(), database.clone(), nats_url.clone(), partition.to_string()]
+        vec!["consume".to_owned(), database.clone(), broker_url.clone(), partition.to_string()]
     };
     let mut relays = Vec::new();
     for _ in 0..2 {
@@ -244,7 +335,7 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
         let consumer_args: Vec<Vec<String>> = (0..PARTITIONS).map(consumer_args).collect();
         let relay_args = relay_args.clone();
         std::thread::spawn(move || -> Result<_, String> {
-            let mut nats = nats;
+            let mut server = server;
             let mut rng = Rng::new(seed ^ 0x6d73_6766_6175_6c74);
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1_000 + rng.below(2_000)));
@@ -269,8 +360,8 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
                         "consumer kill -9 and restart"
                     }
                     60..=79 => {
-                        nats.restart()?;
-                        "NATS server kill -9 and restart"
+                        server.restart()?;
+                        "broker kill -9 and restart"
                     }
                     _ => {
                         postgres.stop("immediate");
@@ -281,21 +372,27 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
                 };
                 *faults.lock().unwrap().entry(kind).or_default() += 1;
             }
-            Ok((nats, postgres, relays, consumers))
+            Ok((server, postgres, relays, consumers))
         })
     };
 
     // Producers: business row and event in one transaction; one in ten rolled back.
     let next = Arc::new(AtomicI64::new(1));
     let counts = Arc::new(Mutex::new((0i64, 0i64, 0i64)));
-    let deadline = started + seconds;
     let mut producers = Vec::new();
     for index in 0..8u64 {
         let (config, next, counts) = (config.clone(), Arc::clone(&next), Arc::clone(&counts));
         let mut rng = Rng::new(seed ^ (index + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
         producers.push(tokio::spawn(async move {
             let mut client: Option<tokio_postgres::Client> = None;
-            while Instant::now() < deadline {
+            loop {
+                let done = match size {
+                    Size::Seconds(seconds) => started.elapsed() >= seconds,
+                    Size::Committed(committed) => counts.lock().unwrap().0 >= committed,
+                };
+                if done {
+                    break;
+                }
                 let Some(connected) = client.as_mut().filter(|c| !c.is_closed()) else {
                     match config.connect(tokio_postgres::NoTls).await {
                         Ok((fresh, connection)) => {
@@ -309,7 +406,7 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
                 let id = next.fetch_add(1, Ordering::SeqCst);
                 let key_index = rng.below(KEYS as u64) as usize;
                 let key = format!("k{key_index}");
-                let topic = format!("chaos.p{}", key_index % PARTITIONS);
+                let topic = topic(key_index % PARTITIONS);
                 let roll_back = rng.below(10) == 0;
                 let produced = async {
                     let transaction = connected.transaction().await?;
@@ -347,7 +444,7 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
         producer.await.map_err(err("producer"))?;
     }
     stop.store(true, Ordering::SeqCst);
-    let (nats, postgres, relays, consumers) =
+    let (server, postgres, relays, consumers) =
         tokio::task::spawn_blocking(move || fault_thread.join())
             .await
             .map_err(err("fault thread"))?
@@ -380,7 +477,7 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
             last_change = Instant::now();
         }
         if last_change.elapsed() > Duration::from_secs(30)
-            || quiet_since.elapsed() > Duration::from_secs(180)
+            || quiet_since.elapsed() > Duration::from_secs(1_800)
         {
             break;
         }
@@ -390,6 +487,7 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
     tokio::time::sleep(ACK_WAIT + Duration::from_secs(1)).await;
     let (committed, rolled_back, producer_errors) = *counts.lock().unwrap();
     let mut report = Report {
+        broker: broker.name(),
         seconds: traffic.as_secs_f64(),
         committed,
         rolled_back,
@@ -439,14 +537,52 @@ pub async fn scenario(seconds: Duration, seed: u64, idem: &Path) -> Result<Repor
             report.out_of_order_other += 1;
         }
     }
-    drop((relays, consumers, nats, postgres));
+    drop((relays, consumers, server, postgres));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }
 
-/// `idem-chaos consume DATABASE NATS PARTITION`: applies partition PARTITION's events through
-/// the inbox, one row in `applied` per first delivery, in the inbox's transaction.
-pub async fn consume(database: &str, nats: &str, partition: usize) -> Result<(), String> {
+/// `idem-chaos consume DATABASE BROKER PARTITION`: applies partition PARTITION's events
+/// through the inbox, one row in `applied` per first delivery, in the inbox's transaction.
+/// The broker is chosen by the URL's scheme: `nats://`, `redis://` or `amqp://`.
+pub async fn consume(database: &str, broker: &str, partition: usize) -> Result<(), String> {
+    let topic = topic(partition);
+    match broker.split_once("://").map_or("", |(scheme, _)| scheme) {
+        "nats" => {
+            let jetstream =
+                async_nats::jetstream::new(async_nats::connect(broker).await.map_err(err("nats"))?);
+            let stream =
+                jetstream.get_stream(format!("CHAOS{partition}")).await.map_err(err("stream"))?;
+            let subscription = JetStreamSubscription::durable(&stream, "chaos", ACK_WAIT)
+                .await
+                .map_err(err("consumer"))?;
+            consume_from(subscription, database, partition).await
+        }
+        "redis" => {
+            let client = redis::Client::open(broker).map_err(err("redis URL"))?;
+            // A name of its own per process, as a restarted pod gets: what a killed consumer
+            // held is claimed once idle past the ack wait.
+            let name = format!("c{}", std::process::id());
+            let subscription =
+                RedisStreamsSubscription::join(&client, &topic, "chaos", &name, ACK_WAIT)
+                    .await
+                    .map_err(err("consumer group"))?;
+            consume_from(subscription, database, partition).await
+        }
+        "amqp" => {
+            let subscription =
+                RabbitSubscription::consume(broker, &topic, 32).await.map_err(err("queue"))?;
+            consume_from(subscription, database, partition).await
+        }
+        other => Err(format!("no broker for the scheme {other:?}")),
+    }
+}
+
+async fn consume_from<S: Subscription>(
+    subscription: S,
+    database: &str,
+    partition: usize,
+) -> Result<(), String> {
     let config: tokio_postgres::Config = database.parse().map_err(err("database URL"))?;
     let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
         config,
@@ -455,12 +591,6 @@ pub async fn consume(database: &str, nats: &str, partition: usize) -> Result<(),
     .max_size(16)
     .build()
     .map_err(err("pool"))?;
-    let jetstream =
-        async_nats::jetstream::new(async_nats::connect(nats).await.map_err(err("nats"))?);
-    let stream = jetstream.get_stream(format!("CHAOS{partition}")).await.map_err(err("stream"))?;
-    let subscription = JetStreamSubscription::durable(&stream, "chaos", ACK_WAIT)
-        .await
-        .map_err(err("consumer"))?;
     let inbox = Inbox::new(format!("chaos-p{partition}")).map_err(err("inbox"))?;
     let dead_letters = Arc::new(
         DeadLetters::new(pool.clone(), format!("chaos-p{partition}"))

@@ -19,7 +19,7 @@ pub enum StoreKind {
 /// A store server of the rig's own (or, for SQLite, a file).
 pub enum Store {
     Postgres(PrivatePostgres),
-    Redis { child: Child, port: u16, dir: PathBuf },
+    Redis(Redis),
     Sqlite { path: PathBuf },
 }
 
@@ -32,13 +32,7 @@ impl Store {
                     .map(Store::Postgres)
                     .ok_or_else(|| "no PostgreSQL binaries to make a cluster with".to_owned())
             }
-            StoreKind::Redis => {
-                let port = free_port()?;
-                let dir = dir.join("redis");
-                std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-                let child = start_redis(port, &dir)?;
-                Ok(Store::Redis { child, port, dir })
-            }
+            StoreKind::Redis => Redis::start(&dir.join("redis")).map(Store::Redis),
             StoreKind::Sqlite => Ok(Store::Sqlite { path: dir.join("idem.db") }),
         }
     }
@@ -46,7 +40,7 @@ impl Store {
     pub fn url(&self) -> String {
         match self {
             Store::Postgres(postgres) => format!("{}?pool_max_size=16", postgres.url()),
-            Store::Redis { port, .. } => format!("redis://127.0.0.1:{port}"),
+            Store::Redis(redis) => redis.url(),
             Store::Sqlite { path } => format!("sqlite://{}", path.display()),
         }
     }
@@ -73,12 +67,7 @@ impl Store {
                 postgres.start_again();
                 Ok(())
             }
-            Store::Redis { child, port, dir } => {
-                let _ = child.kill();
-                let _ = child.wait();
-                *child = start_redis(*port, dir)?;
-                Ok(())
-            }
+            Store::Redis(redis) => redis.restart(),
             Store::Sqlite { .. } => Ok(()),
         }
     }
@@ -95,21 +84,49 @@ impl Store {
                 }
                 all
             }
-            Store::Redis { child, .. } => vec![child.id()],
+            Store::Redis(redis) => vec![redis.child.id()],
             Store::Sqlite { .. } => Vec::new(),
         }
     }
 }
 
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Store::Redis { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+/// A `redis-server` of the rig's own, its AOF (fsync always) in a directory of its own.
+pub struct Redis {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Redis {
+    pub fn start(dir: &Path) -> Result<Self, String> {
+        let port = free_port()?;
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let child = start_redis(port, dir)?;
+        Ok(Self { child, port, dir: dir.to_path_buf() })
+    }
+
+    /// `kill -9`, then a start that replays the AOF.
+    pub fn restart(&mut self) -> Result<(), String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = start_redis(self.port, &self.dir)?;
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
     }
 }
 
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a `redis-server` on `port` with its AOF (fsync always) in `dir`, and waits until it
+/// answers `PING` (after a crash it first replays its AOF, refusing commands meanwhile).
 fn start_redis(port: u16, dir: &Path) -> Result<Child, String> {
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
@@ -121,12 +138,36 @@ fn start_redis(port: u16, dir: &Path) -> Result<Child, String> {
         .spawn()
         .map_err(|error| format!("cannot start redis-server: {error}"))?;
     let mut child = child;
-    if let Err(error) = wait_listening(port, Duration::from_secs(10)) {
+    if let Err(error) = wait_redis_ready(port, Duration::from_secs(120)) {
         let _ = child.kill();
         let _ = child.wait();
         return Err(error);
     }
     Ok(child)
+}
+
+/// Waits until the Redis on `port` answers `PING` with `PONG` (not `-LOADING`).
+fn wait_redis_ready(port: u16, within: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    loop {
+        let answer = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"PING\r\n")?;
+            let mut reply = [0u8; 64];
+            let read = stream.read(&mut reply)?;
+            Ok(String::from_utf8_lossy(&reply[..read]).into_owned())
+        });
+        match answer {
+            Ok(reply) if reply.starts_with("+PONG") => return Ok(()),
+            other if started.elapsed() > within => {
+                return Err(format!(
+                    "redis-server on {port} not ready after {within:?}: {other:?}"
+                ));
+            }
+            _ => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 fn pgrep(args: &[&str]) -> Vec<u32> {
@@ -157,7 +198,7 @@ pub fn free_port() -> Result<u16, String> {
     Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-fn wait_listening(port: u16, within: Duration) -> Result<(), String> {
+pub fn wait_listening(port: u16, within: Duration) -> Result<(), String> {
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if started.elapsed() > within {
@@ -166,6 +207,83 @@ fn wait_listening(port: u16, within: Duration) -> Result<(), String> {
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// A RabbitMQ node of the rig's own: its own node name, AMQP and distribution ports, data
+/// and log directories, and no plugins, beside (never touching) the machine's shared one.
+pub struct Rabbit {
+    child: Child,
+    port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+}
+
+impl Rabbit {
+    pub fn start(dir: &Path) -> Result<Self, String> {
+        let (port, dist_port) = (free_port()?, free_port()?);
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("rabbitmq.conf"),
+            format!("listeners.tcp.default = 127.0.0.1:{port}\nloopback_users = none\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Self::spawn(port, dist_port, dir)?;
+        Ok(Self { child, port, dist_port, dir: dir.to_path_buf() })
+    }
+
+    fn spawn(port: u16, dist_port: u16, dir: &Path) -> Result<Child, String> {
+        use std::os::unix::process::CommandExt;
+        let server = Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        let server = if server.exists() { server } else { Path::new("rabbitmq-server") };
+        let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
+        let mut child = Command::new(server)
+            .current_dir(dir)
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", format!("idemchaos{port}@localhost"))
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+            // Its own process group: a crash kills the script, the VM and its helpers at once.
+            .process_group(0)
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|error| format!("cannot start rabbitmq-server: {error}"))?;
+        if let Err(error) = wait_listening(port, Duration::from_secs(120)) {
+            kill_group(&mut child);
+            return Err(format!("{error} (see {})", dir.join("server.log").display()));
+        }
+        Ok(child)
+    }
+
+    /// `kill -9` of the node, then a start on the same data.
+    pub fn restart(&mut self) -> Result<(), String> {
+        kill_group(&mut self.child);
+        self.child = Self::spawn(self.port, self.dist_port, &self.dir)?;
+        Ok(())
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        kill_group(&mut self.child);
+    }
+}
+
+/// SIGKILL to the process group `child` leads.
+fn kill_group(child: &mut Child) {
+    let _ = Command::new("kill").args(["-9", "--", &format!("-{}", child.id())]).status();
+    let _ = child.wait();
 }
 
 /// The lease every gateway of the rig runs with.

@@ -411,16 +411,32 @@ const SELECT_RECORD: &str =
     "SELECT fingerprint, state, token, lease_expires_at, payload, created_at, expires_at
      FROM idem_records WHERE scope = ?1 AND key = ?2";
 
-/// Reads one row back, checking the invariants the writes keep.
+/// Reads one row back, checking the invariants the writes keep. A column holding a value of
+/// another type (SQLite lets any column hold any) is a corrupt record, not a failed read: the
+/// store answered, and what it holds must never be taken for "nothing there".
 #[doc(hidden)]
 pub fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record>> {
-    let fingerprint: Vec<u8> = row.get(0)?;
-    let state: i64 = row.get(1)?;
-    let token: Option<i64> = row.get(2)?;
-    let lease_expires_at: Option<i64> = row.get(3)?;
-    let payload: Option<Vec<u8>> = row.get(4)?;
-    let created_at: i64 = row.get(5)?;
-    let expires_at: i64 = row.get(6)?;
+    let columns = (|| {
+        Ok::<_, rusqlite::Error>((
+            row.get::<_, Vec<u8>>(0)?,
+            row.get::<_, i64>(1)?,
+            row.get::<_, Option<i64>>(2)?,
+            row.get::<_, Option<i64>>(3)?,
+            row.get::<_, Option<Vec<u8>>>(4)?,
+            row.get::<_, i64>(5)?,
+            row.get::<_, i64>(6)?,
+        ))
+    })();
+    let (fingerprint, state, token, lease_expires_at, payload, created_at, expires_at) =
+        match columns {
+            Ok(columns) => columns,
+            Err(
+                error @ (rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)),
+            ) => return Ok(Err(Error::Corrupt(format!("a column of the wrong type: {error}")))),
+            Err(other) => return Err(other),
+        };
     Ok((|| {
         let fingerprint = Fingerprint::from_stored(&fingerprint)?;
         let state = match (state, token, lease_expires_at, payload) {

@@ -177,6 +177,7 @@ async fn a_damaged_record_is_refused_and_never_run_again() {
     let client = gateway.client();
     assert_eq!(client.post("bad-payload", "x", &[]).await.status, 201);
     assert_eq!(client.post("bad-state", "x", &[]).await.status, 201);
+    assert_eq!(client.post("bad-type", "x", &[]).await.status, 201);
     let damage = rusqlite::Connection::open(&db).unwrap();
     // A stored response that no longer decodes...
     damage
@@ -184,10 +185,16 @@ async fn a_damaged_record_is_refused_and_never_run_again() {
         .unwrap();
     // ...and a row whose fields contradict its state.
     damage.execute("UPDATE idem_records SET token = 7 WHERE key = 'bad-state'", []).unwrap();
+    // ...and a column holding a value of the wrong type (SQLite lets any column hold any
+    // type): a damaged record, not an unavailable store, which failing open would run again.
+    damage
+        .execute("UPDATE idem_records SET expires_at = 'soon' WHERE key = 'bad-type'", [])
+        .unwrap();
 
     client.post("bad-payload", "x", &[]).await.assert_problem(500, "corrupt-record");
     client.post("bad-state", "x", &[]).await.assert_problem(500, "corrupt-record");
-    assert_eq!(upstream.calls(), 2, "nothing ran again");
+    client.post("bad-type", "x", &[]).await.assert_problem(500, "corrupt-record");
+    assert_eq!(upstream.calls(), 3, "nothing ran again");
     // Other keys are unaffected.
     assert_eq!(client.post("healthy", "x", &[]).await.status, 201);
     assert!(client.post("healthy", "x", &[]).await.is_replay());
