@@ -29,6 +29,11 @@
 //!   included.
 //! - `schema`: keep idem's tables in this schema (created if missing) instead of the default
 //!   `search_path`.
+//! - `batch_writers` (default 4): group commit. Claims and completions from concurrent
+//!   requests share statements (one over arrays of keys) and so commits and WAL flushes;
+//!   this many batches of each kind are on their way at once. `0` sends each on its own.
+
+mod batch;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -202,6 +207,9 @@ pub struct PostgresStore {
     changes: ChangeFeed,
     /// Whether the LISTEN connection was started, and whether it listens now.
     listener: std::sync::Arc<ChangeListener>,
+    /// Group commit for claims and completions (`None`: each on its own).
+    claims: Option<batch::Batcher<batch::ClaimJob>>,
+    completions: Option<batch::Batcher<batch::CompleteJob>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -220,6 +228,7 @@ struct Settings {
     pool_max_size: usize,
     op_timeout: Duration,
     schema: Option<String>,
+    batch_writers: usize,
 }
 
 fn parse_url(url: &str) -> Result<Settings> {
@@ -230,6 +239,7 @@ fn parse_url(url: &str) -> Result<Settings> {
     let mut pool_max_size = 16;
     let mut op_timeout = Duration::from_secs(5);
     let mut schema = None;
+    let mut batch_writers = 4;
     for pair in query.split('&').filter(|pair| !pair.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
@@ -259,6 +269,12 @@ fn parse_url(url: &str) -> Result<Settings> {
                 }
                 schema = Some(value.to_owned());
             }
+            "batch_writers" => {
+                batch_writers =
+                    value.parse().ok().filter(|writers| *writers <= 64).ok_or_else(|| {
+                        config_error(format!("batch_writers must be 0 to 64, not {value:?}"))
+                    })?;
+            }
             _ => passed_on.push(pair),
         }
     }
@@ -278,7 +294,7 @@ fn parse_url(url: &str) -> Result<Settings> {
     if config.get_application_name().is_none() {
         config.application_name("idem");
     }
-    Ok(Settings { config, pool_max_size, op_timeout, schema })
+    Ok(Settings { config, pool_max_size, op_timeout, schema, batch_writers })
 }
 
 impl PostgresStore {
@@ -344,7 +360,11 @@ impl PostgresStore {
             .recycle_timeout(Some(settings.op_timeout))
             .build()
             .map_err(|error| Error::Config(format!("cannot build the connection pool: {error}")))?;
+        let (writers, timeout) = (settings.batch_writers, settings.op_timeout);
         let store = Self {
+            claims: (writers > 0).then(|| batch::Batcher::start(pool.clone(), writers, timeout)),
+            completions: (writers > 0)
+                .then(|| batch::Batcher::start(pool.clone(), writers, timeout)),
             pool,
             op_timeout: settings.op_timeout,
             config: std::sync::Arc::new(settings.config),
@@ -633,9 +653,9 @@ fn read_record(row: &tokio_postgres::Row, first: usize) -> Result<Record> {
 const COLUMNS: &str =
     "fingerprint, state, token, lease_expires_at, payload, created_at, expires_at";
 
-#[async_trait]
-impl Store for PostgresStore {
-    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Decision> {
+impl PostgresStore {
+    /// A claim on its own: the `idem_claim` function, which also takes records over.
+    async fn claim_single(&self, request: ClaimRequest<'_>) -> Result<Decision> {
         let rows = self
             .query(
                 "SELECT acquired, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at
@@ -667,6 +687,20 @@ impl Store for PostgresStore {
             decision => Ok(decision),
         }
     }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn claim(&self, request: ClaimRequest<'_>) -> Result<Decision> {
+        let Some(claims) = &self.claims else {
+            return self.claim_single(request).await;
+        };
+        match self.bounded(claims.submit(batch::claim_job(&request))).await? {
+            batch::Claimed::Decided(decision) => Ok(decision),
+            batch::Claimed::Corrupt(error) => Err(Error::Corrupt(error)),
+            batch::Claimed::Single => self.claim_single(request).await,
+        }
+    }
 
     async fn complete(
         &self,
@@ -676,6 +710,19 @@ impl Store for PostgresStore {
         _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
+        if let Some(completions) = &self.completions {
+            let job = batch::CompleteJob {
+                key: key.clone(),
+                token: token_to_sql(token),
+                payload: payload.clone(),
+                expires_at,
+            };
+            match self.bounded(completions.submit(job)).await? {
+                Some(true) => return Ok(()),
+                Some(false) => return Err(Error::Fenced),
+                None => {}
+            }
+        }
         let changed = self
             .changed_notifying(
                 COMPLETE,

@@ -1,0 +1,163 @@
+//! Group commit against the real PostgreSQL named by `IDEM_TEST_POSTGRES_URL`: concurrent
+//! claims and completions share transactions, and each keeps its own answer.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use idem_core::conformance::{fresh_postgres_schema, service_url};
+use idem_core::{
+    ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey, RecordKey, Scope,
+    Store, Timestamp,
+};
+use idem_postgres::PostgresStore;
+
+const CLAIMS: usize = 200;
+
+fn now() -> Timestamp {
+    let millis = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis();
+    Timestamp::from_millis(millis as u64)
+}
+
+fn key(name: &str) -> RecordKey {
+    RecordKey::new(Scope::named("batch"), IdempotencyKey::new(name).unwrap())
+}
+
+async fn claim(
+    store: &PostgresStore,
+    key: &RecordKey,
+    token: FencingToken,
+) -> idem_core::Result<Decision> {
+    let now = now();
+    let lease_expires_at = now.saturating_add(Duration::from_secs(30));
+    store
+        .claim(ClaimRequest {
+            key,
+            fingerprint: &Fingerprint::from_bytes([7; 32]),
+            token,
+            now,
+            lease_expires_at,
+            expires_at: lease_expires_at.saturating_add(Duration::from_secs(3600)),
+        })
+        .await
+}
+
+async fn admin() -> tokio_postgres::Client {
+    let url = service_url("IDEM_TEST_POSTGRES_URL").expect("checked by fresh_postgres_schema");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// How many transactions wrote the rows whose keys start with `prefix` (their `xmin`s).
+async fn writing_transactions(client: &tokio_postgres::Client, schema: &str, prefix: &str) -> i64 {
+    let sql = format!(
+        "SELECT count(DISTINCT xmin::text) FROM {schema}.idem_records WHERE key LIKE $1 || '%'"
+    );
+    client.query_one(&sql, &[&prefix]).await.unwrap().get(0)
+}
+
+/// Runs `CLAIMS` claims at once (and one on a damaged row among them), then completes them
+/// all at once; answers how many transactions wrote the claims and the completions.
+async fn claims_and_completions(schema: &str, writers: usize) -> Option<(i64, i64)> {
+    let url = fresh_postgres_schema(schema).await?;
+    let store =
+        Arc::new(PostgresStore::connect(&format!("{url}&batch_writers={writers}")).await.unwrap());
+    let client = admin().await;
+    // A row whose fingerprint is damaged: its claim must fail as corrupt, alone.
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.idem_records
+                 (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
+                 VALUES ('batch', 'damaged', '\\x00', 1, NULL, NULL, '', 0, 9223372036854775807)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let damaged = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move { claim(&store, &key("damaged"), FencingToken::generate()).await })
+    };
+    let claims: Vec<_> = (0..CLAIMS)
+        .map(|index| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let token = FencingToken::generate();
+                let decision = claim(&store, &key(&format!("k{index}")), token).await.unwrap();
+                (index, token, decision)
+            })
+        })
+        .collect();
+    let mut owned = Vec::new();
+    for task in claims {
+        let (index, token, decision) = task.await.unwrap();
+        assert_eq!(decision, Decision::Acquire, "claim {index} of a fresh key");
+        owned.push((index, token));
+    }
+    let error = damaged.await.unwrap().unwrap_err();
+    assert!(matches!(error, Error::Corrupt(_)), "the damaged row's claim: {error:?}");
+
+    // Every claimant owns its own key; a second claim of each sees it in flight.
+    for (index, _) in owned.iter().take(20) {
+        let again =
+            claim(&store, &key(&format!("k{index}")), FencingToken::generate()).await.unwrap();
+        assert!(matches!(again, Decision::InFlight { .. }), "k{index}: {again:?}");
+    }
+    let claimed_by = writing_transactions(&client, schema, "k").await;
+
+    // Completions at once, half of them by a stale token (fenced, changing nothing).
+    let completions: Vec<_> = owned
+        .iter()
+        .map(|(index, token)| {
+            let (store, index, token) = (Arc::clone(&store), *index, *token);
+            tokio::spawn(async move {
+                let stale = index % 2 == 1;
+                let token = if stale { FencingToken::generate() } else { token };
+                let expires_at = now().saturating_add(Duration::from_secs(3600));
+                let payload = Bytes::from(format!("outcome {index}"));
+                let done = store
+                    .complete(&key(&format!("k{index}")), token, payload, now(), expires_at)
+                    .await;
+                (index, stale, done)
+            })
+        })
+        .collect();
+    for task in completions {
+        let (index, stale, done) = task.await.unwrap();
+        match (stale, done) {
+            (false, Ok(())) | (true, Err(Error::Fenced)) => {}
+            (stale, done) => panic!("completion {index} (stale: {stale}): {done:?}"),
+        }
+    }
+    for (index, _) in &owned {
+        let record = key(&format!("k{index}"));
+        let decision = claim(&store, &record, FencingToken::generate()).await.unwrap();
+        if index % 2 == 0 {
+            let expected = Bytes::from(format!("outcome {index}"));
+            assert_eq!(decision, Decision::Replay(expected), "k{index} replays its own outcome");
+        } else {
+            assert!(matches!(decision, Decision::InFlight { .. }), "k{index}: {decision:?}");
+        }
+    }
+    let completed_by = writing_transactions(&client, schema, "k").await;
+    Some((claimed_by, completed_by))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_and_completions_share_commits_and_keep_their_own_answers() {
+    let Some((claimed_by, completed_by)) = claims_and_completions("idem_group_commit", 4).await
+    else {
+        return;
+    };
+    println!("{CLAIMS} claims written by {claimed_by} transactions; all rows by {completed_by}");
+    // 200 claims in far fewer transactions; after the completions, the completed half and
+    // the still-claimed half were written by few transactions too.
+    assert!(claimed_by < CLAIMS as i64 / 4, "{CLAIMS} claims in {claimed_by} transactions");
+    assert!(completed_by < CLAIMS as i64 / 2, "rows written by {completed_by} transactions");
+
+    // Without group commit, one transaction per claim: the count above means something.
+    let (alone, _) = claims_and_completions("idem_no_group_commit", 0).await.unwrap();
+    assert_eq!(alone, CLAIMS as i64);
+}
