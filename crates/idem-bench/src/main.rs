@@ -7,6 +7,7 @@
 //! `cargo build --release -p idem -p idem-bench && target/release/idem-bench`
 //! (writes docs/BENCHMARKS.md), or `--quick` for a smoke run in well under a minute.
 
+mod floor;
 mod load;
 mod messaging;
 mod procs;
@@ -82,6 +83,8 @@ pub struct Config {
     /// The key prefix; replays cycle over keys stored under it before the rounds.
     prefix: String,
     pub closed: Outcome,
+    /// Requests per second in each round at fixed concurrency.
+    pub per_round: Vec<f64>,
     /// At a fixed rate, half of this configuration's own maximum.
     pub open: Option<Outcome>,
     /// Pass-through at that same rate, run right after, for the latency idem adds.
@@ -124,6 +127,7 @@ impl Config {
             admin,
             prefix: format!("{tag}-c{index}"),
             closed: Outcome::default(),
+            per_round: Vec::new(),
             open: None,
             paired: None,
             rate: 0.0,
@@ -237,6 +241,11 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(url) = &args.postgres {
         let separator = if url.contains('?') { '&' } else { '?' };
         stores.push(("postgres", format!("{url}{separator}schema=idem_bench")));
+        // Group commit off: each claim and completion a statement and a commit of its own.
+        stores.push((
+            "postgres, batch_writers=0",
+            format!("{url}{separator}schema=idem_bench_single&batch_writers=0"),
+        ));
     }
     if let Some(url) = &args.redis {
         let separator = if url.contains('?') { '&' } else { '?' };
@@ -348,6 +357,19 @@ async fn run(args: Args) -> Result<(), String> {
         .await;
     }
 
+    // The floor pgbench sets on the same server, run in each round beside the HTTP rows.
+    let floor = match (&args.postgres, floor::find()) {
+        (Some(url), Some(pgbench)) => {
+            floor::prepare(url).await.map_err(|error| format!("pgbench floor table: {error}"))?;
+            Some((pgbench, url.clone()))
+        }
+        (Some(_), None) => {
+            eprintln!("pgbench not found: the PostgreSQL floor row is skipped");
+            None
+        }
+        _ => None,
+    };
+    let mut floor_rounds = Vec::new();
     eprintln!(
         "fixed concurrency: {} connections, {rounds} rounds of {duration:?} per configuration",
         args.concurrency
@@ -377,13 +399,19 @@ async fn run(args: Args) -> Result<(), String> {
             if let Some(admin) = config.admin {
                 config.round_trips += procs::store_round_trips(admin).await - trips_before;
             }
-            eprintln!(
-                "  round {}: {:<40} {:>8.0} req/s",
-                round + 1,
-                config.name,
-                outcome.requests() as f64 / outcome.elapsed.as_secs_f64()
-            );
+            let round_rps = outcome.requests() as f64 / outcome.elapsed.as_secs_f64();
+            eprintln!("  round {}: {:<40} {:>8.0} req/s", round + 1, config.name, round_rps);
+            config.per_round.push(round_rps);
             config.closed.merge(outcome);
+        }
+        if let Some((pgbench, url)) = &floor {
+            match floor::run(pgbench, url, &scratch, args.concurrency, duration).await {
+                Ok(tps) => {
+                    eprintln!("  round {}: {:<40} {tps:>8.0} req/s", round + 1, "pgbench floor");
+                    floor_rounds.push(tps);
+                }
+                Err(error) => return Err(error),
+            }
         }
     }
 
@@ -456,6 +484,7 @@ async fn run(args: Args) -> Result<(), String> {
             .map(|(name, gateway)| (*name, procs::memory_kib(gateway.pid(), "VmHWM:")))
             .collect(),
         messaging: messaging.as_ref().and_then(|result| result.as_ref().ok()),
+        floor: (!floor_rounds.is_empty()).then_some(floor_rounds),
     };
     let mut problems = report.harness_problems();
     if let Some(Err(error)) = &messaging {
@@ -473,6 +502,9 @@ async fn run(args: Args) -> Result<(), String> {
             eprintln!("wrote {} and {}", path.display(), svg_path.display());
         }
         None => print!("{markdown}"),
+    }
+    if let Some((_, url)) = &floor {
+        floor::drop_table(url).await;
     }
     let _ = std::fs::remove_dir_all(&scratch);
     if problems.is_empty() {

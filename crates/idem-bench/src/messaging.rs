@@ -38,13 +38,7 @@ pub struct Row {
 
 impl Row {
     pub fn median(&self) -> f64 {
-        let mut sorted = self.per_round.clone();
-        sorted.sort_by(f64::total_cmp);
-        match sorted.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => sorted[n / 2],
-            n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-        }
+        crate::report::median(&self.per_round)
     }
 }
 
