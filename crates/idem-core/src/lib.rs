@@ -32,6 +32,7 @@ mod key;
 mod memory;
 mod record;
 mod store;
+pub mod store_kit;
 
 pub use changes::{ChangeFeed, ChangeListener, Notifies};
 pub use clock::{Clock, ClockDebug, ManualClock, StoreClock, SystemClock, Timestamp};

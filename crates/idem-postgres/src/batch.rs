@@ -2,14 +2,19 @@
 //! transactions and WAL flushes.
 //!
 //! Each kind has a bounded queue and a few writers. A writer takes what is waiting (up to
-//! [`MAX_BATCH`] operations, never two on one key) and runs them as one statement over arrays,
-//! which PostgreSQL commits once. Nothing waits on purpose: while one batch is on its way,
-//! the next gathers, so batches grow with the load and a lone request goes at once.
+//! [`MAX_BATCH`] operations) and runs it as one statement over arrays, which PostgreSQL
+//! commits once. Nothing waits on purpose: while one batch is on its way, the next gathers,
+//! so batches grow with the load and a lone request goes at once. A second job on a key
+//! already in the batch, or a payload too large for it, is sent on its own at once; so is
+//! every job of a batch the database refuses. A job whose caller gave up (its operation
+//! timeout) is dropped before its statement is sent, never run late.
 //!
 //! Per key, the statements keep the single-key ones' conditions:
-//! - a batched claim only inserts a key that has no row (`ON CONFLICT DO NOTHING`); a key
-//!   that has one is decided by `idem_core::decide` on the row as the statement read it, and
-//!   a takeover (an expired record or lease) goes through the single-key `idem_claim`;
+//! - a batched claim inserts only keys with no row it can see (so it never waits on the row
+//!   lock of a record being completed or renewed), with `ON CONFLICT DO NOTHING` for a row
+//!   that appears meanwhile; a key with a row is decided by `idem_core::decide` on the row as
+//!   the statement read it, and a takeover (an expired record or lease) or a row that
+//!   appeared goes through the single-key `idem_claim`;
 //! - a batched completion changes a row only where it is in flight under the caller's token.
 //!
 //! Rows are locked in key order within a batch, so two batches never wait on each other in a
@@ -18,6 +23,8 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use deadpool_postgres::Pool;
@@ -50,7 +57,7 @@ pub(crate) enum Claimed {
     Decided(Decision),
     Single,
     /// The key's row is damaged: this claim fails, the rest of its batch goes on.
-    Corrupt(String),
+    Corrupt(Error),
 }
 
 pub(crate) struct CompleteJob {
@@ -67,6 +74,8 @@ pub(crate) trait Batched: Send + Sync + Sized + 'static {
     fn bytes(&self) -> usize {
         0
     }
+    /// The answer that sends a job on its own, with its single-key statement.
+    fn alone() -> Self::Out;
     /// Runs `jobs` (distinct keys, in key order) as one statement; one result per job.
     fn run(
         client: &deadpool_postgres::Object,
@@ -76,17 +85,26 @@ pub(crate) trait Batched: Send + Sync + Sized + 'static {
 
 struct Job<B: Batched> {
     op: B,
+    /// When its caller stops waiting: a job past it is never sent.
+    deadline: Instant,
     reply: oneshot::Sender<Result<B::Out>>,
+}
+
+impl<B: Batched> Job<B> {
+    fn wanted(&self) -> bool {
+        !self.reply.is_closed() && Instant::now() < self.deadline
+    }
 }
 
 /// The queue of one kind of operation and its writers.
 pub(crate) struct Batcher<B: Batched> {
     sender: mpsc::Sender<Job<B>>,
+    op_timeout: Duration,
 }
 
 impl<B: Batched> Clone for Batcher<B> {
     fn clone(&self) -> Self {
-        Self { sender: self.sender.clone() }
+        Self { sender: self.sender.clone(), op_timeout: self.op_timeout }
     }
 }
 
@@ -96,37 +114,38 @@ impl<B: Batched> Batcher<B> {
         let (sender, receiver) = mpsc::channel(QUEUE);
         let receiver = Arc::new(Mutex::new(receiver));
         for _ in 0..writers.max(1) {
-            tokio::spawn(write(Arc::clone(&receiver), pool.clone(), op_timeout));
+            tokio::spawn(write(Arc::clone(&receiver), pool.clone()));
         }
-        Self { sender }
+        Self { sender, op_timeout }
     }
 
-    /// Queues `op` and waits for its batch's answer.
-    pub(crate) async fn submit(&self, op: B) -> Result<B::Out> {
+    /// Queues `op` and waits for its batch's answer. The caller bounds the wait; the job
+    /// carries the same bound, so a caller that gave up is never run.
+    pub(crate) async fn submit(&self, op: B, deadline: Instant) -> Result<B::Out> {
         let (reply, answer) = oneshot::channel();
         self.sender
-            .send(Job { op, reply })
+            .send(Job { op, deadline, reply })
             .await
             .map_err(|_| Error::unavailable("the PostgreSQL batch writers have stopped"))?;
         answer
             .await
             .map_err(|_| Error::unavailable("the PostgreSQL batch writer stopped mid-batch"))?
     }
+
+    pub(crate) fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
 }
 
 /// One writer: takes what waits, runs it as one statement, answers each caller.
-async fn write<B: Batched>(
-    receiver: Arc<Mutex<mpsc::Receiver<Job<B>>>>,
-    pool: Pool,
-    op_timeout: Duration,
-) {
-    // Jobs on a key already in the batch, for the next one.
-    let mut carried: Vec<Job<B>> = Vec::new();
+async fn write<B: Batched>(receiver: Arc<Mutex<mpsc::Receiver<Job<B>>>>, pool: Pool) {
     loop {
         let mut batch: Vec<Job<B>> = Vec::new();
         let mut keys: HashSet<RecordKey> = HashSet::new();
         let mut bytes = 0;
-        let mut add = |job: Job<B>, batch: &mut Vec<Job<B>>, carried: &mut Vec<Job<B>>| {
+        // A job on a key already in the batch, or too large for it, goes alone at once (in
+        // its caller's task): a hot key's retries are read in parallel, as without batching.
+        let mut add = |job: Job<B>, batch: &mut Vec<Job<B>>| {
             let size = job.op.bytes();
             let fits = batch.is_empty() || bytes + size <= MAX_BATCH_BYTES;
             if fits && !keys.contains(job.op.key()) {
@@ -134,38 +153,41 @@ async fn write<B: Batched>(
                 bytes += size;
                 batch.push(job);
             } else {
-                carried.push(job);
+                let _ = job.reply.send(Ok(B::alone()));
             }
         };
-        let mut waiting = std::mem::take(&mut carried);
-        for job in waiting.drain(..) {
-            add(job, &mut batch, &mut carried);
-        }
-        // With jobs in hand, never wait for the queue: another writer may be holding it
-        // while it waits for new work.
-        let receiver = if batch.is_empty() {
+        {
             let mut receiver = receiver.lock().await;
             match receiver.recv().await {
-                Some(job) => add(job, &mut batch, &mut carried),
+                Some(job) => add(job, &mut batch),
                 None => return,
             }
-            Some(receiver)
-        } else {
-            receiver.try_lock().ok()
-        };
-        if let Some(mut receiver) = receiver {
             while batch.len() < MAX_BATCH {
                 match receiver.try_recv() {
-                    Ok(job) => add(job, &mut batch, &mut carried),
+                    Ok(job) => add(job, &mut batch),
                     Err(_) => break,
                 }
             }
         }
-        // A caller that gave up (its operation timeout) is not run at all.
-        batch.retain(|job| !job.reply.is_closed());
-        if batch.is_empty() {
+        let Some(deadline) = batch.iter().map(|job| job.deadline).max() else { continue };
+        let Some(limit) = deadline.checked_duration_since(Instant::now()) else {
             continue;
-        }
+        };
+        let client = match idem_core::store_kit::bounded(limit, "PostgreSQL", async {
+            pool.get().await.map_err(unavailable)
+        })
+        .await
+        {
+            Ok(client) => client,
+            Err(error) => {
+                answer_all(batch.into_iter().map(|job| job.reply).collect(), &error);
+                continue;
+            }
+        };
+        // Checked now that the statement can go: a caller that gave up meanwhile (waiting for
+        // the connection included) is not run at all.
+        batch.retain(Job::wanted);
+        let Some(deadline) = batch.iter().map(|job| job.deadline).max() else { continue };
         // Rows are locked in this order, the same in every batch of every process.
         batch.sort_by(|a, b| {
             let (a, b) = (a.op.key(), b.op.key());
@@ -173,14 +195,9 @@ async fn write<B: Batched>(
         });
         let (ops, replies): (Vec<B>, Vec<_>) =
             batch.into_iter().map(|job| (job.op, job.reply)).unzip();
-        let ran = tokio::time::timeout(op_timeout, async {
-            let client = pool.get().await.map_err(unavailable)?;
-            B::run(&client, &ops).await
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(Error::unavailable(format!("PostgreSQL did not answer within {op_timeout:?}")))
-        });
+        let limit = deadline.saturating_duration_since(Instant::now());
+        let ran = idem_core::store_kit::bounded(limit, "PostgreSQL", B::run(&client, &ops)).await;
+        drop(client);
         match ran {
             Ok(results) if results.len() == replies.len() => {
                 for (reply, result) in replies.into_iter().zip(results) {
@@ -188,21 +205,22 @@ async fn write<B: Batched>(
                 }
             }
             Ok(results) => {
-                let error = format!("a batch of {} got {} answers", replies.len(), results.len());
-                for reply in replies {
-                    let _ = reply.send(Err(Error::Corrupt(error.clone())));
-                }
+                let text = format!("a batch of {} got {} answers", replies.len(), results.len());
+                answer_all(replies, &Error::Corrupt(text));
             }
-            Err(error) => {
-                let text = error.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(match &error {
-                        Error::Corrupt(_) => Error::Corrupt(text.clone()),
-                        _ => Error::unavailable(text.clone()),
-                    }));
-                }
-            }
+            Err(error) => answer_all(replies, &error),
         }
+    }
+}
+
+/// Sends `error` to every caller of a failed batch.
+fn answer_all<T>(replies: Vec<oneshot::Sender<Result<T>>>, error: &Error) {
+    for reply in replies {
+        let _ = reply.send(Err(match error {
+            Error::Corrupt(text) => Error::Corrupt(text.clone()),
+            Error::Unavailable(source) => Error::unavailable(source.to_string()),
+            other => Error::unavailable(other.to_string()),
+        }));
     }
 }
 
@@ -215,7 +233,10 @@ const CLAIM_MANY: &str = "
         INSERT INTO idem_records AS r
             (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
         SELECT scope, key, fingerprint, 0, token, lease_expires_at, NULL, now, expires_at
-        FROM input ORDER BY ord
+        FROM input
+        WHERE NOT EXISTS (SELECT 1 FROM idem_records e
+                          WHERE e.scope = input.scope AND e.key = input.key)
+        ORDER BY ord
         ON CONFLICT (scope, key) DO NOTHING
         RETURNING r.scope, r.key
     )
@@ -232,6 +253,10 @@ impl Batched for ClaimJob {
 
     fn key(&self) -> &RecordKey {
         &self.key
+    }
+
+    fn alone() -> Claimed {
+        Claimed::Single
     }
 
     async fn run(client: &deadpool_postgres::Object, jobs: &[Self]) -> Result<Vec<Claimed>> {
@@ -281,7 +306,7 @@ impl Batched for ClaimJob {
                     decision => Claimed::Decided(decision),
                 },
                 // One damaged row fails its own claim, not the batch.
-                Err(error) => Claimed::Corrupt(error.to_string()),
+                Err(error) => Claimed::Corrupt(error),
             });
         }
         Ok(claimed)
@@ -319,6 +344,10 @@ impl Batched for CompleteJob {
 
     fn bytes(&self) -> usize {
         self.payload.len()
+    }
+
+    fn alone() -> Option<bool> {
+        None
     }
 
     async fn run(client: &deadpool_postgres::Object, jobs: &[Self]) -> Result<Vec<Option<bool>>> {

@@ -15,6 +15,9 @@
 //!   Racing claims serialise on the row (or on the unique index for a new key); the loser sees
 //!   the winner's row. A replay is a plain read: no write, no lock.
 //! - Complete, release and renew are single statements that match the owner's fencing token.
+//! - Group commit: concurrent claims and completions share one statement over arrays of keys
+//!   (see the `batch` module), with the same per-key conditions; a takeover still goes
+//!   through `idem_claim`.
 //! - Sweeping deletes at most a batch of expired rows per statement, skipping rows another
 //!   transaction holds (`FOR UPDATE SKIP LOCKED`), so it never blocks claims for long.
 //! - The schema is created and migrated by idem itself, under an advisory lock so that several
@@ -43,8 +46,8 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use idem_core::{
     Capabilities, ChangeFeed, ChangeListener, ClaimRequest, Decision, Error, FencingToken,
-    Fingerprint, ListQuery, Notifies, Record, RecordKey, RecordState, RecordSummary, Result,
-    StateFilter, Store, Timestamp, decide,
+    Fingerprint, ListQuery, Notifies, Record, RecordKey, RecordSummary, Result, StateFilter, Store,
+    Timestamp, decide, store_kit,
 };
 use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
@@ -194,8 +197,7 @@ pub async fn complete_in(
 /// An arbitrary constant: the advisory lock that serialises migrations.
 const MIGRATION_LOCK: i64 = 0x6964_656d_6d69_6772;
 
-const IN_FLIGHT: i16 = 0;
-const COMPLETED: i16 = 1;
+use store_kit::{COMPLETED, IN_FLIGHT};
 
 /// A [`Store`] on PostgreSQL.
 #[derive(Clone)]
@@ -234,14 +236,13 @@ struct Settings {
 fn parse_url(url: &str) -> Result<Settings> {
     let config_error =
         |message: String| Error::Config(format!("{message} (in the postgres:// URL)"));
-    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let (base, pairs) = store_kit::url_parameters(url);
     let mut passed_on = Vec::new();
     let mut pool_max_size = 16;
     let mut op_timeout = Duration::from_secs(5);
     let mut schema = None;
     let mut batch_writers = 4;
-    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in pairs {
         match name {
             "pool_max_size" => {
                 pool_max_size =
@@ -249,12 +250,7 @@ fn parse_url(url: &str) -> Result<Settings> {
                         || config_error(format!("pool_max_size must be 1 to 1024, not {value:?}")),
                     )?;
             }
-            "op_timeout_ms" => {
-                let millis: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
-                    config_error(format!("op_timeout_ms must be a positive number, not {value:?}"))
-                })?;
-                op_timeout = Duration::from_millis(millis);
-            }
+            "op_timeout_ms" => op_timeout = store_kit::positive_millis(name, value, "postgres")?,
             "schema" => {
                 let valid = !value.is_empty()
                     && value.len() <= 63
@@ -275,14 +271,10 @@ fn parse_url(url: &str) -> Result<Settings> {
                         config_error(format!("batch_writers must be 0 to 64, not {value:?}"))
                     })?;
             }
-            _ => passed_on.push(pair),
+            _ => passed_on.push((name, value)),
         }
     }
-    let rest = if passed_on.is_empty() {
-        base.to_owned()
-    } else {
-        format!("{base}?{}", passed_on.join("&"))
-    };
+    let rest = store_kit::rejoin_url(base, &passed_on);
     let mut config = tokio_postgres::Config::from_str(&rest)
         .map_err(|error| Error::Config(format!("invalid postgres:// URL: {error}")))?;
     if let Some(schema) = &schema {
@@ -441,13 +433,7 @@ impl PostgresStore {
     /// Bounds a call by the operation timeout: a database that stops answering is unavailable,
     /// not a hang.
     async fn bounded<T>(&self, call: impl Future<Output = Result<T>>) -> Result<T> {
-        match tokio::time::timeout(self.op_timeout, call).await {
-            Ok(result) => result,
-            Err(_) => Err(Error::unavailable(format!(
-                "PostgreSQL did not answer within {:?}",
-                self.op_timeout
-            ))),
-        }
+        store_kit::bounded(self.op_timeout, "PostgreSQL", call).await
     }
 
     /// Runs one statement and returns the rows it changed.
@@ -602,18 +588,7 @@ fn unavailable(error: impl std::error::Error) -> Error {
     Error::unavailable(text)
 }
 
-fn to_sql(timestamp: Timestamp) -> i64 {
-    i64::try_from(timestamp.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn from_sql(millis: i64) -> Timestamp {
-    Timestamp::from_millis(u64::try_from(millis).unwrap_or(0))
-}
-
-/// The fencing token's bits in PostgreSQL's signed bigint.
-fn token_to_sql(token: FencingToken) -> i64 {
-    token.as_u64() as i64
-}
+use store_kit::{millis_from_sql as from_sql, millis_to_sql as to_sql, token_to_sql};
 
 /// Reads `fingerprint, state, token, lease_expires_at, payload, created_at, expires_at`
 /// starting at column `first`, checking the invariants the writes keep.
@@ -624,30 +599,16 @@ fn read_record(row: &tokio_postgres::Row, first: usize) -> Result<Record> {
     let token: Option<i64> = row.try_get(first + 2).map_err(get_error)?;
     let lease: Option<i64> = row.try_get(first + 3).map_err(get_error)?;
     let payload: Option<Vec<u8>> = row.try_get(first + 4).map_err(get_error)?;
-    let created_at: i64 = row.try_get(first + 5).map_err(get_error)?;
-    let expires_at: i64 = row.try_get(first + 6).map_err(get_error)?;
-    let fingerprint = Fingerprint::from_stored(&fingerprint)?;
-    let state = match (state, token, lease, payload) {
-        (IN_FLIGHT, Some(token), Some(lease), None) => RecordState::InFlight {
-            token: FencingToken::from_u64(token as u64),
-            lease_expires_at: from_sql(lease),
-        },
-        (COMPLETED, None, None, Some(payload)) => {
-            RecordState::Completed { payload: Bytes::from(payload) }
-        }
-        (state, token, lease, payload) => {
-            return Err(Error::Corrupt(format!(
-                "state {state} with token {token:?}, lease {lease:?}, payload present: {}",
-                payload.is_some()
-            )));
-        }
-    };
-    Ok(Record {
-        fingerprint,
-        state,
-        created_at: from_sql(created_at),
-        expires_at: from_sql(expires_at),
-    })
+    store_kit::StoredFields {
+        fingerprint: &fingerprint,
+        state: state.into(),
+        token: token.map(store_kit::token_from_sql),
+        lease_expires_at: lease.map(from_sql),
+        payload: payload.map(Bytes::from),
+        created_at: from_sql(row.try_get(first + 5).map_err(get_error)?),
+        expires_at: from_sql(row.try_get(first + 6).map_err(get_error)?),
+    }
+    .into_record()
 }
 
 const COLUMNS: &str =
@@ -695,11 +656,16 @@ impl Store for PostgresStore {
         let Some(claims) = &self.claims else {
             return self.claim_single(request).await;
         };
-        match self.bounded(claims.submit(batch::claim_job(&request))).await? {
-            batch::Claimed::Decided(decision) => Ok(decision),
-            batch::Claimed::Corrupt(error) => Err(Error::Corrupt(error)),
-            batch::Claimed::Single => self.claim_single(request).await,
-        }
+        // One bound for the whole call, a fallback to the single-key claim included.
+        let deadline = tokio::time::Instant::now() + claims.op_timeout();
+        self.bounded(async {
+            match claims.submit(batch::claim_job(&request), deadline).await? {
+                batch::Claimed::Decided(decision) => Ok(decision),
+                batch::Claimed::Corrupt(error) => Err(error),
+                batch::Claimed::Single => self.claim_single(request).await,
+            }
+        })
+        .await
     }
 
     async fn complete(
@@ -710,33 +676,41 @@ impl Store for PostgresStore {
         _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
-        if let Some(completions) = &self.completions {
-            let job = batch::CompleteJob {
-                key: key.clone(),
-                token: token_to_sql(token),
-                payload: payload.clone(),
-                expires_at,
-            };
-            match self.bounded(completions.submit(job)).await? {
-                Some(true) => return Ok(()),
-                Some(false) => return Err(Error::Fenced),
-                None => {}
+        let single = async {
+            let changed = self
+                .changed_notifying(
+                    COMPLETE,
+                    key,
+                    &[
+                        &&payload[..],
+                        &to_sql(expires_at),
+                        &key.scope.as_str(),
+                        &key.key.as_str(),
+                        &token_to_sql(token),
+                    ],
+                )
+                .await?;
+            if changed == 1 { Ok(()) } else { Err(Error::Fenced) }
+        };
+        let Some(completions) = &self.completions else {
+            return single.await;
+        };
+        // One bound for the whole call, a fallback to the single statement included.
+        let deadline = tokio::time::Instant::now() + completions.op_timeout();
+        let job = batch::CompleteJob {
+            key: key.clone(),
+            token: token_to_sql(token),
+            payload: payload.clone(),
+            expires_at,
+        };
+        self.bounded(async {
+            match completions.submit(job, deadline).await? {
+                Some(true) => Ok(()),
+                Some(false) => Err(Error::Fenced),
+                None => single.await,
             }
-        }
-        let changed = self
-            .changed_notifying(
-                COMPLETE,
-                key,
-                &[
-                    &&payload[..],
-                    &to_sql(expires_at),
-                    &key.scope.as_str(),
-                    &key.key.as_str(),
-                    &token_to_sql(token),
-                ],
-            )
-            .await?;
-        if changed == 1 { Ok(()) } else { Err(Error::Fenced) }
+        })
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {

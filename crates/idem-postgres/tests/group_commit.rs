@@ -161,3 +161,42 @@ async fn concurrent_claims_and_completions_share_commits_and_keep_their_own_answ
     let (alone, _) = claims_and_completions("idem_no_group_commit", 0).await.unwrap();
     assert_eq!(alone, CLAIMS as i64);
 }
+
+/// A record another transaction is changing (an application's `complete_in` before its
+/// commit, say) holds its row lock: claims must not queue behind it, neither the retry of
+/// that key (a plain read) nor fresh keys in the same batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_never_waits_on_a_record_another_transaction_is_changing() {
+    let schema = "idem_group_commit_locks";
+    let Some(url) = fresh_postgres_schema(schema).await else { return };
+    let store = PostgresStore::connect(&url).await.unwrap();
+    let token = FencingToken::generate();
+    assert_eq!(claim(&store, &key("held"), token).await.unwrap(), Decision::Acquire);
+    let expires_at = now().saturating_add(Duration::from_secs(3600));
+    store
+        .complete(&key("held"), token, Bytes::from_static(b"done"), now(), expires_at)
+        .await
+        .unwrap();
+
+    let mut client = admin().await;
+    let holder = client.transaction().await.unwrap();
+    holder
+        .execute(
+            &format!("UPDATE {schema}.idem_records SET watched = true WHERE key = 'held'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (held, fresh) = (key("held"), key("fresh-beside-held"));
+    let answers = tokio::time::timeout(Duration::from_secs(3), async {
+        tokio::join!(
+            claim(&store, &held, FencingToken::generate()),
+            claim(&store, &fresh, FencingToken::generate()),
+        )
+    })
+    .await
+    .expect("claims answer while another transaction holds a record's row");
+    assert_eq!(answers.0.unwrap(), Decision::Replay(Bytes::from_static(b"done")));
+    assert_eq!(answers.1.unwrap(), Decision::Acquire);
+    holder.rollback().await.unwrap();
+}

@@ -42,12 +42,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
     Capabilities, ChangeFeed, ChangeListener, ClaimRequest, Decision, Error, FencingToken,
-    Fingerprint, ListQuery, Notifies, Record, RecordKey, RecordState, RecordSummary, Result, Store,
-    Timestamp, decide,
+    ListQuery, Notifies, Record, RecordKey, RecordSummary, Result, Store, Timestamp, decide,
+    store_kit,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use sha2::{Digest, Sha256};
+use store_kit::{COMPLETED, IN_FLIGHT};
 
 /// Most keys one `list` call looks at: listing scans the keyspace, so it is bounded.
 const LIST_MAX_SCANNED: usize = 1_000_000;
@@ -191,12 +192,11 @@ impl RedisStore {
     /// server must answer now; later outages make calls fail as unavailable, and the
     /// connection is re-established by itself when the server is back.
     pub async fn connect(url: &str) -> Result<Self> {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let (base, pairs) = store_kit::url_parameters(url);
         let mut passed_on = Vec::new();
         let mut prefix = "idem".to_owned();
         let mut op_timeout = Duration::from_secs(2);
-        for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        for (name, value) in pairs {
             match name {
                 "prefix" => {
                     let valid = !value.is_empty()
@@ -211,22 +211,11 @@ impl RedisStore {
                     }
                     prefix = value.to_owned();
                 }
-                "op_timeout_ms" => {
-                    let millis: u64 = value.parse().ok().filter(|ms| *ms > 0).ok_or_else(|| {
-                        Error::Config(format!(
-                            "op_timeout_ms must be a positive number (in the redis:// URL), not {value:?}"
-                        ))
-                    })?;
-                    op_timeout = Duration::from_millis(millis);
-                }
-                _ => passed_on.push(pair),
+                "op_timeout_ms" => op_timeout = store_kit::positive_millis(name, value, "redis")?,
+                _ => passed_on.push((name, value)),
             }
         }
-        let rest = if passed_on.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", passed_on.join("&"))
-        };
+        let rest = store_kit::rejoin_url(base, &passed_on);
         let client = redis::Client::open(rest.as_str())
             .map_err(|error| Error::Config(format!("invalid redis:// URL: {error}")))?;
         let config = ConnectionManagerConfig::new()
@@ -333,13 +322,8 @@ impl RedisStore {
     }
 
     async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
-        match tokio::time::timeout(self.op_timeout, call).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(Error::unavailable(format!(
-                "Redis did not answer within {:?}",
-                self.op_timeout
-            ))),
-        }
+        store_kit::bounded(self.op_timeout, "Redis", async { call.await.map_err(unavailable) })
+            .await
     }
 
     /// Runs an ownership-checked script: 1 if it acted, 0 if the caller is fenced.
@@ -378,29 +362,27 @@ pub fn read_record(field: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Record> {
     let required =
         |name: &str| field(name).ok_or_else(|| Error::Corrupt(format!("field {name} is missing")));
     let fingerprint = required("f")?;
-    let fingerprint = Fingerprint::from_stored(&fingerprint)?;
     let present = |name: &str| field(name).filter(|value| !value.is_empty());
-    let state = match (required("st")?.as_slice(), present("t"), present("l"), field("p")) {
-        (b"0", Some(token), Some(lease), _) => RecordState::InFlight {
-            token: FencingToken::from_u64(number(&token, "t")?),
-            lease_expires_at: Timestamp::from_millis(number(&lease, "l")?),
-        },
-        (b"1", None, None, Some(payload)) => {
-            RecordState::Completed { payload: Bytes::from(payload) }
-        }
-        (state, ..) => {
-            return Err(Error::Corrupt(format!(
-                "inconsistent record in state {:?}",
-                String::from_utf8_lossy(state)
-            )));
-        }
+    let state: i64 = match required("st")?.as_slice() {
+        b"0" => IN_FLIGHT.into(),
+        b"1" => COMPLETED.into(),
+        _ => -1,
     };
-    Ok(Record {
-        fingerprint,
+    // The claim script sends an absent field as an empty string: an in-flight record's
+    // payload field means nothing, a completed one's is its payload even when empty.
+    let payload = if state == i64::from(IN_FLIGHT) { None } else { field("p") };
+    let token = present("t").map(|token| number(&token, "t")).transpose()?;
+    let lease = present("l").map(|lease| number(&lease, "l")).transpose()?;
+    store_kit::StoredFields {
+        fingerprint: &fingerprint,
         state,
+        token: token.map(FencingToken::from_u64),
+        lease_expires_at: lease.map(Timestamp::from_millis),
+        payload: payload.map(Bytes::from),
         created_at: Timestamp::from_millis(number(&required("c")?, "c")?),
         expires_at: Timestamp::from_millis(number(&required("e")?, "e")?),
-    })
+    }
+    .into_record()
 }
 
 #[async_trait]

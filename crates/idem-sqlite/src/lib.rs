@@ -31,8 +31,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use idem_core::{
     Capabilities, ChangeFeed, ClaimRequest, Decision, Error, FencingToken, Fingerprint, ListQuery,
-    Notifies, Record, RecordKey, RecordState, RecordSummary, Result, StateFilter, Store, Timestamp,
-    decide,
+    Notifies, Record, RecordKey, RecordSummary, Result, StateFilter, Store, Timestamp, decide,
+    store_kit,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
@@ -55,8 +55,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX IF NOT EXISTS idem_records_expires_at ON idem_records (expires_at);",
 ];
 
-const IN_FLIGHT: i64 = 0;
-const COMPLETED: i64 = 1;
+const IN_FLIGHT: i64 = store_kit::IN_FLIGHT as i64;
+const COMPLETED: i64 = store_kit::COMPLETED as i64;
 
 /// How hard each commit is pushed to disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -212,15 +212,14 @@ fn parse_url(url: &str) -> Result<(&str, SqliteOptions)> {
     let rest = url
         .strip_prefix("sqlite://")
         .ok_or_else(|| Error::Config(format!("not a sqlite:// URL: {url}")))?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (path, pairs) = store_kit::url_parameters(rest);
     if path.is_empty() {
         return Err(Error::Config(
             "sqlite:// URL needs a file path, as in sqlite://idem.db".into(),
         ));
     }
     let mut options = SqliteOptions::default();
-    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in pairs {
         match name {
             "busy_timeout_ms" => {
                 let millis = value.parse().map_err(|_| {
@@ -394,18 +393,7 @@ fn unavailable(error: rusqlite::Error) -> Error {
     Error::unavailable(error)
 }
 
-fn to_sql(timestamp: Timestamp) -> i64 {
-    i64::try_from(timestamp.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn from_sql(millis: i64) -> Timestamp {
-    Timestamp::from_millis(u64::try_from(millis).unwrap_or(0))
-}
-
-/// The fencing token's bits, stored in SQLite's signed 64-bit integer.
-fn token_to_sql(token: FencingToken) -> i64 {
-    token.as_u64() as i64
-}
+use store_kit::{millis_from_sql as from_sql, millis_to_sql as to_sql, token_to_sql};
 
 const SELECT_RECORD: &str =
     "SELECT fingerprint, state, token, lease_expires_at, payload, created_at, expires_at
@@ -437,30 +425,16 @@ pub fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record>> 
             ) => return Ok(Err(Error::Corrupt(format!("a column of the wrong type: {error}")))),
             Err(other) => return Err(other),
         };
-    Ok((|| {
-        let fingerprint = Fingerprint::from_stored(&fingerprint)?;
-        let state = match (state, token, lease_expires_at, payload) {
-            (IN_FLIGHT, Some(token), Some(lease), None) => RecordState::InFlight {
-                token: FencingToken::from_u64(token as u64),
-                lease_expires_at: from_sql(lease),
-            },
-            (COMPLETED, None, None, Some(payload)) => {
-                RecordState::Completed { payload: payload.into() }
-            }
-            (state, token, lease, payload) => {
-                return Err(Error::Corrupt(format!(
-                    "state {state} with token {token:?}, lease {lease:?}, payload present: {}",
-                    payload.is_some()
-                )));
-            }
-        };
-        Ok(Record {
-            fingerprint,
-            state,
-            created_at: from_sql(created_at),
-            expires_at: from_sql(expires_at),
-        })
-    })())
+    Ok(store_kit::StoredFields {
+        fingerprint: &fingerprint,
+        state,
+        token: token.map(store_kit::token_from_sql),
+        lease_expires_at: lease_expires_at.map(from_sql),
+        payload: payload.map(Bytes::from),
+        created_at: from_sql(created_at),
+        expires_at: from_sql(expires_at),
+    }
+    .into_record())
 }
 
 fn select_record(connection: &Connection, key: &RecordKey) -> Result<Option<Record>> {
