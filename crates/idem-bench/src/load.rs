@@ -41,6 +41,8 @@ impl Keys {
 #[derive(Debug, Clone)]
 pub struct Plan {
     pub target: SocketAddr,
+    /// More gateways to spread the connections over, round robin with `target`.
+    pub also: Vec<SocketAddr>,
     pub keys: Keys,
     pub connections: usize,
     pub duration: Duration,
@@ -123,10 +125,13 @@ pub async fn run(plan: Plan) -> Outcome {
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + plan.duration;
+    let targets: Vec<SocketAddr> =
+        std::iter::once(plan.target).chain(plan.also.iter().copied()).collect();
     let workers: Vec<_> = (0..plan.connections)
-        .map(|_| {
+        .map(|worker| {
             let plan = plan.clone();
             let next = Arc::clone(&next);
+            let target = targets[worker % targets.len()];
             tokio::spawn(async move {
                 let mut outcome = Outcome::default();
                 let mut sender = None;
@@ -144,14 +149,14 @@ pub async fn run(plan: Plan) -> Outcome {
                     }
                     tokio::time::sleep_until(scheduled.into()).await;
                     if sender.is_none() {
-                        sender = connect(plan.target).await;
+                        sender = connect(target).await;
                     }
                     let Some(connection) = sender.as_mut() else {
                         outcome.errors += 1;
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     };
-                    match send(connection, plan.target, plan.keys.key(index).as_deref()).await {
+                    match send(connection, target, plan.keys.key(index).as_deref()).await {
                         Some((status, replayed)) => {
                             let micros =
                                 scheduled.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;

@@ -12,6 +12,7 @@ mod load;
 mod messaging;
 mod procs;
 mod report;
+mod scaling;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -158,6 +159,7 @@ async fn open_loop(
 ) -> Outcome {
     load::run(Plan {
         target: config.target,
+        also: Vec::new(),
         keys: config.keys(round, &format!("r{}-", rate as u64)),
         connections: concurrency * 4,
         duration,
@@ -334,6 +336,7 @@ async fn run(args: Args) -> Result<(), String> {
     for config in configs.iter().filter(|config| config.scenario == Scenario::Replay) {
         let stored = load::run(Plan {
             target: config.target,
+            also: Vec::new(),
             keys: Keys::Fresh(config.prefix.clone()),
             connections: 16,
             duration: Duration::from_secs(60),
@@ -348,6 +351,7 @@ async fn run(args: Args) -> Result<(), String> {
     for config in &configs {
         load::run(Plan {
             target: config.target,
+            also: Vec::new(),
             keys: config.keys(0, "warm"),
             connections: args.concurrency,
             duration: duration.min(Duration::from_millis(500)),
@@ -384,6 +388,7 @@ async fn run(args: Args) -> Result<(), String> {
             let calls_before = upstream.calls();
             let outcome = load::run(Plan {
                 target: config.target,
+                also: Vec::new(),
                 keys: config.keys(round, "c"),
                 connections: args.concurrency,
                 duration,
@@ -443,6 +448,18 @@ async fn run(args: Args) -> Result<(), String> {
         }
     }
 
+    // Several gateways on one store: total throughput with 1, 2 and 3 of them.
+    let mut scaling = Vec::new();
+    for (name, url) in &stores {
+        let shared = match *name {
+            "postgres" => url.replace("schema=idem_bench", "schema=idem_bench_scaling"),
+            "redis" => url.replace("prefix=idem_bench", "prefix=idem_bench_scaling"),
+            _ => continue,
+        };
+        let run = scaling::Plan { idem: &idem, upstream: upstream.addr, store: &shared };
+        scaling.push((*name, scaling::run(run, args.concurrency, duration, rounds, &tag).await?));
+    }
+
     // Memory with many keep-alive connections, on a gateway of its own: the others hold every
     // record the runs above stored, which says nothing about connections.
     let fresh = Gateway::start(&idem, upstream.addr, "memory://")?;
@@ -485,6 +502,7 @@ async fn run(args: Args) -> Result<(), String> {
             .collect(),
         messaging: messaging.as_ref().and_then(|result| result.as_ref().ok()),
         floor: (!floor_rounds.is_empty()).then_some(floor_rounds),
+        scaling,
     };
     let mut problems = report.harness_problems();
     if let Some(Err(error)) = &messaging {

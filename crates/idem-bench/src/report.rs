@@ -22,6 +22,8 @@ pub struct Report<'a> {
     pub messaging: Option<&'a crate::messaging::Results>,
     /// `pgbench` doing a fresh key's two commits directly: requests per second, per round.
     pub floor: Option<Vec<f64>>,
+    /// Fresh keys through 1, 2 and 3 gateways on one store, by store.
+    pub scaling: Vec<(&'static str, crate::scaling::Scaling)>,
 }
 
 /// The median of `values` (0 for none).
@@ -108,6 +110,11 @@ impl Report<'_> {
     /// of store round trips and upstream runs are exact, not timings, so they are checked.
     pub fn harness_problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        for (store, scaling) in &self.scaling {
+            if scaling.errors > 0 {
+                problems.push(format!("scaling on {store}: {} errors or non-201s", scaling.errors));
+            }
+        }
         for config in self.configs.iter() {
             let name = &config.name;
             if config.closed.requests() == 0 {
@@ -265,6 +272,26 @@ impl Report<'_> {
                 out,
                 "| {name} | {rate:.0} | {p50:.2} | {p99:.2} | {p999:.2} | {pass} | {added} |"
             );
+        }
+
+        if !self.scaling.is_empty() {
+            let _ = writeln!(
+                out,
+                "\n## Scaling out: gateways sharing one store\n\nFresh keys, {} connections in all, spread over 1, 2 or 3 `idem serve` processes on the same store; median of the rounds (each round's figures in brackets). Every process shares this machine's two cores with the store and the load generator, so this measures what sharing a store costs, not what more hosts would add.\n",
+                self.concurrency
+            );
+            let _ = writeln!(out, "| store | 1 gateway | 2 gateways | 3 gateways | 3 ÷ 1 |");
+            let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+            for (store, scaling) in &self.scaling {
+                let medians = scaling.medians();
+                let cells: Vec<String> = medians
+                    .iter()
+                    .zip(&scaling.per_round)
+                    .map(|(median, rounds_of)| format!("{median:.0} ({})", rounds(rounds_of)))
+                    .collect();
+                let ratio = medians.last().zip(medians.first()).map_or(0.0, |(a, b)| a / b);
+                let _ = writeln!(out, "| {store} | {} | {ratio:.2} |", cells.join(" | "));
+            }
         }
 
         let _ = writeln!(out, "\n## Memory\n");
