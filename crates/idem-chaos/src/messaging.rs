@@ -72,6 +72,7 @@ pub struct Report {
     pub applied_twice: i64,
     pub applied_not_committed: i64,
     pub out_of_order_after_consumer_kill: i64,
+    pub out_of_order_after_broker_crash: i64,
     pub out_of_order_other: i64,
     pub dead_letters: i64,
 }
@@ -115,12 +116,17 @@ impl std::fmt::Display for Report {
             "| applied out of key order after that partition's consumer was killed (the documented limit of a durable consumer) | {} |",
             self.out_of_order_after_consumer_kill
         )?;
+        writeln!(
+            f,
+            "| applied out of key order after the broker crashed (deliveries lost with it come back after the ack wait: the same limit) | {} |",
+            self.out_of_order_after_broker_crash
+        )?;
         writeln!(f, "| committed, never applied | {} |", self.never_applied)?;
         writeln!(f, "| applied twice | {} |", self.applied_twice)?;
         writeln!(f, "| applied, never committed | {} |", self.applied_not_committed)?;
         writeln!(
             f,
-            "| applied out of key order, no consumer killed | {} |",
+            "| applied out of key order, no consumer killed and no broker crash shortly before | {} |",
             self.out_of_order_other
         )?;
         writeln!(f, "| dead-lettered | {} |", self.dead_letters)?;
@@ -321,7 +327,8 @@ pub async fn scenario(
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_return = crate::StopOnDrop(Arc::clone(&stop));
-    let kills: Arc<Mutex<Vec<(usize, SystemTime)>>> = Arc::default();
+    // When a partition's consumer was killed (false) or the broker crashed (true).
+    let kills: Arc<Mutex<Vec<(usize, SystemTime, bool)>>> = Arc::default();
     let faults: Arc<Mutex<HashMap<&'static str, u64>>> = Arc::default();
     let fault_thread = {
         let (stop, kills, faults, idem, me, log) = (
@@ -354,12 +361,15 @@ pub async fn scenario(
                     30..=59 => {
                         let partition = rng.below(PARTITIONS as u64) as usize;
                         let _ = consumers[partition].0.kill();
-                        kills.lock().unwrap().push((partition, SystemTime::now()));
+                        kills.lock().unwrap().push((partition, SystemTime::now(), false));
                         std::thread::sleep(pause);
                         consumers[partition] = spawn(&me, &consumer_args[partition], &log)?;
                         "consumer kill -9 and restart"
                     }
                     60..=79 => {
+                        // Every partition's deliveries in flight may be lost with the broker.
+                        let now = SystemTime::now();
+                        kills.lock().unwrap().extend((0..PARTITIONS).map(|p| (p, now, true)));
                         server.restart()?;
                         "broker kill -9 and restart"
                     }
@@ -525,14 +535,20 @@ pub async fn scenario(
         let (partition, at): (i32, f64) = (row.get(0), row.get(1));
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(at);
         // A killed consumer's unacknowledged messages come back after the ack wait, possibly
-        // after newer ones of the same key: the documented limit.
-        let after_kill = kills.iter().any(|(killed, when)| {
-            *killed == partition as usize
-                && *when <= at
-                && at.duration_since(*when).unwrap_or_default() < ACK_WAIT * 10
-        });
-        if after_kill {
+        // after newer ones of the same key: the documented limit. So do messages the broker
+        // delivered just before it crashed, whose delivery the consumer never received.
+        let after = |broker: bool| {
+            kills.iter().any(|(killed, when, by_broker)| {
+                *by_broker == broker
+                    && *killed == partition as usize
+                    && *when <= at
+                    && at.duration_since(*when).unwrap_or_default() < ACK_WAIT * 10
+            })
+        };
+        if after(false) {
             report.out_of_order_after_consumer_kill += 1;
+        } else if after(true) {
+            report.out_of_order_after_broker_crash += 1;
         } else {
             report.out_of_order_other += 1;
         }

@@ -362,14 +362,20 @@ impl Subscription for RedisStreamsSubscription {
                 .group(&self.group, &self.consumer)
                 .count(max - batch.len())
                 .block(wait.min(MAX_BLOCK).as_millis().max(1) as usize);
-            let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
+            let reply: Option<StreamReadReply> = match redis::AsyncCommands::xread_options(
                 &mut connection,
                 &[&self.stream],
                 &[">"],
                 &options,
             )
             .await
-            .map_err(failed("XREADGROUP"))?;
+            {
+                Ok(reply) => reply,
+                // Entries just claimed are this consumer's now: dropping them would leave
+                // them idle for another `claim_idle` while newer entries of their keys pass.
+                Err(_) if !batch.is_empty() => None,
+                Err(error) => return Err(failed("XREADGROUP")(error)),
+            };
             for key in reply.map(|reply| reply.keys).unwrap_or_default() {
                 for entry in &key.ids {
                     batch.push((self.received(entry, 1), entry.id.clone()));
