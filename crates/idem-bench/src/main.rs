@@ -243,10 +243,10 @@ async fn run(args: Args) -> Result<(), String> {
     if let Some(url) = &args.postgres {
         let separator = if url.contains('?') { '&' } else { '?' };
         stores.push(("postgres", format!("{url}{separator}schema=idem_bench")));
-        // Group commit off: each claim and completion a statement and a commit of its own.
+        // Group commit on (it is off by default): claims and completions batched.
         stores.push((
-            "postgres, batch_writers=0",
-            format!("{url}{separator}schema=idem_bench_single&batch_writers=0"),
+            "postgres, batch_writers=4",
+            format!("{url}{separator}schema=idem_bench_batched&batch_writers=4"),
         ));
     }
     if let Some(url) = &args.redis {

@@ -340,8 +340,9 @@ pub async fn scenario(
     let started = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_on_return = crate::StopOnDrop(Arc::clone(&stop));
-    // When a partition's consumer was killed (false) or the broker crashed (true).
-    let kills: Arc<Mutex<Vec<(usize, SystemTime, bool)>>> = Arc::default();
+    // When a partition's consumer was killed, or the broker crashed (true), until it was back.
+    type Outage = (usize, SystemTime, SystemTime, bool);
+    let kills: Arc<Mutex<Vec<Outage>>> = Arc::default();
     let faults: Arc<Mutex<HashMap<&'static str, u64>>> = Arc::default();
     let fault_thread = {
         let (stop, kills, faults, idem, me, log) = (
@@ -355,6 +356,8 @@ pub async fn scenario(
         let consumer_args: Vec<Vec<String>> = (0..PARTITIONS).map(consumer_args).collect();
         let relay_args = relay_args.clone();
         std::thread::spawn(move || -> Result<_, String> {
+            // However this thread ends (a fault that failed included), the producers stop.
+            let _stop_on_exit = crate::StopOnDrop(Arc::clone(&stop));
             let mut server = server;
             let mut rng = Rng::new(seed ^ 0x6d73_6766_6175_6c74);
             while !stop.load(Ordering::SeqCst) {
@@ -374,16 +377,20 @@ pub async fn scenario(
                     30..=59 => {
                         let partition = rng.below(PARTITIONS as u64) as usize;
                         let _ = consumers[partition].0.kill();
-                        kills.lock().unwrap().push((partition, SystemTime::now(), false));
+                        let killed = SystemTime::now();
                         std::thread::sleep(pause);
                         consumers[partition] = spawn(&me, &consumer_args[partition], &log)?;
+                        let back = SystemTime::now();
+                        kills.lock().unwrap().push((partition, killed, back, false));
                         "consumer kill -9 and restart"
                     }
                     60..=79 => {
                         // Every partition's deliveries in flight may be lost with the broker.
-                        let now = SystemTime::now();
-                        kills.lock().unwrap().extend((0..PARTITIONS).map(|p| (p, now, true)));
+                        let crashed = SystemTime::now();
                         server.restart()?;
+                        let back = SystemTime::now();
+                        let all = (0..PARTITIONS).map(|p| (p, crashed, back, true));
+                        kills.lock().unwrap().extend(all);
                         "broker kill -9 and restart"
                     }
                     _ => {
@@ -405,10 +412,14 @@ pub async fn scenario(
     let mut producers = Vec::new();
     for index in 0..8u64 {
         let (config, next, counts) = (config.clone(), Arc::clone(&next), Arc::clone(&counts));
+        let stop = Arc::clone(&stop);
         let mut rng = Rng::new(seed ^ (index + 1).wrapping_mul(0x2545_f491_4f6c_dd1d));
         producers.push(tokio::spawn(async move {
             let mut client: Option<tokio_postgres::Client> = None;
             loop {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let done = match size {
                     Size::Seconds(seconds) => started.elapsed() >= seconds,
                     Size::Committed(committed) => counts.lock().unwrap().0 >= committed,
@@ -552,12 +563,13 @@ pub async fn scenario(
         // A killed consumer's unacknowledged messages come back after the ack wait, possibly
         // after newer ones of the same key: the documented limit. So do messages the broker
         // delivered just before it crashed, whose delivery the consumer never received.
+        // From the kill or crash until a few ack waits after the process is back.
         let after = |broker: bool| {
-            kills.iter().any(|(killed, when, by_broker)| {
+            kills.iter().any(|(killed, from, back, by_broker)| {
                 *by_broker == broker
                     && *killed == partition as usize
-                    && *when <= at
-                    && at.duration_since(*when).unwrap_or_default() < ACK_WAIT * 10
+                    && *from <= at
+                    && at.duration_since(*back).unwrap_or_default() < ACK_WAIT * 5
             })
         };
         if after(false) {

@@ -262,9 +262,16 @@ impl Rabbit {
         Ok(child)
     }
 
-    /// `kill -9` of the node, then a start on the same data.
+    /// `kill -9` of the node, then a start on the same data (once the old one has let go of
+    /// its port, so the readiness wait cannot meet it).
     pub fn restart(&mut self) -> Result<(), String> {
         kill_group(&mut self.child);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            && started.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.child = Self::spawn(self.port, self.dist_port, &self.dir)?;
         Ok(())
     }

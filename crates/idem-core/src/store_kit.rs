@@ -60,6 +60,14 @@ pub fn millis_from_sql(millis: i64) -> Timestamp {
     Timestamp::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
+/// A stored record's timestamp read back: a negative value is damage, refused as corrupt
+/// (read as the epoch, an `expires_at` would make the record look expired and its key free).
+pub fn stored_millis(millis: i64, field: &str) -> Result<Timestamp> {
+    u64::try_from(millis)
+        .map(Timestamp::from_millis)
+        .map_err(|_| Error::Corrupt(format!("{field} is negative: {millis}")))
+}
+
 /// A fencing token's bits in SQL's signed 64-bit integer.
 pub fn token_to_sql(token: FencingToken) -> i64 {
     token.as_u64() as i64
@@ -182,6 +190,9 @@ mod tests {
         let at = Timestamp::from_millis(1_765_000_000_000);
         assert_eq!(millis_from_sql(millis_to_sql(at)), at);
         assert_eq!(millis_from_sql(-5), Timestamp::from_millis(0));
+        assert_eq!(stored_millis(7, "expires_at").unwrap(), Timestamp::from_millis(7));
+        let error = stored_millis(-5, "expires_at").unwrap_err();
+        assert!(matches!(error, Error::Corrupt(_)), "{error:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,9 +32,10 @@
 //!   included.
 //! - `schema`: keep idem's tables in this schema (created if missing) instead of the default
 //!   `search_path`.
-//! - `batch_writers` (default 4): group commit. Claims and completions from concurrent
+//! - `batch_writers` (default 0, off): group commit. Claims and completions from concurrent
 //!   requests share statements (one over arrays of keys) and so commits and WAL flushes;
-//!   this many batches of each kind are on their way at once. `0` sends each on its own.
+//!   this many batches of each kind are on their way at once. Off by default until it is
+//!   shown faster: on the 2-core benchmark machine it has not beaten single statements.
 
 mod batch;
 
@@ -241,7 +242,7 @@ fn parse_url(url: &str) -> Result<Settings> {
     let mut pool_max_size = 16;
     let mut op_timeout = Duration::from_secs(5);
     let mut schema = None;
-    let mut batch_writers = 4;
+    let mut batch_writers = 0;
     for (name, value) in pairs {
         match name {
             "pool_max_size" => {
@@ -603,10 +604,18 @@ fn read_record(row: &tokio_postgres::Row, first: usize) -> Result<Record> {
         fingerprint: &fingerprint,
         state: state.into(),
         token: token.map(store_kit::token_from_sql),
-        lease_expires_at: lease.map(from_sql),
+        lease_expires_at: lease
+            .map(|lease| store_kit::stored_millis(lease, "lease"))
+            .transpose()?,
         payload: payload.map(Bytes::from),
-        created_at: from_sql(row.try_get(first + 5).map_err(get_error)?),
-        expires_at: from_sql(row.try_get(first + 6).map_err(get_error)?),
+        created_at: store_kit::stored_millis(
+            row.try_get(first + 5).map_err(get_error)?,
+            "created_at",
+        )?,
+        expires_at: store_kit::stored_millis(
+            row.try_get(first + 6).map_err(get_error)?,
+            "expires_at",
+        )?,
     }
     .into_record()
 }

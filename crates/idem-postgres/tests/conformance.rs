@@ -13,6 +13,20 @@ async fn store() -> Option<PostgresStore> {
 
 idem_core::store_conformance_tests!(store());
 
+/// The same suite with group commit on: claims and completions batched.
+mod group_commit {
+    use super::*;
+
+    async fn store() -> Option<PostgresStore> {
+        let url = service_url("IDEM_TEST_POSTGRES_URL")?;
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{separator}schema=idem_conformance_batched&batch_writers=4");
+        Some(PostgresStore::connect(&url).await.unwrap())
+    }
+
+    idem_core::store_conformance_tests!(store());
+}
+
 /// A plain connection to the test database, to look at what the store did.
 async fn admin() -> tokio_postgres::Client {
     let url = service_url("IDEM_TEST_POSTGRES_URL").expect("checked by fresh_schema_url");

@@ -169,7 +169,7 @@ async fn concurrent_claims_and_completions_share_commits_and_keep_their_own_answ
 async fn a_claim_never_waits_on_a_record_another_transaction_is_changing() {
     let schema = "idem_group_commit_locks";
     let Some(url) = fresh_postgres_schema(schema).await else { return };
-    let store = PostgresStore::connect(&url).await.unwrap();
+    let store = PostgresStore::connect(&format!("{url}&batch_writers=4")).await.unwrap();
     let token = FencingToken::generate();
     assert_eq!(claim(&store, &key("held"), token).await.unwrap(), Decision::Acquire);
     let expires_at = now().saturating_add(Duration::from_secs(3600));

@@ -425,16 +425,20 @@ pub fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Record>> 
             ) => return Ok(Err(Error::Corrupt(format!("a column of the wrong type: {error}")))),
             Err(other) => return Err(other),
         };
-    Ok(store_kit::StoredFields {
-        fingerprint: &fingerprint,
-        state,
-        token: token.map(store_kit::token_from_sql),
-        lease_expires_at: lease_expires_at.map(from_sql),
-        payload: payload.map(Bytes::from),
-        created_at: from_sql(created_at),
-        expires_at: from_sql(expires_at),
-    }
-    .into_record())
+    Ok((|| {
+        store_kit::StoredFields {
+            fingerprint: &fingerprint,
+            state,
+            token: token.map(store_kit::token_from_sql),
+            lease_expires_at: lease_expires_at
+                .map(|lease| store_kit::stored_millis(lease, "lease"))
+                .transpose()?,
+            payload: payload.map(Bytes::from),
+            created_at: store_kit::stored_millis(created_at, "created_at")?,
+            expires_at: store_kit::stored_millis(expires_at, "expires_at")?,
+        }
+        .into_record()
+    })())
 }
 
 fn select_record(connection: &Connection, key: &RecordKey) -> Result<Option<Record>> {

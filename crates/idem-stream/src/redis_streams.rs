@@ -213,6 +213,11 @@ pub struct RedisStreamsSubscription {
     consumer: String,
     /// An entry delivered to some consumer and not acknowledged for this long is taken over.
     claim_idle: Duration,
+    /// Whether this consumer may hold entries it never received: at its start (a consumer
+    /// restarted under its old name), and after a failed call whose effect may have landed
+    /// (an `XCLAIM` or `XREADGROUP` applied, its reply lost). Its own pending entries are
+    /// then read again first, before newer entries of their keys.
+    reread_own: bool,
 }
 
 impl std::fmt::Debug for RedisStreamsSubscription {
@@ -262,6 +267,7 @@ impl RedisStreamsSubscription {
             group: group.to_owned(),
             consumer: consumer.to_owned(),
             claim_idle,
+            reread_own: true,
         })
     }
 
@@ -320,6 +326,54 @@ impl Subscription for RedisStreamsSubscription {
     type Token = String;
 
     async fn fetch(&mut self, max: usize, wait: Duration) -> Result<Vec<(Received, String)>> {
+        // Any failure below may have taken effect on the server: read our own entries again
+        // on the next fetch.
+        let reread = self.reread_own;
+        self.reread_own = true;
+        let mut batch = Vec::new();
+        if reread {
+            let options =
+                StreamReadOptions::default().group(&self.group, &self.consumer).count(max);
+            let mut connection = self.connection.clone();
+            let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
+                &mut connection,
+                &[&self.stream],
+                &["0"],
+                &options,
+            )
+            .await
+            .map_err(failed("XREADGROUP (own pending entries)"))?;
+            for key in reply.map(|reply| reply.keys).unwrap_or_default() {
+                for entry in &key.ids {
+                    // Delivered before, to this consumer: a redelivery.
+                    batch.push((self.received(entry, 2), entry.id.clone()));
+                }
+            }
+            if batch.len() >= max {
+                // More may wait: read them first next time too.
+                return Ok(batch);
+            }
+        }
+        let (fetched, uncertain) = self.fetch_new(max - batch.len(), wait).await?;
+        batch.extend(fetched);
+        self.reread_own = uncertain;
+        Ok(batch)
+    }
+
+    async fn settle(&self, token: String, settle: Settle) -> Result<()> {
+        self.settle_entry(token, settle).await
+    }
+}
+
+impl RedisStreamsSubscription {
+    /// Entries others abandoned (idle past `claim_idle`), then new ones; and whether a call
+    /// failed after some were claimed (the read of new ones may have landed, its reply lost).
+    async fn fetch_new(
+        &self,
+        max: usize,
+        wait: Duration,
+    ) -> Result<(Vec<(Received, String)>, bool)> {
+        let mut uncertain = false;
         let mut connection = self.connection.clone();
         // First, entries others took and abandoned (idle past claim_idle), with their counts.
         let pending: StreamPendingCountReply = redis::cmd("XPENDING")
@@ -373,7 +427,11 @@ impl Subscription for RedisStreamsSubscription {
                 Ok(reply) => reply,
                 // Entries just claimed are this consumer's now: dropping them would leave
                 // them idle for another `claim_idle` while newer entries of their keys pass.
-                Err(_) if !batch.is_empty() => None,
+                Err(error) if !batch.is_empty() => {
+                    tracing::debug!(%error, "XREADGROUP failed after a claim; handing on what was claimed");
+                    uncertain = true;
+                    None
+                }
                 Err(error) => return Err(failed("XREADGROUP")(error)),
             };
             for key in reply.map(|reply| reply.keys).unwrap_or_default() {
@@ -382,10 +440,10 @@ impl Subscription for RedisStreamsSubscription {
                 }
             }
         }
-        Ok(batch)
+        Ok((batch, uncertain))
     }
 
-    async fn settle(&self, token: String, settle: Settle) -> Result<()> {
+    async fn settle_entry(&self, token: String, settle: Settle) -> Result<()> {
         match settle {
             Settle::Ack => {
                 let mut connection = self.connection.clone();
