@@ -218,6 +218,8 @@ pub struct RedisStreamsSubscription {
     /// (an `XCLAIM` or `XREADGROUP` applied, its reply lost). Its own pending entries are
     /// then read again first, before newer entries of their keys.
     reread_own: bool,
+    /// Where that reading goes on from: its own pending entries after this id.
+    reread_from: String,
 }
 
 impl std::fmt::Debug for RedisStreamsSubscription {
@@ -268,6 +270,7 @@ impl RedisStreamsSubscription {
             consumer: consumer.to_owned(),
             claim_idle,
             reread_own: true,
+            reread_from: "0".to_owned(),
         })
     }
 
@@ -338,7 +341,7 @@ impl Subscription for RedisStreamsSubscription {
             let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
                 &mut connection,
                 &[&self.stream],
-                &["0"],
+                &[&self.reread_from],
                 &options,
             )
             .await
@@ -350,9 +353,11 @@ impl Subscription for RedisStreamsSubscription {
                 }
             }
             if batch.len() >= max {
-                // More may wait: read them first next time too.
+                // More may wait: read on after these next time.
+                self.reread_from = batch.last().map(|(_, id)| id.clone()).unwrap_or_default();
                 return Ok(batch);
             }
+            self.reread_from = "0".to_owned();
         }
         let (fetched, uncertain) = self.fetch_new(max - batch.len(), wait).await?;
         batch.extend(fetched);

@@ -350,3 +350,47 @@ async fn a_full_stream_holds_the_relay_back_without_parking_the_key() {
     assert_eq!(seen, expected, "every event, in order");
     let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut redis.clone()).await.unwrap();
 }
+
+/// A consumer restarted under its old name (a pod that keeps its name) first gets the entries
+/// it held when it died, before newer entries of their keys: it does not wait `claim_idle`
+/// for them while the newer ones pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_restarted_under_its_name_gets_what_it_held_first() {
+    use idem_stream::consume::Subscription;
+    let Some(redis_url) = service_url("IDEM_TEST_REDIS_URL") else { return };
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut redis = client.get_connection_manager().await.unwrap();
+    let stream = format!("idemtest.rs.restarted.{}", std::process::id());
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut redis).await.unwrap();
+    let claim_idle = Duration::from_secs(60);
+    let join = || RedisStreamsSubscription::join(&client, &stream, "g", "worker-1", claim_idle);
+    let mut first = join().await.unwrap();
+    for seq in 1..=2 {
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("Idem-Key")
+            .arg("k")
+            .arg("Idem-Seq")
+            .arg(seq.to_string())
+            .arg("payload")
+            .arg(format!("event {seq}"))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+    let held = first.fetch(1, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(held.len(), 1);
+    let held_id = held[0].1.clone();
+    // It dies holding seq 1, unacknowledged; it comes back under the same name.
+    drop(first);
+    let mut again = join().await.unwrap();
+    let fetched = again.fetch(1, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(fetched.len(), 1);
+    assert_eq!(fetched[0].1, held_id, "what it held comes first, not the newer entry");
+    assert!(fetched[0].0.attempt >= 2, "and counts as a redelivery");
+    let next = again.fetch(1, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_ne!(next[0].1, held_id, "then the newer entry");
+    let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut redis).await.unwrap();
+}
