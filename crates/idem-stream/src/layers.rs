@@ -13,7 +13,9 @@ pub(crate) struct KeyOutcome {
     pub key: String,
     pub published_seq: i64,
     pub error: Option<String>,
-    /// The error was the broker being full for now ([`crate::publish::PublishError::full`]).
+    /// The error was not the event's: the broker full for now or unreachable
+    /// ([`crate::publish::PublishError::full`], [`crate::publish::PublishError::unreachable`]).
+    /// It never counts toward parking the key.
     pub full: bool,
 }
 
@@ -144,7 +146,9 @@ where
                 }
                 failure => {
                     let (reason, full) = match failure {
-                        Some(Err(error)) => (error.source.to_string(), error.full),
+                        Some(Err(error)) => {
+                            (error.source.to_string(), error.full || error.unreachable)
+                        }
                         _ => ("the publisher gave no result for this event".to_owned(), false),
                     };
                     published.keys[index].full = full;

@@ -10,6 +10,12 @@ use crate::publish::{OutboxMessage, PublishError, Publisher};
 /// How errors name this broker.
 const NATS: &str = "NATS";
 
+/// Whether a publish failed for want of a server that answers, not for what it carried.
+fn unreachable(kind: async_nats::jetstream::context::PublishErrorKind) -> bool {
+    use async_nats::jetstream::context::PublishErrorKind;
+    matches!(kind, PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe)
+}
+
 /// Publishes outbox events to JetStream, on the subject named by the event's topic.
 #[derive(Debug, Clone)]
 pub struct JetStreamPublisher {
@@ -58,7 +64,7 @@ impl Publisher for JetStreamPublisher {
             let headers = match headers_of(message) {
                 Ok(headers) => headers,
                 Err(reason) => {
-                    pending.push(Err(reason));
+                    pending.push(Err((reason, false)));
                     continue;
                 }
             };
@@ -66,18 +72,25 @@ impl Publisher for JetStreamPublisher {
                 .context
                 .publish_with_headers(message.topic.clone(), headers, message.payload.clone())
                 .await
-                .map_err(|error| crate::Error::broker(NATS, "publish", error));
+                .map_err(|error| {
+                    let unreachable = unreachable(error.kind());
+                    (crate::Error::broker(NATS, "publish", error), unreachable)
+                });
             pending.push(sent);
         }
         let mut results = Vec::with_capacity(messages.len());
         for (message, sent) in messages.iter().zip(pending) {
             let result = match sent {
-                Ok(ack) => {
-                    ack.await.map(drop).map_err(crate::Error::from_broker(NATS, "publish ack"))
-                }
+                Ok(ack) => ack.await.map(drop).map_err(|error| {
+                    let unreachable = unreachable(error.kind());
+                    (crate::Error::from_broker(NATS, "publish ack")(error), unreachable)
+                }),
                 Err(error) => Err(error),
             };
-            results.push(result.map_err(|error| PublishError::new(message.id, error)));
+            results.push(result.map_err(|(error, unreachable)| match unreachable {
+                true => PublishError::unreachable(message.id, error),
+                false => PublishError::new(message.id, error),
+            }));
         }
         results
     }

@@ -40,11 +40,20 @@ pub struct PublishError {
     /// The broker is full for now (a Redis stream at its bound, waiting for a lagging
     /// consumer group): the key backs off but this never counts toward parking it.
     pub full: bool,
+    /// The broker could not be reached, or the link to it broke before it answered: not the
+    /// event's fault. The key is tried again after the first backoff step, and this never
+    /// counts toward parking it: an outage of the broker must not park every key.
+    pub unreachable: bool,
 }
 
 impl PublishError {
     pub fn new(id: i64, source: crate::Error) -> Self {
-        Self { id, source, full: false }
+        Self { id, source, full: false, unreachable: false }
+    }
+
+    /// The broker could not be reached for this message (see [`PublishError::unreachable`]).
+    pub fn unreachable(id: i64, source: crate::Error) -> Self {
+        Self { unreachable: true, ..Self::new(id, source) }
     }
 }
 

@@ -161,7 +161,7 @@ impl Publisher for RabbitPublisher {
                 let reason = error.to_string();
                 return messages
                     .iter()
-                    .map(|m| Err(PublishError::new(m.id, Error::other(reason.clone()))))
+                    .map(|m| Err(PublishError::unreachable(m.id, Error::other(reason.clone()))))
                     .collect();
             }
         };
@@ -179,14 +179,18 @@ impl Publisher for RabbitPublisher {
                         properties,
                     )
                     .await
-                    .map_err(failed("publish")),
-                (Err(error), _) | (_, Err(error)) => Err(error),
+                    .map_err(|error| {
+                        PublishError::unreachable(message.id, failed("publish")(error))
+                    }),
+                (Err(error), _) | (_, Err(error)) => Err(PublishError::new(message.id, error)),
             };
             pending.push(sent);
         }
         let mut results = Vec::with_capacity(messages.len());
         for (message, sent) in messages.iter().zip(pending) {
-            let refused = |reason: String| Error::broker(RABBITMQ, "publish", reason);
+            let refused = |reason: String| {
+                PublishError::new(message.id, Error::broker(RABBITMQ, "publish", reason))
+            };
             let confirmed = match sent {
                 Ok(confirm) => match confirm.await {
                     Ok(Confirmation::Ack(None)) => Ok(()),
@@ -198,11 +202,14 @@ impl Publisher for RabbitPublisher {
                     Ok(Confirmation::NotRequested) => {
                         Err(refused("publisher confirms are off on this channel".to_owned()))
                     }
-                    Err(error) => Err(failed("publish confirm")(error)),
+                    // The link broke before the broker answered.
+                    Err(error) => {
+                        Err(PublishError::unreachable(message.id, failed("publish confirm")(error)))
+                    }
                 },
                 Err(error) => Err(error),
             };
-            results.push(confirmed.map_err(|error| PublishError::new(message.id, error)));
+            results.push(confirmed);
         }
         results
     }

@@ -25,6 +25,16 @@ fn failed(context: impl Into<String>) -> impl FnOnce(redis::RedisError) -> Error
     Error::from_broker(REDIS, context)
 }
 
+/// Whether a command failed for want of a server that answers (not for what it carried): the
+/// link down or cut, no answer in time, or the server still loading its data after a restart.
+fn unreachable(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || error.is_timeout()
+        || error.code() == Some("LOADING")
+}
+
 /// Publishes outbox events with `XADD`, and trims each stream of what every consumer group has
 /// acknowledged, never more.
 ///
@@ -167,6 +177,8 @@ impl Publisher for RedisStreamsPublisher {
                 );
                 let error = Error::broker(REDIS, "XADD", reason);
                 PublishError { full: true, ..PublishError::new(message.id, error) }
+            } else if unreachable(&error) {
+                PublishError::unreachable(message.id, failed("XADD")(error))
             } else {
                 PublishError::new(message.id, failed("XADD")(error))
             }
@@ -187,13 +199,14 @@ impl Publisher for RedisStreamsPublisher {
                     })
                     .collect()
             }
+            // The whole pipeline failed: the link, not any one entry.
             Err(error) => {
                 let reason = error.to_string();
                 messages
                     .iter()
                     .map(|message| {
                         let error = Error::broker(REDIS, "XADD", reason.clone());
-                        Err(PublishError::new(message.id, error))
+                        Err(PublishError::unreachable(message.id, error))
                     })
                     .collect()
             }

@@ -197,3 +197,86 @@ async fn poison_keys_back_off_get_parked_and_never_hold_up_the_others() {
         let _ = jetstream.delete_stream(format!("IDEMTEST_{name}_{pid}")).await;
     }
 }
+
+/// A publisher whose broker is down until `up_at`: every message fails as `unreachable` (or,
+/// for the control, as an ordinary refusal) until then, and is published for real after.
+struct DownUntil {
+    inner: JetStreamPublisher,
+    up_at: Instant,
+    unreachable: bool,
+}
+
+#[async_trait]
+impl Publisher for DownUntil {
+    async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
+        if Instant::now() >= self.up_at {
+            return self.inner.publish(messages).await;
+        }
+        let error = || idem_stream::Error::other("connection refused");
+        messages
+            .iter()
+            .map(|message| {
+                Err(match self.unreachable {
+                    true => PublishError::unreachable(message.id, error()),
+                    false => PublishError::new(message.id, error()),
+                })
+            })
+            .collect()
+    }
+}
+
+/// A broker outage is not the events' fault: however many rounds it lasts, no key is parked,
+/// and every event flows once the broker is back. (Counted as failures, the same outage parks
+/// every key: the control.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_never_parks_keys() {
+    let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let pid = std::process::id();
+    let subject = format!("idemtest.outage.{pid}");
+    let _ = jetstream.delete_stream(format!("IDEMTEST_OUTAGE_{pid}")).await;
+    jetstream
+        .create_stream(stream::Config {
+            name: format!("IDEMTEST_OUTAGE_{pid}"),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let config = RelayConfig {
+        max_attempts: 2,
+        retry_backoff: Duration::from_millis(100),
+        max_retry_backoff: Duration::from_millis(200),
+        ..RelayConfig::default()
+    };
+    for (schema, unreachable) in
+        [("idem_outbox_outage", true), ("idem_outbox_outage_control", false)]
+    {
+        let Some(database) = fresh_postgres_schema(schema).await else { return };
+        let (mut client, connection) = tokio_postgres::connect(&database, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        Outbox::migrate(&mut client).await.unwrap();
+        enqueue(&mut client, &subject, 10, 100).await;
+        let down = DownUntil {
+            inner: JetStreamPublisher::new(jetstream.clone()),
+            up_at: Instant::now() + Duration::from_secs(2),
+            unreachable,
+        };
+        let relay = Relay::new(down, config);
+        // Through the outage: many rounds, each failing every key.
+        let outage = Instant::now();
+        while outage.elapsed() < Duration::from_millis(2_200) {
+            relay.run_until_idle(&mut client, 1_000).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let parked = Outbox::stats(&client).await.unwrap().parked_keys;
+        if unreachable {
+            assert_eq!(parked, 0, "an outage parked keys");
+            let all = async |client: &tokio_postgres::Client| sent(client, &subject).await >= 100;
+            relay_until(&relay, &mut client, Duration::from_secs(30), all).await;
+        } else {
+            assert_eq!(parked, 10, "the control: failures counted park every key");
+        }
+    }
+    let _ = jetstream.delete_stream(format!("IDEMTEST_OUTAGE_{pid}")).await;
+}
