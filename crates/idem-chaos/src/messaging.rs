@@ -360,6 +360,8 @@ pub async fn scenario(
             let _stop_on_exit = crate::StopOnDrop(Arc::clone(&stop));
             let mut server = server;
             let mut rng = Rng::new(seed ^ 0x6d73_6766_6175_6c74);
+            let mut broker_up_since = Instant::now();
+            let mut broker_min_up = Duration::from_secs(10);
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(Duration::from_millis(1_000 + rng.below(2_000)));
                 if stop.load(Ordering::SeqCst) {
@@ -384,15 +386,22 @@ pub async fn scenario(
                         kills.lock().unwrap().push((partition, killed, back, false));
                         "consumer kill -9 and restart"
                     }
-                    60..=79 => {
+                    // The broker stays up at least 10 s, and at least twice as long as its
+                    // last restart took (a RabbitMQ node takes seconds, more on a loaded
+                    // machine): crashed more often, it would be down most of the run.
+                    60..=79 if broker_up_since.elapsed() >= broker_min_up => {
                         // Every partition's deliveries in flight may be lost with the broker.
                         let crashed = SystemTime::now();
+                        let restarting = Instant::now();
                         server.restart()?;
+                        broker_min_up = (restarting.elapsed() * 2).max(Duration::from_secs(10));
+                        broker_up_since = Instant::now();
                         let back = SystemTime::now();
                         let all = (0..PARTITIONS).map(|p| (p, crashed, back, true));
                         kills.lock().unwrap().extend(all);
                         "broker kill -9 and restart"
                     }
+                    60..=79 => continue,
                     _ => {
                         postgres.stop("immediate");
                         std::thread::sleep(pause);
