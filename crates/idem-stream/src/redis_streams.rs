@@ -351,14 +351,25 @@ impl Subscription for RedisStreamsSubscription {
             let options =
                 StreamReadOptions::default().group(&self.group, &self.consumer).count(max);
             let mut connection = self.connection.clone();
-            let reply: Option<StreamReadReply> = redis::AsyncCommands::xread_options(
+            let reply: Option<StreamReadReply> = match redis::AsyncCommands::xread_options(
                 &mut connection,
                 &[&self.stream],
                 &[&self.reread_from],
                 &options,
             )
             .await
-            .map_err(failed("XREADGROUP (own pending entries)"))?;
+            {
+                Ok(reply) => reply,
+                Err(error) if unreachable(&error) => {
+                    return Err(failed("XREADGROUP (own pending entries)")(error));
+                }
+                // An answer it cannot read (an entry deleted from under the group, say) must
+                // not stop this consumer: what it holds comes back through `claim_idle`.
+                Err(error) => {
+                    tracing::warn!(%error, stream = %self.stream, "cannot read this consumer's own pending entries; they come back once idle");
+                    None
+                }
+            };
             for key in reply.map(|reply| reply.keys).unwrap_or_default() {
                 for entry in &key.ids {
                     // Delivered before, to this consumer: a redelivery.
