@@ -45,6 +45,29 @@ fn failed(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
     Error::from_broker(RABBITMQ, context)
 }
 
+/// Whether a publish failed for want of a broker that answers: the link down or cut, or no
+/// heartbeat. Not when the broker itself closed the channel or connection with a reply code
+/// (a message it refused, say): that counts against the message, as any refusal does.
+fn unreachable(error: &lapin::Error) -> bool {
+    use lapin::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::IOError(_)
+            | ErrorKind::RuntimeShutdownError(_)
+            | ErrorKind::InvalidConnectionState(_)
+            | ErrorKind::MissingHeartbeatError
+    )
+}
+
+/// A failed publish of message `id`, unreachable or not as `error` says.
+fn publish_failed(id: i64, context: &str, error: lapin::Error) -> PublishError {
+    if unreachable(&error) {
+        PublishError::unreachable(id, failed(context)(error))
+    } else {
+        PublishError::new(id, failed(context)(error))
+    }
+}
+
 async fn open_channel(uri: &str, name: &str) -> Result<(Connection, Channel)> {
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let connection = Connection::connect(uri, properties).await.map_err(failed("connect"))?;
@@ -179,9 +202,7 @@ impl Publisher for RabbitPublisher {
                         properties,
                     )
                     .await
-                    .map_err(|error| {
-                        PublishError::unreachable(message.id, failed("publish")(error))
-                    }),
+                    .map_err(|error| publish_failed(message.id, "publish", error)),
                 (Err(error), _) | (_, Err(error)) => Err(PublishError::new(message.id, error)),
             };
             pending.push(sent);
@@ -202,10 +223,9 @@ impl Publisher for RabbitPublisher {
                     Ok(Confirmation::NotRequested) => {
                         Err(refused("publisher confirms are off on this channel".to_owned()))
                     }
-                    // The link broke before the broker answered.
-                    Err(error) => {
-                        Err(PublishError::unreachable(message.id, failed("publish confirm")(error)))
-                    }
+                    // The link broke before the broker answered, or the broker closed the
+                    // channel (refusing this message or another of the batch).
+                    Err(error) => Err(publish_failed(message.id, "publish confirm", error)),
                 },
                 Err(error) => Err(error),
             };

@@ -370,11 +370,42 @@ impl Subscription for RedisStreamsSubscription {
                     None
                 }
             };
-            for key in reply.map(|reply| reply.keys).unwrap_or_default() {
-                for entry in &key.ids {
-                    // Delivered before, to this consumer: a redelivery.
-                    batch.push((self.received(entry, 2), entry.id.clone()));
+            let entries: Vec<StreamId> = reply
+                .map(|reply| reply.keys)
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|key| key.ids)
+                .collect();
+            // Delivered before, to this consumer: each a redelivery, counted as Redis counts
+            // its deliveries (so a message that crashes the consumer every time still reaches
+            // `max_attempts` and is dead-lettered).
+            let deliveries = match (entries.first(), entries.last()) {
+                (Some(first), Some(last)) => {
+                    let pending: redis::RedisResult<StreamPendingCountReply> =
+                        redis::cmd("XPENDING")
+                            .arg(&self.stream)
+                            .arg(&self.group)
+                            .arg(&first.id)
+                            .arg(&last.id)
+                            .arg(entries.len())
+                            .arg(&self.consumer)
+                            .query_async(&mut connection)
+                            .await;
+                    pending
+                        .map(|pending| {
+                            pending
+                                .ids
+                                .into_iter()
+                                .map(|entry| (entry.id, entry.times_delivered as u64))
+                                .collect::<HashMap<_, _>>()
+                        })
+                        .unwrap_or_default()
                 }
+                _ => HashMap::new(),
+            };
+            for entry in &entries {
+                let attempt = deliveries.get(&entry.id).copied().unwrap_or(2).max(2);
+                batch.push((self.received(entry, attempt), entry.id.clone()));
             }
             if batch.len() >= max {
                 // More may wait: read on after these next time.

@@ -389,6 +389,14 @@ async fn a_consumer_restarted_under_its_name_gets_what_it_held_first() {
     assert_eq!(fetched.len(), 1);
     assert_eq!(fetched[0].1, held_id, "what it held comes first, not the newer entry");
     assert!(fetched[0].0.attempt >= 2, "and counts as a redelivery");
+    // A message that kills its consumer every time is counted up each time, so that it
+    // reaches the runner's `max_attempts` and is dead-lettered instead of looping for ever.
+    drop(again);
+    let mut third = join().await.unwrap();
+    let refetched = third.fetch(1, Duration::from_millis(100)).await.unwrap();
+    assert_eq!(refetched[0].1, held_id);
+    assert!(refetched[0].0.attempt > fetched[0].0.attempt, "{refetched:?} after {fetched:?}");
+    let mut again = third;
     let next = again.fetch(1, Duration::from_millis(100)).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_ne!(next[0].1, held_id, "then the newer entry");
