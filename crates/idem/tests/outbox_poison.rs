@@ -79,6 +79,12 @@ async fn sent(client: &tokio_postgres::Client, topic: &str) -> i64 {
     client.query_one(sql, &[&topic]).await.unwrap().get(0)
 }
 
+/// Creates the JetStream stream `name` taking `subject`.
+async fn create_stream(jetstream: &jetstream::Context, name: String, subject: &str) {
+    let config = stream::Config { name, subjects: vec![subject.to_owned()], ..Default::default() };
+    jetstream.create_stream(config).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn poison_keys_back_off_get_parked_and_never_hold_up_the_others() {
     let Some(nats) = service_url("IDEM_TEST_NATS_URL") else { return };
@@ -89,14 +95,7 @@ async fn poison_keys_back_off_get_parked_and_never_hold_up_the_others() {
         let _ = jetstream.delete_stream(format!("{name}_{pid}")).await;
         let _ = subject;
     }
-    jetstream
-        .create_stream(stream::Config {
-            name: format!("IDEMTEST_GOOD_{pid}"),
-            subjects: vec![good.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_stream(&jetstream, format!("IDEMTEST_GOOD_{pid}"), &good).await;
 
     // Alone first: the time the good events take with nothing failing, for the comparison.
     let Some(baseline) = fresh_postgres_schema("idem_outbox_baseline").await else { return };
@@ -159,14 +158,7 @@ async fn poison_keys_back_off_get_parked_and_never_hold_up_the_others() {
     assert!(ok && shown["events"].as_array().unwrap().len() == 2, "{shown}");
 
     // The cause fixed for one key: a stream for the poison subject, and `retry`.
-    jetstream
-        .create_stream(stream::Config {
-            name: format!("IDEMTEST_POISON_{pid}"),
-            subjects: vec![poison.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_stream(&jetstream, format!("IDEMTEST_POISON_{pid}"), &poison).await;
     assert!(common::outbox_cli(&database, &["retry", &poison, "k7"]).0);
     // Another key: its first event given up, its second flows.
     let (ok, discarded) = common::outbox_cli(&database, &["discard", &poison, "k8"]);
@@ -235,14 +227,7 @@ async fn a_broker_outage_never_parks_keys() {
     let pid = std::process::id();
     let subject = format!("idemtest.outage.{pid}");
     let _ = jetstream.delete_stream(format!("IDEMTEST_OUTAGE_{pid}")).await;
-    jetstream
-        .create_stream(stream::Config {
-            name: format!("IDEMTEST_OUTAGE_{pid}"),
-            subjects: vec![subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    create_stream(&jetstream, format!("IDEMTEST_OUTAGE_{pid}"), &subject).await;
     let config = RelayConfig {
         max_attempts: 2,
         retry_backoff: Duration::from_millis(100),
