@@ -279,7 +279,7 @@ fn parse_url(url: &str) -> Result<Settings> {
     let mut config = tokio_postgres::Config::from_str(&rest)
         .map_err(|error| Error::Config(format!("invalid postgres:// URL: {error}")))?;
     if let Some(schema) = &schema {
-        config.options(format!("-c search_path={schema}"));
+        add_option(&mut config, &format!("-c search_path={schema}"));
     }
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(op_timeout);
@@ -288,6 +288,32 @@ fn parse_url(url: &str) -> Result<Settings> {
         config.application_name("idem");
     }
     Ok(Settings { config, pool_max_size, op_timeout, schema, batch_writers })
+}
+
+/// Appends a server option (`-c name=value`) to those the URL gave.
+fn add_option(config: &mut tokio_postgres::Config, option: &str) {
+    let options = match config.get_options() {
+        Some(given) if !given.trim().is_empty() => format!("{given} {option}"),
+        _ => option.to_owned(),
+    };
+    config.options(options);
+}
+
+/// A pool of `size` connections to `config`, every wait bounded by `op_timeout`.
+fn build_pool(config: tokio_postgres::Config, size: usize, op_timeout: Duration) -> Result<Pool> {
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(op_timeout))
+        .create_timeout(Some(op_timeout))
+        .recycle_timeout(Some(op_timeout))
+        .build()
+        .map_err(|error| Error::Config(format!("cannot build the connection pool: {error}")))
 }
 
 impl PostgresStore {
@@ -340,24 +366,25 @@ impl PostgresStore {
 
     fn pool(url: &str) -> Result<(Self, Option<String>)> {
         let settings = parse_url(url)?;
-        let manager = Manager::from_config(
-            settings.config.clone(),
-            NoTls,
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(settings.pool_max_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(settings.op_timeout))
-            .create_timeout(Some(settings.op_timeout))
-            .recycle_timeout(Some(settings.op_timeout))
-            .build()
-            .map_err(|error| Error::Config(format!("cannot build the connection pool: {error}")))?;
         let (writers, timeout) = (settings.batch_writers, settings.op_timeout);
+        let pool = build_pool(settings.config.clone(), settings.pool_max_size, timeout)?;
+        // The batch writers have connections of their own (one per writer and kind), on which
+        // every batched statement is planned for its own arrays and the table as it is now. A
+        // plan cached while the table was small (a new deployment) scans the whole table for
+        // every batch once it has grown, which made group commit slower by the minute.
+        let writers_pool = (writers > 0)
+            .then(|| {
+                let mut config = settings.config.clone();
+                add_option(&mut config, "-c plan_cache_mode=force_custom_plan");
+                build_pool(config, 2 * writers, timeout)
+            })
+            .transpose()?;
         let store = Self {
-            claims: (writers > 0).then(|| batch::Batcher::start(pool.clone(), writers, timeout)),
-            completions: (writers > 0)
-                .then(|| batch::Batcher::start(pool.clone(), writers, timeout)),
+            claims: writers_pool
+                .clone()
+                .map(|writers_pool| batch::Batcher::start(writers_pool, writers, timeout)),
+            completions: writers_pool
+                .map(|writers_pool| batch::Batcher::start(writers_pool, writers, timeout)),
             pool,
             op_timeout: settings.op_timeout,
             config: std::sync::Arc::new(settings.config),
@@ -912,6 +939,14 @@ mod tests {
         assert_eq!(settings.config.get_application_name(), Some("x"));
         assert_eq!(settings.config.get_options(), Some("-c search_path=idem_a"));
         assert_eq!(settings.config.get_connect_timeout(), Some(&Duration::from_millis(250)));
+        // Options the URL gave are kept beside the schema's.
+        let both =
+            parse_url("postgres://u@h/db?options=-c%20statement_timeout%3D900&schema=idem_b")
+                .unwrap();
+        assert_eq!(
+            both.config.get_options(),
+            Some("-c statement_timeout=900 -c search_path=idem_b")
+        );
         for (url, expected) in [
             ("postgres://h/db?pool_max_size=0", "pool_max_size"),
             ("postgres://h/db?op_timeout_ms=soon", "op_timeout_ms"),

@@ -200,3 +200,84 @@ async fn a_claim_never_waits_on_a_record_another_transaction_is_changing() {
     assert_eq!(answers.1.unwrap(), Decision::Acquire);
     holder.rollback().await.unwrap();
 }
+
+/// The table's read counters: tuples read by sequential scans, rows inserted and updated.
+async fn table_reads(client: &tokio_postgres::Client, schema: &str) -> (i64, i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT seq_tup_read, n_tup_ins, n_tup_upd FROM pg_stat_user_tables
+             WHERE schemaname = $1 AND relname = 'idem_records'",
+            &[&schema],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// A new deployment starts on an empty table, which then grows. A batched statement planned
+/// once while the table was empty (and cached so) scanned the whole table for every batch
+/// afterwards: group commit became slower by the minute. Batches on the grown table read by
+/// its index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batches_read_a_grown_table_by_its_index_though_first_run_on_an_empty_one() {
+    const EARLY: usize = 30;
+    const GROWN: i64 = 50_000;
+    const LATE: usize = 64;
+    let schema = "idem_group_commit_plans";
+    let Some(url) = fresh_postgres_schema(schema).await else { return };
+    let store = Arc::new(PostgresStore::connect(&format!("{url}&batch_writers=1")).await.unwrap());
+    let expires_at = now().saturating_add(Duration::from_secs(3600));
+    // Claims and completions one at a time while the table is nearly empty: every writer
+    // connection runs both statements more often than PostgreSQL's custom-plan threshold (5).
+    for index in 0..EARLY {
+        let (record, token) = (key(&format!("early-{index}")), FencingToken::generate());
+        assert_eq!(claim(&store, &record, token).await.unwrap(), Decision::Acquire);
+        store.complete(&record, token, Bytes::from_static(b"ok"), now(), expires_at).await.unwrap();
+    }
+    let client = admin().await;
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.idem_records
+                 (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
+                 SELECT 'batch', 'grown-' || n, '\\x07', 1, NULL, NULL, 'old', 0, 9223372036854775807
+                 FROM generate_series(1, {GROWN}) AS n"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let (scanned_before, _, _) = table_reads(&client, schema).await;
+
+    let late: Vec<_> = (0..LATE)
+        .map(|index| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let (record, token) = (key(&format!("late-{index}")), FencingToken::generate());
+                assert_eq!(claim(&store, &record, token).await.unwrap(), Decision::Acquire);
+                store.complete(&record, token, Bytes::from_static(b"ok"), now(), expires_at).await
+            })
+        })
+        .collect();
+    for task in late {
+        task.await.unwrap().unwrap();
+    }
+    // Each backend reports its counters within seconds of going idle, all of them at once:
+    // once the late inserts and updates show, so do the scans that came with them.
+    let (inserted, updated) = ((EARLY + LATE) as i64 + GROWN, (EARLY + LATE) as i64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let scanned = loop {
+        let (scanned, ins, upd) = table_reads(&client, schema).await;
+        if ins >= inserted && upd >= updated {
+            break scanned;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "statistics show {ins} of {inserted} inserts and {upd} of {updated} updates"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let read = scanned - scanned_before;
+    println!("{LATE} claims and completions on {GROWN} rows read {read} rows by scanning");
+    assert!(read < GROWN, "batches scanned the grown table: {read} rows read sequentially");
+}
