@@ -48,6 +48,21 @@ pub async fn prepare(url: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
+/// Drops the schemas earlier runs left, so that every PostgreSQL row starts on an empty table,
+/// as the floor's does.
+pub async fn drop_schemas(url: &str, schemas: &[&str]) -> Result<(), String> {
+    let (client, connection) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    for schema in schemas {
+        client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await
+            .map_err(|e| format!("dropping {schema}: {e}"))?;
+    }
+    Ok(())
+}
+
 pub async fn drop_table(url: &str) {
     if let Ok((client, connection)) = tokio_postgres::connect(url, tokio_postgres::NoTls).await {
         tokio::spawn(connection);

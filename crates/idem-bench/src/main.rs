@@ -241,12 +241,14 @@ async fn run(args: Args) -> Result<(), String> {
         ("sqlite, synchronous=normal", sqlite_normal),
     ];
     if let Some(url) = &args.postgres {
+        let schemas = ["idem_bench", "idem_bench_single", "idem_bench_scaling"];
+        floor::drop_schemas(url, &schemas).await?;
         let separator = if url.contains('?') { '&' } else { '?' };
         stores.push(("postgres", format!("{url}{separator}schema=idem_bench")));
-        // Group commit on (it is off by default): claims and completions batched.
+        // Group commit off (it is on by default): one statement per claim and completion.
         stores.push((
-            "postgres, batch_writers=4",
-            format!("{url}{separator}schema=idem_bench_batched&batch_writers=4"),
+            "postgres, batch_writers=0",
+            format!("{url}{separator}schema=idem_bench_single&batch_writers=0"),
         ));
     }
     if let Some(url) = &args.redis {

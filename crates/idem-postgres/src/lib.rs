@@ -32,10 +32,10 @@
 //!   included.
 //! - `schema`: keep idem's tables in this schema (created if missing) instead of the default
 //!   `search_path`.
-//! - `batch_writers` (default 0, off): group commit. Claims and completions from concurrent
-//!   requests share statements (one over arrays of keys) and so commits and WAL flushes;
-//!   this many batches of each kind are on their way at once. Off by default until it is
-//!   shown faster: on the 2-core benchmark machine it has not beaten single statements.
+//! - `batch_writers` (default 1; 0 turns it off): group commit. Claims and completions from
+//!   concurrent requests share statements (one over arrays of keys) and so commits and WAL
+//!   flushes; this many batches of each kind are on their way at once, each writer on a
+//!   connection of its own (so a process opens up to `pool_max_size + 2 × batch_writers`).
 
 mod batch;
 
@@ -242,7 +242,7 @@ fn parse_url(url: &str) -> Result<Settings> {
     let mut pool_max_size = 16;
     let mut op_timeout = Duration::from_secs(5);
     let mut schema = None;
-    let mut batch_writers = 0;
+    let mut batch_writers = 1;
     for (name, value) in pairs {
         match name {
             "pool_max_size" => {

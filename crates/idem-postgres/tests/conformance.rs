@@ -13,14 +13,14 @@ async fn store() -> Option<PostgresStore> {
 
 idem_core::store_conformance_tests!(store());
 
-/// The same suite with group commit on: claims and completions batched.
-mod group_commit {
+/// The same suite with group commit off (it is on by default): one statement per call.
+mod single_statements {
     use super::*;
 
     async fn store() -> Option<PostgresStore> {
         let url = service_url("IDEM_TEST_POSTGRES_URL")?;
         let separator = if url.contains('?') { '&' } else { '?' };
-        let url = format!("{url}{separator}schema=idem_conformance_batched&batch_writers=4");
+        let url = format!("{url}{separator}schema=idem_conformance_single&batch_writers=0");
         Some(PostgresStore::connect(&url).await.unwrap())
     }
 
