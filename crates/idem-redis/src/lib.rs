@@ -30,6 +30,10 @@
 //! old primary acknowledged. Use PostgreSQL where a lost record (a second run) is not
 //! acceptable.
 //!
+//! # Redis Cluster
+//! `redis+cluster://[user:password@]host:port[,host:port...]` names seed nodes; the cluster
+//! client finds the rest and follows each slot to its master. Listing scans master by master.
+//!
 //! # URL parameters (besides redis-rs's own)
 //! - `prefix` (default `idem`): the first part of every key name.
 //! - `op_timeout_ms` (default 2000): the bound on each call; past it the store is unavailable.
@@ -45,10 +49,14 @@ use idem_core::{
     ListQuery, Notifies, Record, RecordKey, RecordSummary, Result, Store, Timestamp, decide,
     store_kit,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use redis::{AsyncCommands, Script};
 use sha2::{Digest, Sha256};
 use store_kit::{COMPLETED, IN_FLIGHT};
+
+mod connection;
+
+use connection::Connection;
 
 /// Most keys one `list` call looks at: listing scans the keyspace, so it is bounded.
 const LIST_MAX_SCANNED: usize = 1_000_000;
@@ -165,11 +173,12 @@ static RENEW: LazyLock<Script> = LazyLock::new(|| {
 /// A [`Store`] on Redis.
 #[derive(Clone)]
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     prefix: String,
     op_timeout: Duration,
-    /// For the subscriber connection, opened when the first waiter subscribes.
-    client: redis::Client,
+    /// For the subscriber connection, opened when the first waiter subscribes: the server, or
+    /// each of a cluster's seed nodes in turn (a cluster publishes on every node).
+    subscribers: Vec<redis::Client>,
     changes: ChangeFeed,
     listener: std::sync::Arc<ChangeListener>,
 }
@@ -215,25 +224,39 @@ impl RedisStore {
                 _ => passed_on.push((name, value)),
             }
         }
-        let rest = store_kit::rejoin_url(base, &passed_on);
-        let client = redis::Client::open(rest.as_str())
-            .map_err(|error| Error::Config(format!("invalid redis:// URL: {error}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(op_timeout))
-            .set_response_timeout(Some(op_timeout))
-            .set_number_of_retries(1);
-        let connect = client.get_connection_manager_with_config(config);
-        let connection = match tokio::time::timeout(op_timeout, connect).await {
-            Ok(connection) => connection.map_err(unavailable)?,
-            Err(_) => {
-                return Err(Error::unavailable(format!(
-                    "Redis did not answer within {op_timeout:?}"
-                )));
-            }
+        let scheme = base.split_once("://").map_or("redis", |(scheme, _)| scheme);
+        let invalid = |error: String| Error::Config(format!("invalid {scheme}:// URL: {error}"));
+        let (connection, subscribers) = if scheme == "redis+cluster" {
+            let nodes = connection::cluster_nodes(base).map_err(invalid)?;
+            let nodes: Vec<String> =
+                nodes.iter().map(|node| store_kit::rejoin_url(node, &passed_on)).collect();
+            let subscribers = nodes
+                .iter()
+                .map(|node| redis::Client::open(node.as_str()))
+                .collect::<redis::RedisResult<Vec<_>>>()
+                .map_err(|error| invalid(error.to_string()))?;
+            let client = redis::cluster::ClusterClient::builder(nodes)
+                .connection_timeout(op_timeout)
+                .response_timeout(op_timeout)
+                .retries(2)
+                .build()
+                .map_err(|error| invalid(error.to_string()))?;
+            let connection = bounded_connect(op_timeout, client.get_async_connection()).await?;
+            (Connection::Cluster(connection), subscribers)
+        } else {
+            let rest = store_kit::rejoin_url(base, &passed_on);
+            let client =
+                redis::Client::open(rest.as_str()).map_err(|error| invalid(error.to_string()))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(op_timeout))
+                .set_response_timeout(Some(op_timeout))
+                .set_number_of_retries(1);
+            let connect = client.get_connection_manager_with_config(config);
+            (Connection::Single(bounded_connect(op_timeout, connect).await?), vec![client])
         };
         let listener = std::sync::Arc::default();
-        let store =
-            Self { connection, prefix, op_timeout, client, changes: ChangeFeed::new(), listener };
+        let changes = ChangeFeed::new();
+        let store = Self { connection, prefix, op_timeout, subscribers, changes, listener };
         store.ping().await?;
         Ok(store)
     }
@@ -255,13 +278,13 @@ impl RedisStore {
             self.listener.start_failed();
             return;
         };
-        let client = self.client.clone();
+        let subscribers = self.subscribers.clone();
         let channel = self.changes_channel();
         let feed = self.changes.clone();
         let listener = std::sync::Arc::downgrade(&self.listener);
         runtime.spawn(async move {
             let mut backoff = Duration::from_millis(100);
-            loop {
+            for client in subscribers.iter().cycle() {
                 let Some(alive) = listener.upgrade() else { return };
                 match client.get_async_pubsub().await {
                     Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
@@ -340,6 +363,17 @@ impl RedisStore {
     }
 }
 
+/// Waits for a first connection, at most `limit`.
+async fn bounded_connect<C>(
+    limit: Duration,
+    connect: impl Future<Output = redis::RedisResult<C>>,
+) -> Result<C> {
+    match tokio::time::timeout(limit, connect).await {
+        Ok(connection) => connection.map_err(unavailable),
+        Err(_) => Err(Error::unavailable(format!("Redis did not answer within {limit:?}"))),
+    }
+}
+
 /// Milliseconds from `now` until `expires_at`, at least 1 (`PEXPIRE` with 0 deletes at once).
 fn ttl_ms(now: Timestamp, expires_at: Timestamp) -> u64 {
     expires_at.duration_since(now).as_millis().max(1) as u64
@@ -383,6 +417,24 @@ pub fn read_record(field: impl Fn(&str) -> Option<Vec<u8>>) -> Result<Record> {
         expires_at: Timestamp::from_millis(number(&required("e")?, "e")?),
     }
     .into_record()
+}
+
+/// A listed record from its `HMGET` fields (`s k f st t l c e`) and its payload's length;
+/// `None` if it expired between the scan and the read.
+fn summarize(values: &[Option<Vec<u8>>], payload_len: u64) -> Result<Option<RecordSummary>> {
+    let Some(scope) = values[0].clone() else { return Ok(None) };
+    let names = ["s", "k", "f", "st", "t", "l", "c", "e"];
+    let field =
+        |name: &str| names.iter().position(|n| *n == name).and_then(|index| values[index].clone());
+    let key = text(&field("k").unwrap_or_default(), "k")?;
+    // The payload itself is not fetched (HSTRLEN gave its size): stand in empty.
+    let record = read_record(|name| if name == "p" { Some(Vec::new()) } else { field(name) })?;
+    let mut summary =
+        RecordSummary::from_record(RecordKey::from_stored(text(&scope, "s")?, key)?, &record);
+    if summary.lease_expires_at.is_none() {
+        summary.payload_len = Some(payload_len);
+    }
+    Ok(Some(summary))
 }
 
 #[async_trait]
@@ -489,62 +541,47 @@ impl Store for RedisStore {
     async fn list(&self, query: &ListQuery) -> Result<Vec<RecordSummary>> {
         let pattern = format!("{}:r:*", self.prefix);
         let mut connection = self.connection.clone();
-        let mut cursor: u64 = 0;
         let mut scanned = 0;
         let mut found = Vec::new();
-        loop {
-            let (next, keys): (u64, Vec<String>) = self
-                .bounded(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut connection),
-                )
-                .await?;
-            scanned += keys.len();
-            if !keys.is_empty() {
-                let mut fields = redis::pipe();
-                let mut lengths = redis::pipe();
-                for key in &keys {
-                    fields.cmd("HMGET").arg(key).arg(&["s", "k", "f", "st", "t", "l", "c", "e"]);
-                    lengths.cmd("HSTRLEN").arg(key).arg("p");
+        // A cluster's keys are scanned master by master; each page's fields are read from the
+        // node that listed them.
+        for node in self.bounded(connection.scan_targets()).await? {
+            let node = node.as_ref();
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(1000);
+                let (next, keys): (u64, Vec<String>) =
+                    self.bounded(connection.query_on(node, &scan)).await?;
+                scanned += keys.len();
+                if !keys.is_empty() {
+                    let mut fields = redis::pipe();
+                    let mut lengths = redis::pipe();
+                    for key in &keys {
+                        fields
+                            .cmd("HMGET")
+                            .arg(key)
+                            .arg(&["s", "k", "f", "st", "t", "l", "c", "e"]);
+                        lengths.cmd("HSTRLEN").arg(key).arg("p");
+                    }
+                    let fields: Vec<Vec<Option<Vec<u8>>>> =
+                        self.bounded(connection.pipeline_on(node, &fields)).await?;
+                    let lengths: Vec<u64> =
+                        self.bounded(connection.pipeline_on(node, &lengths)).await?;
+                    for (values, payload_len) in fields.into_iter().zip(lengths) {
+                        if let Some(summary) = summarize(&values, payload_len)? {
+                            if summary.matches(query) {
+                                found.push(summary);
+                            }
+                        }
+                    }
                 }
-                let fields: Vec<Vec<Option<Vec<u8>>>> =
-                    self.bounded(fields.query_async(&mut connection)).await?;
-                let lengths: Vec<u64> = self.bounded(lengths.query_async(&mut connection)).await?;
-                for (values, payload_len) in fields.into_iter().zip(lengths) {
-                    // Expired and evicted between SCAN and HMGET: not there any more.
-                    let Some(scope) = values[0].clone() else { continue };
-                    let names = ["s", "k", "f", "st", "t", "l", "c", "e"];
-                    let field = |name: &str| {
-                        names
-                            .iter()
-                            .position(|n| *n == name)
-                            .and_then(|index| values[index].clone())
-                    };
-                    let key = text(&field("k").unwrap_or_default(), "k")?;
-                    // The payload itself is not fetched (HSTRLEN gave its size): stand in empty.
-                    let record =
-                        read_record(
-                            |name| if name == "p" { Some(Vec::new()) } else { field(name) },
-                        )?;
-                    let mut summary = RecordSummary::from_record(
-                        RecordKey::from_stored(text(&scope, "s")?, key)?,
-                        &record,
-                    );
-                    if summary.lease_expires_at.is_none() {
-                        summary.payload_len = Some(payload_len);
-                    }
-                    if summary.matches(query) {
-                        found.push(summary);
-                    }
+                cursor = next;
+                if cursor == 0 || scanned >= LIST_MAX_SCANNED {
+                    break;
                 }
             }
-            cursor = next;
-            if cursor == 0 || scanned >= LIST_MAX_SCANNED {
+            if scanned >= LIST_MAX_SCANNED {
                 break;
             }
         }

@@ -231,6 +231,10 @@ mod tests {
                 "postgres://postgres:***@db/postgres?password=***&op_timeout_ms=300",
             ),
             ("redis://cache/0?password=hunter2", "redis://cache/0?password=***"),
+            (
+                "redis+cluster://default:s3cret@10.0.0.1:7000,10.0.0.2:7000?prefix=a",
+                "redis+cluster://default:***@10.0.0.1:7000,10.0.0.2:7000?prefix=a",
+            ),
             ("nats://t0ken@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),
             ("nats://user:pa55@127.0.0.1:4222", "nats://user:***@127.0.0.1:4222"),
             ("amqp://guest:guest@127.0.0.1:5672/%2f", "amqp://guest:***@127.0.0.1:5672/%2f"),

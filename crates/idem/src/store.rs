@@ -8,7 +8,7 @@ use idem_redis::RedisStore;
 use idem_sqlite::SqliteStore;
 
 /// `memory://`, `sqlite://PATH`, `postgres://...` (or `postgresql://`), `redis://...` (or
-/// `rediss://`). Shared stores must be reachable now.
+/// `rediss://`), `redis+cluster://host:port,host:port...`. Shared stores must be reachable now.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, String> {
     open_with(url, true).await
 }
@@ -35,12 +35,12 @@ async fn open_with(url: &str, migrating: bool) -> Result<Arc<dyn Store>, String>
         Some("postgres" | "postgresql") => PostgresStore::connect_existing(url)
             .await
             .map(|store| Arc::new(store) as Arc<dyn Store>),
-        Some("redis" | "rediss") => {
+        Some("redis" | "rediss" | "redis+cluster") => {
             RedisStore::connect(url).await.map(|store| Arc::new(store) as Arc<dyn Store>)
         }
         _ => {
             return Err(format!(
-                "--store {:?}: expected memory://, sqlite://PATH, postgres://... or redis://...",
+                "--store {:?}: expected memory://, sqlite://PATH, postgres://..., redis://... or redis+cluster://...",
                 redact(url)
             ));
         }
