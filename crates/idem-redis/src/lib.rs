@@ -37,6 +37,10 @@
 //! # URL parameters (besides redis-rs's own)
 //! - `prefix` (default `idem`): the first part of every key name.
 //! - `op_timeout_ms` (default 2000): the bound on each call; past it the store is unavailable.
+//! - `wait_replicas` (default 0): claims and completions count only once this many replicas
+//!   have them (`WAIT`); fewer within `wait_timeout_ms` (default half of `op_timeout_ms`) fails
+//!   the call as unavailable. Shrinks what a failover can lose, at the cost of a round trip to
+//!   the replicas per claim and completion, and of availability while a master has too few.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -176,6 +180,10 @@ pub struct RedisStore {
     connection: Connection,
     prefix: String,
     op_timeout: Duration,
+    /// Replicas that must have a claim or a completion before it counts (`WAIT`), and how
+    /// long to wait for them.
+    wait_replicas: u32,
+    wait_timeout: Duration,
     /// For the subscriber connection, opened when the first waiter subscribes: the server, or
     /// each of a cluster's seed nodes in turn (a cluster publishes on every node).
     subscribers: Vec<redis::Client>,
@@ -205,6 +213,8 @@ impl RedisStore {
         let mut passed_on = Vec::new();
         let mut prefix = "idem".to_owned();
         let mut op_timeout = Duration::from_secs(2);
+        let mut wait_replicas = 0;
+        let mut wait_timeout = None;
         for (name, value) in pairs {
             match name {
                 "prefix" => {
@@ -221,6 +231,17 @@ impl RedisStore {
                     prefix = value.to_owned();
                 }
                 "op_timeout_ms" => op_timeout = store_kit::positive_millis(name, value, "redis")?,
+                "wait_replicas" => {
+                    wait_replicas =
+                        value.parse().ok().filter(|count| *count <= 16).ok_or_else(|| {
+                            Error::Config(format!(
+                                "wait_replicas must be 0 to 16 (in the redis:// URL), not {value:?}"
+                            ))
+                        })?;
+                }
+                "wait_timeout_ms" => {
+                    wait_timeout = Some(store_kit::positive_millis(name, value, "redis")?);
+                }
                 _ => passed_on.push((name, value)),
             }
         }
@@ -256,7 +277,25 @@ impl RedisStore {
         };
         let listener = std::sync::Arc::default();
         let changes = ChangeFeed::new();
-        let store = Self { connection, prefix, op_timeout, subscribers, changes, listener };
+        // The wait is part of the call, so it must end well within the call's bound.
+        let wait_timeout = wait_timeout.unwrap_or(op_timeout / 2);
+        if wait_replicas > 0 && wait_timeout >= op_timeout {
+            return Err(Error::Config(format!(
+                "wait_timeout_ms ({}) must be below op_timeout_ms ({}) (in the redis:// URL)",
+                wait_timeout.as_millis(),
+                op_timeout.as_millis()
+            )));
+        }
+        let store = Self {
+            connection,
+            prefix,
+            op_timeout,
+            wait_replicas,
+            wait_timeout,
+            subscribers,
+            changes,
+            listener,
+        };
         store.ping().await?;
         Ok(store)
     }
@@ -347,6 +386,27 @@ impl RedisStore {
     async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
         store_kit::bounded(self.op_timeout, "Redis", async { call.await.map_err(unavailable) })
             .await
+    }
+
+    /// With `wait_replicas`: waits until that many replicas have every write this connection
+    /// sent to the record's server, the one just made included. Fewer within `wait_timeout`
+    /// makes the call fail as unavailable: a claim then does not run (its record stays in
+    /// flight until its lease ends), and a completion is retried by the gateway, so that a
+    /// failover onto a replica that never got the write cannot make a key run twice.
+    async fn replicated(&self, key: &RecordKey) -> Result<()> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let (mut connection, name) = (self.connection.clone(), self.record_key(key));
+        let wait = connection.wait_for_replicas(&name, self.wait_replicas, self.wait_timeout);
+        let acknowledged = self.bounded(wait).await?;
+        if acknowledged < i64::from(self.wait_replicas) {
+            return Err(Error::unavailable(format!(
+                "{acknowledged} of {} replicas had the write within {:?}",
+                self.wait_replicas, self.wait_timeout
+            )));
+        }
+        Ok(())
     }
 
     /// Runs an ownership-checked script: 1 if it acted, 0 if the caller is fenced.
@@ -453,7 +513,10 @@ impl Store for RedisStore {
         let mut connection = self.connection.clone();
         let reply: Vec<Vec<u8>> = self.bounded(invocation.invoke_async(&mut connection)).await?;
         match reply.first().map(Vec::as_slice) {
-            Some(b"1") => Ok(Decision::Acquire),
+            Some(b"1") => {
+                self.replicated(request.key).await?;
+                Ok(Decision::Acquire)
+            }
             Some(b"0") if reply.len() == 8 => {
                 let names = ["f", "st", "t", "l", "p", "c", "e"];
                 let existing = read_record(|name| {
@@ -486,7 +549,8 @@ impl Store for RedisStore {
             self.changes_channel().into_bytes(),
             key.change_id().to_string().into_bytes(),
         ];
-        self.fenced(&COMPLETE, key, &args).await
+        self.fenced(&COMPLETE, key, &args).await?;
+        self.replicated(key).await
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {

@@ -12,6 +12,10 @@
 
 pub mod servers;
 
+mod redis_cluster;
+
+pub use redis_cluster::{RedisCluster, redis_cli, wait_until};
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
