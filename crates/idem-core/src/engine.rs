@@ -589,9 +589,14 @@ impl Claim {
 
     /// Drives `work` to completion, renewing the lease every third of it so that a slow
     /// operation is not mistaken for a dead one. Calls shorter than a third of the lease make
-    /// no renewal round trip at all.
+    /// no renewal round trip at all. A renewal that fails is tried again after an eighth of
+    /// that period, not a whole one: a failed attempt can itself take most of a period (a
+    /// paused store answers nothing until the call's bound), and waiting a whole period more
+    /// would let the lease run out, and a retry of the key run again, after a store outage
+    /// far shorter than the lease.
     pub async fn keep_alive<F: Future>(&mut self, work: F) -> F::Output {
         let period = self.engine.inner.config.lease / 3;
+        let retry_after = period / 8;
         let mut work = std::pin::pin!(work);
         let mut renewing = true;
         // The renewal runs beside the work, never instead of it: work that holds a lock the
@@ -607,7 +612,8 @@ impl Claim {
                 }
                 renewed = async { renewal.as_mut().expect("guarded").await }, if renewal.is_some() => {
                     renewal = None;
-                    tick.as_mut().reset(tokio::time::Instant::now() + period);
+                    let next = if renewed.is_ok() { period } else { retry_after };
+                    tick.as_mut().reset(tokio::time::Instant::now() + next);
                     match renewed {
                         Ok(lease_expires_at) => self.lease_expires_at = lease_expires_at,
                         Err(Error::Fenced) => {
@@ -789,6 +795,44 @@ mod tests {
         claim.complete(Bytes::from_static(b"ok")).await.unwrap();
     }
 
+    /// Found by idem-chaos on Redis: a renewal that hung on a paused store until its call's
+    /// bound, then failed, was tried again only a whole period later, after the lease had
+    /// run out; a retry of the key in between ran it a second time.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_is_tried_again_well_before_the_lease_ends() {
+        let store = Stalling::new(true);
+        store.stall_renewals.store(1, Ordering::SeqCst);
+        let clock = ManualClock::new(1_000_000);
+        let engine = Engine::from_shared(
+            Arc::clone(&store) as Arc<dyn Store>,
+            Arc::new(clock.clone()),
+            EngineConfig { lease: Duration::from_secs(30), ttl: Duration::from_secs(3600) },
+        );
+        let Begin::Run(mut claim) = engine.begin(key("k"), fp("a")).await.unwrap() else {
+            panic!("first begin must run");
+        };
+        // 45 s of work against a 30 s lease; the first renewal (at 10 s) hangs until 22 s and
+        // fails. A retry of the key arrives at 31 s.
+        let work = async {
+            let mut retried = None;
+            for second in 1..=45 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                clock.advance(Duration::from_secs(1));
+                if second == 31 {
+                    retried = Some(engine.begin(key("k"), fp("a")).await.unwrap());
+                }
+            }
+            retried
+        };
+        let retried = claim.keep_alive(work).await;
+        assert!(
+            matches!(retried, Some(Begin::InFlight { .. })),
+            "the retry at 31 s must find the key in flight, not run it: {retried:?}"
+        );
+        assert_eq!(store.stall_renewals.load(Ordering::SeqCst), 0, "the renewal did hang");
+        claim.complete(Bytes::from_static(b"once")).await.unwrap();
+    }
+
     #[tokio::test]
     async fn sweeping_deletes_expired_records_in_bounded_batches() {
         let clock = ManualClock::new(1_000_000);
@@ -862,6 +906,8 @@ mod tests {
         fail_completes: AtomicUsize,
         /// Reads that fail before reaching the store.
         fail_reads: AtomicUsize,
+        /// Renewals that hang 12 s (a paused store, until the call's bound) and then fail.
+        stall_renewals: AtomicUsize,
         claims_done: AtomicUsize,
         /// The server's clock, this far ahead of the system clock; `None`: no clock.
         clock_ahead_ms: Option<u64>,
@@ -876,6 +922,7 @@ mod tests {
                 lose_complete_replies: AtomicUsize::new(0),
                 fail_completes: AtomicUsize::new(0),
                 fail_reads: AtomicUsize::new(0),
+                stall_renewals: AtomicUsize::new(0),
                 claims_done: AtomicUsize::new(0),
                 clock_ahead_ms: None,
             })
@@ -923,6 +970,11 @@ mod tests {
             lease: Timestamp,
             expires_at: Timestamp,
         ) -> Result<()> {
+            if self.stall_renewals.load(Ordering::SeqCst) > 0 {
+                self.stall_renewals.fetch_sub(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(12)).await;
+                return Err(Error::unavailable("timed out"));
+            }
             self.inner.renew(key, token, now, lease, expires_at).await
         }
         async fn get(&self, key: &RecordKey) -> Result<Option<crate::Record>> {

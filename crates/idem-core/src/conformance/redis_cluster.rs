@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use super::skip;
 
+#[derive(Debug)]
 pub struct RedisCluster {
     nodes: Vec<Node>,
     dir: PathBuf,
 }
 
+#[derive(Debug)]
 struct Node {
     port: u16,
     child: Option<Child>,
