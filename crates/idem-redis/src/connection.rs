@@ -2,7 +2,7 @@
 
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
 
 /// A node of a cluster, as `CLUSTER NODES` names it.
@@ -69,26 +69,6 @@ impl Connection {
             .await?;
         let text: String = redis::from_redis_value(reply)?;
         Ok(masters_with_slots(&text).into_iter().map(Some).collect())
-    }
-
-    /// `WAIT replicas timeout` on the server that holds `key`, over the connection its writes
-    /// went through: how many replicas have them.
-    pub(crate) async fn wait_for_replicas(
-        &mut self,
-        key: &str,
-        replicas: u32,
-        timeout: std::time::Duration,
-    ) -> RedisResult<i64> {
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(replicas).arg(timeout.as_millis().max(1) as u64);
-        match self {
-            Self::Single(connection) => wait.query_async(connection).await,
-            Self::Cluster(connection) => {
-                let route = Route::with_key(key, SlotAddr::Master);
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                Ok(redis::from_redis_value(connection.route_command(wait, routing).await?)?)
-            }
-        }
     }
 
     /// Runs `cmd` on `node` (a cluster's) or where the command routes itself.

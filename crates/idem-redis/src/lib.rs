@@ -37,10 +37,11 @@
 //! # URL parameters (besides redis-rs's own)
 //! - `prefix` (default `idem`): the first part of every key name.
 //! - `op_timeout_ms` (default 2000): the bound on each call; past it the store is unavailable.
-//! - `wait_replicas` (default 0): claims and completions count only once this many replicas
-//!   have them (`WAIT`); fewer within `wait_timeout_ms` (default half of `op_timeout_ms`) fails
-//!   the call as unavailable. Shrinks what a failover can lose, at the cost of a round trip to
-//!   the replicas per claim and completion, and of availability while a master has too few.
+//! - `wait_replicas` (default 0): claims, completions, renewals and releases count only once
+//!   this many replicas have them (`WAIT`, sent right behind the script in one pipeline); fewer
+//!   within `wait_timeout_ms` (default half of `op_timeout_ms`) fails the call as unavailable.
+//!   Shrinks what a failover can lose, at the cost of a round trip to the replicas per write,
+//!   and of availability while a master has too few replicas.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -388,36 +389,71 @@ impl RedisStore {
             .await
     }
 
-    /// With `wait_replicas`: waits until that many replicas have every write this connection
-    /// sent to the record's server, the one just made included. Fewer within `wait_timeout`
-    /// makes the call fail as unavailable: a claim then does not run (its record stays in
-    /// flight until its lease ends), and a completion is retried by the gateway, so that a
-    /// failover onto a replica that never got the write cannot make a key run twice.
-    async fn replicated(&self, key: &RecordKey) -> Result<()> {
+    /// Runs `script` on the record of `key` with `args`. With `wait_replicas`, a `WAIT` goes
+    /// right behind it in one pipeline, so on the same connection to the same server, and the
+    /// answer carries how many replicas had the script's writes (else `None`).
+    async fn run_script<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        key: &RecordKey,
+        args: &[Vec<u8>],
+    ) -> Result<(T, Option<i64>)> {
+        let name = self.record_key(key);
+        let mut connection = self.connection.clone();
         if self.wait_replicas == 0 {
-            return Ok(());
+            let mut invocation = script.key(&name);
+            for arg in args {
+                invocation.arg(arg.as_slice());
+            }
+            return Ok((self.bounded(invocation.invoke_async(&mut connection)).await?, None));
         }
-        let (mut connection, name) = (self.connection.clone(), self.record_key(key));
-        let wait = connection.wait_for_replicas(&name, self.wait_replicas, self.wait_timeout);
-        let acknowledged = self.bounded(wait).await?;
-        if acknowledged < i64::from(self.wait_replicas) {
-            return Err(Error::unavailable(format!(
-                "{acknowledged} of {} replicas had the write within {:?}",
-                self.wait_replicas, self.wait_timeout
-            )));
+        let mut pipeline = redis::pipe();
+        pipeline.cmd("EVALSHA").arg(script.get_hash()).arg(1).arg(&name);
+        for arg in args {
+            pipeline.arg(arg.as_slice());
         }
-        Ok(())
+        pipeline
+            .cmd("WAIT")
+            .arg(self.wait_replicas)
+            .arg(self.wait_timeout.as_millis().max(1) as u64);
+        let ran = self
+            .bounded(async {
+                match pipeline.query_async::<(T, i64)>(&mut connection).await {
+                    // A server that has not seen the script yet (a new node, a restart).
+                    Err(error)
+                        if error.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        script.load_async(&mut connection).await?;
+                        pipeline.query_async(&mut connection).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        Ok((ran.0, Some(ran.1)))
+    }
+
+    /// With `wait_replicas`, fewer replicas than that having a write makes the call fail as
+    /// unavailable: a claim then does not run (its record stays in flight until its lease
+    /// ends), and a completion is retried by the gateway, so that a failover onto a replica
+    /// that never got the write cannot make a key run twice.
+    fn replicated(&self, acknowledged: Option<i64>) -> Result<()> {
+        match acknowledged {
+            Some(count) if count < i64::from(self.wait_replicas) => {
+                Err(Error::unavailable(format!(
+                    "{count} of {} replicas had the write within {:?}",
+                    self.wait_replicas, self.wait_timeout
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Runs an ownership-checked script: 1 if it acted, 0 if the caller is fenced.
     async fn fenced(&self, script: &Script, key: &RecordKey, args: &[Vec<u8>]) -> Result<()> {
-        let mut invocation = script.key(self.record_key(key));
-        for arg in args {
-            invocation.arg(arg.as_slice());
-        }
-        let mut connection = self.connection.clone();
-        match self.bounded(invocation.invoke_async::<i64>(&mut connection)).await? {
-            1 => Ok(()),
+        match self.run_script::<i64>(script, key, args).await? {
+            (1, acknowledged) => self.replicated(acknowledged),
             _ => Err(Error::Fenced),
         }
     }
@@ -500,21 +536,21 @@ fn summarize(values: &[Option<Vec<u8>>], payload_len: u64) -> Result<Option<Reco
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, request: ClaimRequest<'_>) -> Result<Decision> {
-        let mut invocation = CLAIM.key(self.record_key(request.key));
-        invocation
-            .arg(&request.fingerprint.as_bytes()[..])
-            .arg(request.token.as_u64().to_string())
-            .arg(request.now.as_millis())
-            .arg(request.lease_expires_at.as_millis())
-            .arg(request.expires_at.as_millis())
-            .arg(ttl_ms(request.now, request.expires_at))
-            .arg(request.key.scope.as_str())
-            .arg(request.key.key.as_str());
-        let mut connection = self.connection.clone();
-        let reply: Vec<Vec<u8>> = self.bounded(invocation.invoke_async(&mut connection)).await?;
+        let args = [
+            request.fingerprint.as_bytes().to_vec(),
+            request.token.as_u64().to_string().into_bytes(),
+            request.now.as_millis().to_string().into_bytes(),
+            request.lease_expires_at.as_millis().to_string().into_bytes(),
+            request.expires_at.as_millis().to_string().into_bytes(),
+            ttl_ms(request.now, request.expires_at).to_string().into_bytes(),
+            request.key.scope.as_str().as_bytes().to_vec(),
+            request.key.key.as_str().as_bytes().to_vec(),
+        ];
+        let (reply, acknowledged): (Vec<Vec<u8>>, _) =
+            self.run_script(&CLAIM, request.key, &args).await?;
         match reply.first().map(Vec::as_slice) {
             Some(b"1") => {
-                self.replicated(request.key).await?;
+                self.replicated(acknowledged)?;
                 Ok(Decision::Acquire)
             }
             Some(b"0") if reply.len() == 8 => {
@@ -549,8 +585,7 @@ impl Store for RedisStore {
             self.changes_channel().into_bytes(),
             key.change_id().to_string().into_bytes(),
         ];
-        self.fenced(&COMPLETE, key, &args).await?;
-        self.replicated(key).await
+        self.fenced(&COMPLETE, key, &args).await
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
