@@ -60,7 +60,8 @@ fn start_clients(
                     let started = Instant::now();
                     loop {
                         attempt += 1;
-                        let reply = gateways[attempt % gateways.len()].post(&key, "order", &[]).await;
+                        let reply =
+                            gateways[attempt % gateways.len()].post(&key, "order", &[]).await;
                         match reply.status.as_u16() {
                             201 => {
                                 done.push((key, reply.body));
@@ -72,7 +73,10 @@ fn start_clients(
                             409 => {}
                             other => panic!("{key}: unexpected {other}: {:?}", reply.body),
                         }
-                        assert!(started.elapsed() < PATIENCE, "{key} had no outcome in {PATIENCE:?}");
+                        assert!(
+                            started.elapsed() < PATIENCE,
+                            "{key} had no outcome in {PATIENCE:?}"
+                        );
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -152,8 +156,7 @@ async fn a_master_killed_under_load_fails_over_and_what_replicas_confirmed_never
     // (docs/stores.md quotes them). Each outcome lost is a key that ran again.
     assert!(plain.lost <= plain.duplicates, "{plain:?}");
 
-    let waited =
-        failover_under_load(&mut cluster, "prefix=failover_waited&wait_replicas=1").await;
+    let waited = failover_under_load(&mut cluster, "prefix=failover_waited&wait_replicas=1").await;
     println!("failover, wait_replicas=1: {waited:?}");
     assert!(waited.operations > 0 && waited.unavailable > 0, "the failover was felt: {waited:?}");
     assert_eq!(waited.duplicates, 0, "a confirmed claim or completion ran twice: {waited:?}");
