@@ -692,13 +692,14 @@ impl Store for PostgresStore {
         let Some(claims) = &self.claims else {
             return self.claim_single(request).await;
         };
-        // One bound for the whole call, a fallback to the single-key claim included.
+        // One bound for the whole call, a fallback to the single-key claim included. The
+        // fallback is boxed: the hot path's future stays small, and is moved cheaply.
         let deadline = tokio::time::Instant::now() + claims.op_timeout();
         self.bounded(async {
             match claims.submit(batch::claim_job(&request), deadline).await? {
                 batch::Claimed::Decided(decision) => Ok(decision),
                 batch::Claimed::Corrupt(error) => Err(error),
-                batch::Claimed::Single => self.claim_single(request).await,
+                batch::Claimed::Single => Box::pin(self.claim_single(request)).await,
             }
         })
         .await
@@ -712,7 +713,7 @@ impl Store for PostgresStore {
         _now: Timestamp,
         expires_at: Timestamp,
     ) -> Result<()> {
-        let single = async {
+        let single = || async {
             let changed = self
                 .changed_notifying(
                     COMPLETE,
@@ -729,7 +730,7 @@ impl Store for PostgresStore {
             if changed == 1 { Ok(()) } else { Err(Error::Fenced) }
         };
         let Some(completions) = &self.completions else {
-            return single.await;
+            return single().await;
         };
         // One bound for the whole call, a fallback to the single statement included.
         let deadline = tokio::time::Instant::now() + completions.op_timeout();
@@ -743,7 +744,8 @@ impl Store for PostgresStore {
             match completions.submit(job, deadline).await? {
                 Some(true) => Ok(()),
                 Some(false) => Err(Error::Fenced),
-                None => single.await,
+                // Boxed, as the claim's fallback: the hot path's future stays small.
+                None => Box::pin(single()).await,
             }
         })
         .await
