@@ -299,14 +299,24 @@ fn add_option(config: &mut tokio_postgres::Config, option: &str) {
     config.options(options);
 }
 
-/// A pool of `size` connections to `config`, every wait bounded by `op_timeout`.
-fn build_pool(config: tokio_postgres::Config, size: usize, op_timeout: Duration) -> Result<Pool> {
+/// A pool of `size` connections to `config`, every wait bounded by `op_timeout`; `prepare`
+/// runs on each new connection.
+fn build_pool(
+    config: tokio_postgres::Config,
+    size: usize,
+    op_timeout: Duration,
+    prepare: Option<deadpool_postgres::Hook>,
+) -> Result<Pool> {
     let manager = Manager::from_config(
         config,
         NoTls,
         ManagerConfig { recycling_method: RecyclingMethod::Fast },
     );
-    Pool::builder(manager)
+    let mut builder = Pool::builder(manager);
+    if let Some(hook) = prepare {
+        builder = builder.post_create(hook);
+    }
+    builder
         .max_size(size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(op_timeout))
@@ -367,16 +377,26 @@ impl PostgresStore {
     fn pool(url: &str) -> Result<(Self, Option<String>)> {
         let settings = parse_url(url)?;
         let (writers, timeout) = (settings.batch_writers, settings.op_timeout);
-        let pool = build_pool(settings.config.clone(), settings.pool_max_size, timeout)?;
+        let pool = build_pool(settings.config.clone(), settings.pool_max_size, timeout, None)?;
         // The batch writers have connections of their own (one per writer and kind), on which
         // every batched statement is planned for its own arrays and the table as it is now. A
         // plan cached while the table was small (a new deployment) scans the whole table for
         // every batch once it has grown, which made group commit slower by the minute.
         let writers_pool = (writers > 0)
             .then(|| {
-                let mut config = settings.config.clone();
-                add_option(&mut config, "-c plan_cache_mode=force_custom_plan");
-                build_pool(config, 2 * writers, timeout)
+                // Set once per connection, after it is made (a startup option would be refused
+                // by PgBouncer). A server that does not know the setting (PostgreSQL before
+                // 12) keeps its own plan choice: the batches still run.
+                let custom_plans = deadpool_postgres::Hook::async_fn(|client, _| {
+                    Box::pin(async move {
+                        let set = "SET plan_cache_mode = force_custom_plan";
+                        if let Err(error) = client.batch_execute(set).await {
+                            tracing::debug!(%error, "batch writers keep the server's plan choice");
+                        }
+                        Ok(())
+                    })
+                });
+                build_pool(settings.config.clone(), 2 * writers, timeout, Some(custom_plans))
             })
             .transpose()?;
         let store = Self {

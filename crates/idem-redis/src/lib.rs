@@ -37,7 +37,7 @@
 //! # URL parameters (besides redis-rs's own)
 //! - `prefix` (default `idem`): the first part of every key name.
 //! - `op_timeout_ms` (default 2000): the bound on each call; past it the store is unavailable.
-//! - `wait_replicas` (default 0): claims, completions, renewals and releases count only once
+//! - `wait_replicas` (default 0): claims, completions and renewals count only once
 //!   this many replicas have them (`WAIT`, sent right behind the script in one pipeline); fewer
 //!   within `wait_timeout_ms` (default half of `op_timeout_ms`) fails the call as unavailable.
 //!   Shrinks what a failover can lose, at the cost of a round trip to the replicas per write,
@@ -81,6 +81,12 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
         r"
         local now = tonumber(ARGV[3])
         local r = redis.call('HMGET', KEYS[1], 'f', 'st', 't', 'l', 'p', 'c', 'e')
+        if r[1] and r[2] == '0' and r[3] == ARGV[2] then
+            -- This very claim, sent again (the client resends a call whose reply it lost):
+            -- still ours. The write lets a WAIT behind it cover the first one.
+            redis.call('PEXPIRE', KEYS[1], ARGV[6])
+            return {'1'}
+        end
         if r[1] then
             local acquirable = tonumber(r[7]) <= now
                 or (r[2] == '0' and tonumber(r[4]) <= now and r[1] == ARGV[1])
@@ -98,14 +104,24 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// ARGV: token, payload, expires_at, ttl_ms, changes channel, change id. A watched record
-/// (field `w`) announces its completion on the channel.
+/// (field `w`) announces its completion on the channel. The completing token stays in `ct`,
+/// so that the same completion sent again is answered as done, not fenced.
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         owner_check!(),
         r"
-        if not owns then return 0 end
+        if not owns then
+            -- This very completion, sent again (its reply was lost, or the client resent it):
+            -- done. The write lets a WAIT behind it cover the first one.
+            local done = redis.call('HMGET', KEYS[1], 'st', 'ct', 'p')
+            if done[1] == '1' and done[2] == ARGV[1] and done[3] == ARGV[2] then
+                redis.call('HSET', KEYS[1], 'ct', ARGV[1])
+                return 1
+            end
+            return 0
+        end
         local watched = redis.call('HGET', KEYS[1], 'w')
-        redis.call('HSET', KEYS[1], 'st', '1', 'p', ARGV[2], 'e', ARGV[3])
+        redis.call('HSET', KEYS[1], 'st', '1', 'p', ARGV[2], 'e', ARGV[3], 'ct', ARGV[1])
         redis.call('HDEL', KEYS[1], 't', 'l', 'w')
         redis.call('PEXPIRE', KEYS[1], ARGV[4])
         if watched then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
@@ -397,10 +413,11 @@ impl RedisStore {
         script: &Script,
         key: &RecordKey,
         args: &[Vec<u8>],
+        waited: bool,
     ) -> Result<(T, Option<i64>)> {
         let name = self.record_key(key);
         let mut connection = self.connection.clone();
-        if self.wait_replicas == 0 {
+        if self.wait_replicas == 0 || !waited {
             let mut invocation = script.key(&name);
             for arg in args {
                 invocation.arg(arg.as_slice());
@@ -435,9 +452,10 @@ impl RedisStore {
     }
 
     /// With `wait_replicas`, fewer replicas than that having a write makes the call fail as
-    /// unavailable: a claim then does not run (its record stays in flight until its lease
-    /// ends), and a completion is retried by the gateway, so that a failover onto a replica
-    /// that never got the write cannot make a key run twice.
+    /// unavailable: a claim then does not run (the gateway releases it), and a completion is
+    /// retried by the gateway (the same completion sent again is answered as done, after a
+    /// write a new WAIT covers), so that a failover onto a replica that never got the write
+    /// cannot make a key run twice.
     fn replicated(&self, acknowledged: Option<i64>) -> Result<()> {
         match acknowledged {
             Some(count) if count < i64::from(self.wait_replicas) => {
@@ -452,7 +470,7 @@ impl RedisStore {
 
     /// Runs an ownership-checked script: 1 if it acted, 0 if the caller is fenced.
     async fn fenced(&self, script: &Script, key: &RecordKey, args: &[Vec<u8>]) -> Result<()> {
-        match self.run_script::<i64>(script, key, args).await? {
+        match self.run_script::<i64>(script, key, args, true).await? {
             (1, acknowledged) => self.replicated(acknowledged),
             _ => Err(Error::Fenced),
         }
@@ -547,7 +565,7 @@ impl Store for RedisStore {
             request.key.key.as_str().as_bytes().to_vec(),
         ];
         let (reply, acknowledged): (Vec<Vec<u8>>, _) =
-            self.run_script(&CLAIM, request.key, &args).await?;
+            self.run_script(&CLAIM, request.key, &args, true).await?;
         match reply.first().map(Vec::as_slice) {
             Some(b"1") => {
                 self.replicated(acknowledged)?;
@@ -594,7 +612,12 @@ impl Store for RedisStore {
             self.changes_channel().into_bytes(),
             key.change_id().to_string().into_bytes(),
         ];
-        self.fenced(&RELEASE, key, &args).await
+        // Not waited for: a release a failover loses leaves the key in flight until its lease
+        // ends, the safe side.
+        match self.run_script::<i64>(&RELEASE, key, &args, false).await? {
+            (1, _) => Ok(()),
+            _ => Err(Error::Fenced),
+        }
     }
 
     async fn renew(
