@@ -68,7 +68,12 @@ impl Connection {
             )
             .await?;
         let text: String = redis::from_redis_value(reply)?;
-        Ok(masters_with_slots(&text).into_iter().map(Some).collect())
+        let masters = masters_with_slots(&text).map_err(|line| {
+            redis::RedisError::from(std::io::Error::other(format!(
+                "a master holding slots has no address the listing can reach ({line}): its keys would be missed"
+            )))
+        })?;
+        Ok(masters.into_iter().map(Some).collect())
     }
 
     /// Runs `cmd` on `node` (a cluster's) or where the command routes itself.
@@ -108,8 +113,9 @@ impl Connection {
 }
 
 /// The masters that hold slots, from `CLUSTER NODES` (`<id> <ip:port@cport[,hostname]>
-/// <flags> <master> <ping> <pong> <epoch> <link> <slot> ...`).
-fn masters_with_slots(text: &str) -> Vec<Node> {
+/// <flags> <master> <ping> <pong> <epoch> <link> <slot> ...`); `Err` with the line of one
+/// that has no usable address (`noaddr`), whose keys a scan would miss.
+fn masters_with_slots(text: &str) -> Result<Vec<Node>, String> {
     let mut masters = Vec::new();
     for line in text.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -117,13 +123,15 @@ fn masters_with_slots(text: &str) -> Vec<Node> {
             continue;
         }
         let address = fields[1].split(['@', ',']).next().unwrap_or_default();
-        let Some((host, port)) = address.rsplit_once(':') else { continue };
-        let (Ok(port), false) = (port.parse(), host.is_empty()) else { continue };
-        masters.push(Node { host: host.to_owned(), port });
+        let node = address.rsplit_once(':').and_then(|(host, port)| {
+            let port: u16 = port.parse().ok().filter(|port| *port > 0)?;
+            (!host.is_empty()).then(|| Node { host: host.to_owned(), port })
+        });
+        masters.push(node.ok_or_else(|| line.to_owned())?);
     }
     masters.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
     masters.dedup();
-    masters
+    Ok(masters)
 }
 
 /// The node URLs of a `redis+cluster://[user[:password]@]host:port[,host:port...][/]` base
@@ -176,7 +184,11 @@ mod tests {
 824f 127.0.0.1:30006@40006 master,fail - 0 1 6 disconnected
 e7d1 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
 ";
-        let ports: Vec<u16> = masters_with_slots(nodes).iter().map(|node| node.port).collect();
+        let ports: Vec<u16> =
+            masters_with_slots(nodes).unwrap().iter().map(|node| node.port).collect();
         assert_eq!(ports, [30001, 30002, 30003]);
+        // A master that holds slots but has no address fails the scan, not silently.
+        let unreachable = "67ed :0@0 master,noaddr - 0 1 2 connected 5461-10922\n";
+        assert!(masters_with_slots(unreachable).unwrap_err().contains("noaddr"));
     }
 }

@@ -31,18 +31,25 @@ impl Drop for RedisCluster {
     }
 }
 
-/// A loopback port that is free, and whose cluster bus port (+10000) is free too.
+/// A loopback port that is free, and whose cluster bus port (+10000) is free too. Both lie
+/// below Linux's ephemeral range (32768 and up), so that no outgoing connection of the tests
+/// takes one while its node is down for a restart.
 fn free_cluster_port(taken: &[u16]) -> u16 {
-    loop {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-        let port = listener.local_addr().expect("its address").port();
-        if port > 55_000 || taken.contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.subsec_nanos())
+        ^ std::process::id();
+    for attempt in 0..10_000u32 {
+        let port = 12_000 + ((seed.wrapping_add(attempt.wrapping_mul(7_919))) % 10_000) as u16;
+        let near = taken.iter().any(|other| port.abs_diff(*other) % 10_000 == 0);
+        if !near
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
             return port;
         }
     }
+    panic!("no free pair of ports for a cluster node below 32768");
 }
 
 /// `redis-cli -p port args...`: its output, or `None` if it failed.
