@@ -1,55 +1,79 @@
-//! `wait_replicas` against the real Redis named by `IDEM_TEST_REDIS_URL`, a server with no
-//! replicas: a claim no replica confirmed must not count, so the work behind it never runs.
+//! `wait_replicas`, and calls sent again, against the real Redis named by
+//! `IDEM_TEST_REDIS_URL`, a server with no replicas: a claim or a completion no replica
+//! confirmed must not count, and the same call sent again is answered as done.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use idem_core::conformance::service_url;
 use idem_core::{
-    ClaimRequest, Decision, FencingToken, Fingerprint, IdempotencyKey, RecordKey, Scope, Store,
-    Timestamp,
+    ClaimRequest, Decision, Error, FencingToken, Fingerprint, IdempotencyKey, RecordKey, Scope,
+    Store, Timestamp,
 };
 use idem_redis::RedisStore;
 
+/// The store on the test server with `query` added (`None` after a SKIPPED line).
+async fn store(query: &str) -> Option<RedisStore> {
+    let url = service_url("IDEM_TEST_REDIS_URL")?;
+    let separator = if url.contains('?') { '&' } else { '?' };
+    Some(
+        RedisStore::connect(&format!("{url}{separator}prefix=idem_replicas{query}")).await.unwrap(),
+    )
+}
+
+/// A fresh key, now, and a claim of it by `token`.
+struct Fresh {
+    key: RecordKey,
+    now: Timestamp,
+    fingerprint: Fingerprint,
+}
+
+impl Fresh {
+    fn new(tag: &str) -> Self {
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let name = format!("{tag}{}", since.as_nanos());
+        Self {
+            key: RecordKey::new(Scope::named("replicas"), IdempotencyKey::new(name).unwrap()),
+            now: Timestamp::from_millis(since.as_millis() as u64),
+            fingerprint: Fingerprint::from_bytes([3; 32]),
+        }
+    }
+
+    fn claim(&self, token: FencingToken) -> ClaimRequest<'_> {
+        ClaimRequest {
+            key: &self.key,
+            fingerprint: &self.fingerprint,
+            token,
+            now: self.now,
+            lease_expires_at: self.now.saturating_add(Duration::from_secs(30)),
+            expires_at: self.expires(),
+        }
+    }
+
+    fn expires(&self) -> Timestamp {
+        self.now.saturating_add(Duration::from_secs(600))
+    }
+}
+
 #[tokio::test]
 async fn a_claim_no_replica_confirmed_fails_closed() {
-    let Some(url) = service_url("IDEM_TEST_REDIS_URL") else { return };
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let waited =
-        format!("{url}{separator}prefix=idem_replicas&wait_replicas=1&wait_timeout_ms=200");
-    let store = RedisStore::connect(&waited).await.unwrap();
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let now = Timestamp::from_millis(since.as_millis() as u64);
-    let name = format!("k{}", since.as_nanos());
-    let key = RecordKey::new(Scope::named("replicas"), IdempotencyKey::new(name).unwrap());
-    let fingerprint = Fingerprint::from_bytes([3; 32]);
-    let request = |token| ClaimRequest {
-        key: &key,
-        fingerprint: &fingerprint,
-        token,
-        now,
-        lease_expires_at: now.saturating_add(Duration::from_secs(30)),
-        expires_at: now.saturating_add(Duration::from_secs(600)),
-    };
-    let error = store.claim(request(FencingToken::generate())).await.unwrap_err();
+    let Some(waited) = store("&wait_replicas=1&wait_timeout_ms=200").await else { return };
+    let fresh = Fresh::new("k");
+    let error = waited.claim(fresh.claim(FencingToken::generate())).await.unwrap_err();
     assert!(error.is_unavailable(), "{error:?}");
     assert!(error.to_string().contains("0 of 1 replicas"), "{error}");
-    // The unconfirmed claim stays in flight until its lease ends: a retry does not run.
-    let plain = format!("{url}{separator}prefix=idem_replicas");
-    let store = RedisStore::connect(&plain).await.unwrap();
-    let retry = store.claim(request(FencingToken::generate())).await.unwrap();
+    // The unconfirmed claim is in flight on the master (the gateway releases it): another
+    // claim does not run meanwhile.
+    let plain = store("").await.unwrap();
+    let retry = plain.claim(fresh.claim(FencingToken::generate())).await.unwrap();
     assert!(matches!(retry, Decision::InFlight { .. }), "{retry:?}");
 
     // A wait that could outlast the call itself is refused at start.
+    let url = service_url("IDEM_TEST_REDIS_URL").unwrap();
+    let separator = if url.contains('?') { '&' } else { '?' };
     let long = format!("{url}{separator}wait_replicas=1&wait_timeout_ms=5000&op_timeout_ms=2000");
     let error = RedisStore::connect(&long).await.unwrap_err().to_string();
     assert!(error.contains("must be below op_timeout_ms"), "{error}");
-}
-
-fn fresh_key(tag: &str) -> (RecordKey, Timestamp) {
-    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-    let name = format!("{tag}{}", since.as_nanos());
-    let key = RecordKey::new(Scope::named("replicas"), IdempotencyKey::new(name).unwrap());
-    (key, Timestamp::from_millis(since.as_millis() as u64))
 }
 
 /// What redis-rs's cluster client does when a connection drops under a call (a master killed):
@@ -57,31 +81,20 @@ fn fresh_key(tag: &str) -> (RecordKey, Timestamp) {
 /// done, not as another caller's in-flight record or as fenced.
 #[tokio::test]
 async fn a_claim_or_a_completion_sent_again_is_answered_as_done() {
-    let Some(url) = service_url("IDEM_TEST_REDIS_URL") else { return };
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let store =
-        RedisStore::connect(&format!("{url}{separator}prefix=idem_replicas")).await.unwrap();
-    let (key, now) = fresh_key("again");
-    let (token, fingerprint) = (FencingToken::generate(), Fingerprint::from_bytes([4; 32]));
-    let request = || ClaimRequest {
-        key: &key,
-        fingerprint: &fingerprint,
-        token,
-        now,
-        lease_expires_at: now.saturating_add(Duration::from_secs(30)),
-        expires_at: now.saturating_add(Duration::from_secs(600)),
-    };
-    assert_eq!(store.claim(request()).await.unwrap(), Decision::Acquire);
-    assert_eq!(store.claim(request()).await.unwrap(), Decision::Acquire, "the same claim again");
-    let expires = now.saturating_add(Duration::from_secs(600));
-    let payload = bytes::Bytes::from_static(b"paid");
-    store.complete(&key, token, payload.clone(), now, expires).await.unwrap();
-    store.complete(&key, token, payload.clone(), now, expires).await.unwrap();
+    let Some(store) = store("").await else { return };
+    let (fresh, token) = (Fresh::new("again"), FencingToken::generate());
+    assert_eq!(store.claim(fresh.claim(token)).await.unwrap(), Decision::Acquire);
+    let again = store.claim(fresh.claim(token)).await.unwrap();
+    assert_eq!(again, Decision::Acquire, "the same claim again");
+    let (key, now, expires) = (&fresh.key, fresh.now, fresh.expires());
+    let payload = Bytes::from_static(b"paid");
+    store.complete(key, token, payload.clone(), now, expires).await.unwrap();
+    store.complete(key, token, payload.clone(), now, expires).await.unwrap();
     // Another payload, or another token, is not the same completion.
-    let other = store.complete(&key, token, bytes::Bytes::from_static(b"x"), now, expires).await;
-    assert!(matches!(other, Err(idem_core::Error::Fenced)), "{other:?}");
-    let stale = store.complete(&key, FencingToken::generate(), payload, now, expires).await;
-    assert!(matches!(stale, Err(idem_core::Error::Fenced)), "{stale:?}");
+    let other = store.complete(key, token, Bytes::from_static(b"x"), now, expires).await;
+    assert!(matches!(other, Err(Error::Fenced)), "{other:?}");
+    let stale = store.complete(key, FencingToken::generate(), payload, now, expires).await;
+    assert!(matches!(stale, Err(Error::Fenced)), "{stale:?}");
 }
 
 /// A completion no replica confirmed stays unconfirmed when sent again: it is never taken for
@@ -89,28 +102,14 @@ async fn a_claim_or_a_completion_sent_again_is_answered_as_done() {
 /// outcome was stored, while no replica had it).
 #[tokio::test]
 async fn a_completion_no_replica_confirmed_stays_unconfirmed_when_sent_again() {
-    let Some(url) = service_url("IDEM_TEST_REDIS_URL") else { return };
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let plain =
-        RedisStore::connect(&format!("{url}{separator}prefix=idem_replicas")).await.unwrap();
-    let waited =
-        format!("{url}{separator}prefix=idem_replicas&wait_replicas=1&wait_timeout_ms=100");
-    let waited = RedisStore::connect(&waited).await.unwrap();
-    let (key, now) = fresh_key("unconfirmed");
-    let (token, fingerprint) = (FencingToken::generate(), Fingerprint::from_bytes([5; 32]));
-    let request = ClaimRequest {
-        key: &key,
-        fingerprint: &fingerprint,
-        token,
-        now,
-        lease_expires_at: now.saturating_add(Duration::from_secs(30)),
-        expires_at: now.saturating_add(Duration::from_secs(600)),
-    };
-    assert_eq!(plain.claim(request).await.unwrap(), Decision::Acquire);
-    let expires = now.saturating_add(Duration::from_secs(600));
+    let Some(plain) = store("").await else { return };
+    let waited = store("&wait_replicas=1&wait_timeout_ms=100").await.unwrap();
+    let (fresh, token) = (Fresh::new("unconfirmed"), FencingToken::generate());
+    assert_eq!(plain.claim(fresh.claim(token)).await.unwrap(), Decision::Acquire);
     for attempt in 1..=3 {
-        let payload = bytes::Bytes::from_static(b"paid");
-        let error = waited.complete(&key, token, payload, now, expires).await.unwrap_err();
+        let payload = Bytes::from_static(b"paid");
+        let completed = waited.complete(&fresh.key, token, payload, fresh.now, fresh.expires());
+        let error = completed.await.unwrap_err();
         assert!(error.is_unavailable(), "attempt {attempt}: {error:?}");
     }
 }
