@@ -461,6 +461,18 @@ async fn run(args: Args) -> Result<(), String> {
         let run = scaling::Plan { idem: &idem, upstream: upstream.addr, store: &shared };
         scaling.push((*name, scaling::run(run, args.concurrency, duration, rounds, &tag).await?));
     }
+    // And a Redis Cluster of the run's own (three masters, a replica each), beside one Redis.
+    if args.redis.is_some() {
+        match idem_core::conformance::RedisCluster::start() {
+            Some(cluster) => {
+                let shared = cluster.url("prefix=idem_bench_scaling");
+                let run = scaling::Plan { idem: &idem, upstream: upstream.addr, store: &shared };
+                let measured = scaling::run(run, args.concurrency, duration, rounds, &tag).await?;
+                scaling.push(("redis cluster (3 masters)", measured));
+            }
+            None => eprintln!("redis-server not found: the Redis Cluster scaling row is skipped"),
+        }
+    }
 
     // Memory with many keep-alive connections, on a gateway of its own: the others hold every
     // record the runs above stored, which says nothing about connections.
