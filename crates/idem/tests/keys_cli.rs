@@ -102,7 +102,10 @@ async fn operator_unsticks_a_key_in_redis() {
 #[test]
 fn bad_store_urls_get_readable_errors() {
     for (store, expected) in [
-        ("mysql://x", "expected memory://, sqlite://PATH, postgres://... or redis://..."),
+        (
+            "mysql://x",
+            "expected memory://, sqlite://PATH, postgres://..., redis://... or redis+cluster://...",
+        ),
         ("postgres://idem:hunter2@127.0.0.1:1/db?op_timeout_ms=300", "postgres://idem:***@"),
         ("sqlite://x.db?mode=fast", "unknown sqlite:// URL parameter"),
     ] {
