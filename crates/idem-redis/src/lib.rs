@@ -468,9 +468,16 @@ impl RedisStore {
         }
     }
 
-    /// Runs an ownership-checked script: 1 if it acted, 0 if the caller is fenced.
-    async fn fenced(&self, script: &Script, key: &RecordKey, args: &[Vec<u8>]) -> Result<()> {
-        match self.run_script::<i64>(script, key, args, true).await? {
+    /// Runs an ownership-checked script: 1 if it acted, 0 if the caller is fenced. `waited`:
+    /// with `wait_replicas`, it counts only once the replicas have its write.
+    async fn fenced(
+        &self,
+        script: &Script,
+        key: &RecordKey,
+        args: &[Vec<u8>],
+        waited: bool,
+    ) -> Result<()> {
+        match self.run_script::<i64>(script, key, args, waited).await? {
             (1, acknowledged) => self.replicated(acknowledged),
             _ => Err(Error::Fenced),
         }
@@ -603,7 +610,7 @@ impl Store for RedisStore {
             self.changes_channel().into_bytes(),
             key.change_id().to_string().into_bytes(),
         ];
-        self.fenced(&COMPLETE, key, &args).await
+        self.fenced(&COMPLETE, key, &args, true).await
     }
 
     async fn release(&self, key: &RecordKey, token: FencingToken) -> Result<()> {
@@ -614,10 +621,7 @@ impl Store for RedisStore {
         ];
         // Not waited for: a release a failover loses leaves the key in flight until its lease
         // ends, the safe side.
-        match self.run_script::<i64>(&RELEASE, key, &args, false).await? {
-            (1, _) => Ok(()),
-            _ => Err(Error::Fenced),
-        }
+        self.fenced(&RELEASE, key, &args, false).await
     }
 
     async fn renew(
@@ -634,7 +638,7 @@ impl Store for RedisStore {
             expires_at.as_millis().to_string().into_bytes(),
             ttl_ms(now, expires_at).to_string().into_bytes(),
         ];
-        self.fenced(&RENEW, key, &args).await
+        self.fenced(&RENEW, key, &args, true).await
     }
 
     async fn get(&self, key: &RecordKey) -> Result<Option<Record>> {
