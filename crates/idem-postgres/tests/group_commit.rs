@@ -49,6 +49,15 @@ async fn admin() -> tokio_postgres::Client {
     client
 }
 
+/// Writes record rows behind the store's back: `rows` is a `VALUES` list or a `SELECT` of
+/// the table's columns, in order.
+async fn insert_rows(client: &tokio_postgres::Client, schema: &str, rows: &str) {
+    let columns =
+        "scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at";
+    let sql = format!("INSERT INTO {schema}.idem_records ({columns}) {rows}");
+    client.execute(&sql, &[]).await.unwrap();
+}
+
 /// How many transactions wrote the rows whose keys start with `prefix` (their `xmin`s).
 async fn writing_transactions(client: &tokio_postgres::Client, schema: &str, prefix: &str) -> i64 {
     let sql = format!(
@@ -65,17 +74,12 @@ async fn claims_and_completions(schema: &str, writers: usize) -> Option<(i64, i6
         Arc::new(PostgresStore::connect(&format!("{url}&batch_writers={writers}")).await.unwrap());
     let client = admin().await;
     // A row whose fingerprint is damaged: its claim must fail as corrupt, alone.
-    client
-        .execute(
-            &format!(
-                "INSERT INTO {schema}.idem_records
-                 (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
-                 VALUES ('batch', 'damaged', '\\x00', 1, NULL, NULL, '', 0, 9223372036854775807)"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    insert_rows(
+        &client,
+        schema,
+        "VALUES ('batch', 'damaged', '\\x00', 1, NULL, NULL, '', 0, 9223372036854775807)",
+    )
+    .await;
     let damaged = {
         let store = Arc::clone(&store);
         tokio::spawn(async move { claim(&store, &key("damaged"), FencingToken::generate()).await })
@@ -235,18 +239,11 @@ async fn batches_read_a_grown_table_by_its_index_though_first_run_on_an_empty_on
         store.complete(&record, token, Bytes::from_static(b"ok"), now(), expires_at).await.unwrap();
     }
     let client = admin().await;
-    client
-        .execute(
-            &format!(
-                "INSERT INTO {schema}.idem_records
-                 (scope, key, fingerprint, state, token, lease_expires_at, payload, created_at, expires_at)
-                 SELECT 'batch', 'grown-' || n, '\\x07', 1, NULL, NULL, 'old', 0, 9223372036854775807
-                 FROM generate_series(1, {GROWN}) AS n"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
+    let grown = format!(
+        "SELECT 'batch', 'grown-' || n, '\\x07', 1, NULL, NULL, 'old', 0, 9223372036854775807
+         FROM generate_series(1, {GROWN}) AS n"
+    );
+    insert_rows(&client, schema, &grown).await;
     let (scanned_before, _, _) = table_reads(&client, schema).await;
 
     let late: Vec<_> = (0..LATE)
