@@ -44,7 +44,12 @@ struct Args {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "postgres,redis,sqlite")]
     stores: Vec<StoreKind>,
     /// Brokers to run the messaging scenario on, in turn
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "nats,redis,rabbitmq")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nats,nats-cluster,redis,rabbitmq"
+    )]
     brokers: Vec<messaging::Broker>,
     /// Skip the messaging scenario (outbox, relays, a broker, consumers through the inbox)
     #[arg(long)]

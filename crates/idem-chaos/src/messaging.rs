@@ -32,6 +32,9 @@ const ACK_WAIT: Duration = Duration::from_secs(3);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Broker {
     Nats,
+    /// Three clustered `nats-server`s, every stream replicated three times; faults kill a
+    /// node, or the node leading a stream, instead of the whole broker.
+    NatsCluster,
     Redis,
     Rabbitmq,
 }
@@ -40,6 +43,7 @@ impl Broker {
     fn name(self) -> &'static str {
         match self {
             Broker::Nats => "NATS JetStream",
+            Broker::NatsCluster => "a 3-node NATS JetStream cluster (streams of 3 replicas)",
             Broker::Redis => "Redis Streams",
             Broker::Rabbitmq => "RabbitMQ (quorum queues)",
         }
@@ -145,19 +149,22 @@ fn err<E: std::fmt::Display>(context: &'static str) -> impl Fn(E) -> String {
     move |error| format!("{context}: {error}")
 }
 
-/// A `nats-server -js` of the rig's own, with its store in `dir`.
+/// A `nats-server -js` of the rig's own, with its store in `dir`: alone, or a node of a
+/// cluster (`cluster` holds its server name, cluster name and port, and routes).
 struct Nats {
     child: Child,
     port: u16,
     dir: std::path::PathBuf,
+    cluster: Vec<String>,
 }
 
 impl Nats {
-    fn start(port: u16, dir: &Path) -> Result<Self, String> {
+    fn start(port: u16, dir: &Path, cluster: Vec<String>) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(err("nats dir"))?;
         let mut child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
+            .args(&cluster)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -167,14 +174,19 @@ impl Nats {
             let _ = child.wait();
             return Err(error);
         }
-        Ok(Self { child, port, dir: dir.to_path_buf() })
+        Ok(Self { child, port, dir: dir.to_path_buf(), cluster })
     }
 
+    /// `kill -9` and a start on the same data and ports.
     fn restart(&mut self) -> Result<(), String> {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        *self = Self::start(self.port, &self.dir.clone())?;
+        *self = Self::start(self.port, &self.dir.clone(), std::mem::take(&mut self.cluster))?;
         Ok(())
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
     }
 }
 
@@ -185,9 +197,63 @@ impl Drop for Nats {
     }
 }
 
+/// Three `nats-server`s clustered on loopback, each with its own store directory and server
+/// name (`n0`, `n1`, `n2`: what a stream's info names as its leader).
+struct NatsCluster {
+    nodes: Vec<Nats>,
+    /// Node losses so far: every other one is a stream's leader.
+    kills: u64,
+}
+
+impl NatsCluster {
+    const NODES: usize = 3;
+
+    fn start(dir: &Path) -> Result<Self, String> {
+        let ports: Vec<(u16, u16)> = (0..Self::NODES)
+            .map(|_| Ok((free_port()?, free_port()?)))
+            .collect::<Result<_, String>>()?;
+        let routes: Vec<String> =
+            ports.iter().map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}")).collect();
+        let mut nodes = Vec::new();
+        for (index, (port, cluster)) in ports.iter().enumerate() {
+            let flags = vec![
+                "--server_name".to_owned(),
+                format!("n{index}"),
+                "--cluster_name".to_owned(),
+                "idemchaos".to_owned(),
+                "--cluster".to_owned(),
+                format!("nats://127.0.0.1:{cluster}"),
+                "--routes".to_owned(),
+                routes.join(","),
+            ];
+            nodes.push(Nats::start(*port, &dir.join(format!("n{index}")), flags)?);
+        }
+        Ok(Self { nodes, kills: 0 })
+    }
+
+    /// Every node's client URL, comma-separated: what clients connect with.
+    fn url(&self) -> String {
+        self.nodes.iter().map(Nats::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// The node that leads partition `partition`'s stream, as the cluster says (None while
+    /// it has no leader or cannot be asked).
+    async fn leader_of(&self, partition: usize) -> Option<usize> {
+        let ask = async {
+            let client = idem_stream::nats::connect(&self.url()).await.ok()?;
+            let jetstream = async_nats::jetstream::new(client);
+            let stream = jetstream.get_stream(format!("CHAOS{partition}")).await.ok()?;
+            let leader = stream.cached_info().cluster.as_ref()?.leader.clone()?;
+            leader.strip_prefix('n')?.parse().ok()
+        };
+        tokio::time::timeout(Duration::from_secs(5), ask).await.ok().flatten()
+    }
+}
+
 /// The broker's server, the rig's own.
 enum BrokerServer {
     Nats(Nats),
+    NatsCluster(NatsCluster),
     Redis(Redis),
     Rabbit(Rabbit),
 }
@@ -195,24 +261,45 @@ enum BrokerServer {
 impl BrokerServer {
     fn start(broker: Broker, dir: &Path) -> Result<Self, String> {
         match broker {
-            Broker::Nats => Nats::start(free_port()?, &dir.join("nats")).map(Self::Nats),
+            Broker::Nats => Nats::start(free_port()?, &dir.join("nats"), vec![]).map(Self::Nats),
+            Broker::NatsCluster => NatsCluster::start(&dir.join("nats")).map(Self::NatsCluster),
             Broker::Redis => Redis::start(&dir.join("redis")).map(Self::Redis),
             Broker::Rabbitmq => Rabbit::start(&dir.join("rabbitmq")).map(Self::Rabbit),
         }
     }
 
-    /// `kill -9` and a start on the same data.
-    fn restart(&mut self) -> Result<(), String> {
+    /// `kill -9` and a start on the same data: the whole broker, or on a cluster one node,
+    /// every other time the one leading a stream. Says what it killed.
+    fn restart(
+        &mut self,
+        rng: &mut Rng,
+        runtime: &tokio::runtime::Handle,
+    ) -> Result<&'static str, String> {
         match self {
+            Self::NatsCluster(cluster) => {
+                cluster.kills += 1;
+                let leader = match cluster.kills % 2 {
+                    1 => None,
+                    _ => runtime.block_on(cluster.leader_of(rng.below(PARTITIONS as u64) as usize)),
+                };
+                let node = leader.unwrap_or(rng.below(NatsCluster::NODES as u64) as usize);
+                cluster.nodes[node].restart()?;
+                return Ok(match leader {
+                    Some(_) => "NATS stream leader node kill -9 and restart",
+                    None => "NATS node kill -9 and restart",
+                });
+            }
             Self::Nats(nats) => nats.restart(),
             Self::Redis(redis) => redis.restart(),
             Self::Rabbit(rabbit) => rabbit.restart(),
-        }
+        }?;
+        Ok("broker kill -9 and restart")
     }
 
     fn url(&self) -> String {
         match self {
-            Self::Nats(nats) => format!("nats://127.0.0.1:{}", nats.port),
+            Self::Nats(nats) => nats.url(),
+            Self::NatsCluster(cluster) => cluster.url(),
             Self::Redis(redis) => redis.url(),
             Self::Rabbit(rabbit) => rabbit.url(),
         }
@@ -223,18 +310,27 @@ impl BrokerServer {
     async fn prepare(&self) -> Result<(), String> {
         let url = self.url();
         match self {
-            Self::Nats(_) => {
+            Self::Nats(_) | Self::NatsCluster(_) => {
+                let replicas = if matches!(self, Self::NatsCluster(_)) { 3 } else { 1 };
                 let jetstream = async_nats::jetstream::new(
-                    async_nats::connect(&url).await.map_err(err("nats connect"))?,
+                    idem_stream::nats::connect(&url).await.map_err(err("nats connect"))?,
                 );
                 for partition in 0..PARTITIONS {
                     let config = async_nats::jetstream::stream::Config {
                         name: format!("CHAOS{partition}"),
                         subjects: vec![topic(partition)],
                         storage: async_nats::jetstream::stream::StorageType::File,
+                        num_replicas: replicas,
                         ..Default::default()
                     };
-                    jetstream.create_stream(config).await.map_err(err("create stream"))?;
+                    // A new cluster takes a few seconds to elect its JetStream leader.
+                    let started = Instant::now();
+                    while let Err(error) = jetstream.create_stream(config.clone()).await {
+                        if started.elapsed() > Duration::from_secs(30) {
+                            return Err(format!("create stream: {error}"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
                 }
             }
             Self::Rabbit(_) => {
@@ -355,6 +451,7 @@ pub async fn scenario(
         );
         let consumer_args: Vec<Vec<String>> = (0..PARTITIONS).map(consumer_args).collect();
         let relay_args = relay_args.clone();
+        let runtime = tokio::runtime::Handle::current();
         std::thread::spawn(move || -> Result<_, String> {
             // However this thread ends (a fault that failed included), the producers stop.
             let _stop_on_exit = crate::StopOnDrop(Arc::clone(&stop));
@@ -390,16 +487,17 @@ pub async fn scenario(
                     // last restart took (a RabbitMQ node takes seconds, more on a loaded
                     // machine): crashed more often, it would be down most of the run.
                     60..=79 if broker_up_since.elapsed() >= broker_min_up => {
-                        // Every partition's deliveries in flight may be lost with the broker.
+                        // Every partition's deliveries in flight may be lost with the broker
+                        // (or with the node a consumer is connected to).
                         let crashed = SystemTime::now();
                         let restarting = Instant::now();
-                        server.restart()?;
+                        let kind = server.restart(&mut rng, &runtime)?;
                         broker_min_up = (restarting.elapsed() * 2).max(Duration::from_secs(10));
                         broker_up_since = Instant::now();
                         let back = SystemTime::now();
                         let all = (0..PARTITIONS).map(|p| (p, crashed, back, true));
                         kills.lock().unwrap().extend(all);
-                        "broker kill -9 and restart"
+                        kind
                     }
                     60..=79 => continue,
                     _ => {
@@ -601,13 +699,27 @@ pub async fn consume(database: &str, broker: &str, partition: usize) -> Result<(
     let topic = topic(partition);
     match broker.split_once("://").map_or("", |(scheme, _)| scheme) {
         "nats" => {
-            let jetstream =
-                async_nats::jetstream::new(async_nats::connect(broker).await.map_err(err("nats"))?);
-            let stream =
-                jetstream.get_stream(format!("CHAOS{partition}")).await.map_err(err("stream"))?;
-            let subscription = JetStreamSubscription::durable(&stream, "chaos", ACK_WAIT)
-                .await
-                .map_err(err("consumer"))?;
+            let subscribe = async || {
+                let client = idem_stream::nats::connect(broker).await.map_err(err("nats"))?;
+                let jetstream = async_nats::jetstream::new(client);
+                let stream = jetstream
+                    .get_stream(format!("CHAOS{partition}"))
+                    .await
+                    .map_err(err("stream"))?;
+                JetStreamSubscription::durable(&stream, "chaos", ACK_WAIT)
+                    .await
+                    .map_err(err("consumer"))
+            };
+            // Started while a node of a cluster restarts, the stream or the consumer may have
+            // no leader for a few seconds: tried again, as a supervisor would restart it.
+            let started = Instant::now();
+            let subscription = loop {
+                match subscribe().await {
+                    Ok(subscription) => break subscription,
+                    Err(error) if started.elapsed() > Duration::from_secs(60) => return Err(error),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            };
             consume_from(subscription, database, partition).await
         }
         "redis" => {

@@ -10,6 +10,15 @@ use crate::publish::{OutboxMessage, PublishError, Publisher};
 /// How errors name this broker.
 const NATS: &str = "NATS";
 
+/// Connects to a NATS server, or to a cluster given as a comma-separated list of its servers
+/// (`nats://a:4222,nats://b:4222`): the client connects to one of them and moves to another
+/// when that one goes away.
+pub async fn connect(servers: &str) -> crate::Result<async_nats::Client> {
+    let servers: Vec<&str> =
+        servers.split(',').map(str::trim).filter(|server| !server.is_empty()).collect();
+    async_nats::connect(servers).await.map_err(crate::Error::from_broker(NATS, "connect"))
+}
+
 /// Whether a publish failed for want of a server that answers, not for what it carried.
 fn unreachable(kind: async_nats::jetstream::context::PublishErrorKind) -> bool {
     use async_nats::jetstream::context::PublishErrorKind;

@@ -21,7 +21,7 @@ pub struct RelayArgs {
     #[arg(long, env = "IDEM_RELAY_DATABASE", value_name = "URL")]
     pub database: String,
     /// The broker, by scheme: `nats://` (JetStream; the streams for the outbox topics must
-    /// exist), `amqp://` (RabbitMQ; the topic is the routing key on `--exchange`) or `redis://`
+    /// exist; a cluster as its servers' URLs separated by commas), `amqp://` (RabbitMQ; the topic is the routing key on `--exchange`) or `redis://`
     /// (Redis Streams; the topic is the stream's key)
     #[arg(
         long,
@@ -282,7 +282,8 @@ async fn publisher(args: &RelayArgs) -> Result<Box<dyn Publisher>, String> {
     let scheme = args.broker.split_once("://").map_or("", |(scheme, _)| scheme);
     match scheme {
         "nats" | "tls" => {
-            let client = async_nats::connect(&args.broker).await.map_err(|e| e.to_string())?;
+            let client =
+                idem_stream::nats::connect(&args.broker).await.map_err(|e| e.to_string())?;
             Ok(Box::new(JetStreamPublisher::new(async_nats::jetstream::new(client))))
         }
         "amqp" | "amqps" => {
