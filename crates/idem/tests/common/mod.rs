@@ -456,10 +456,14 @@ pub async fn wait_healthy(gateway: &Gateway, within: Duration) {
     let admin = TestClient::new(gateway.admin);
     let started = std::time::Instant::now();
     loop {
-        if admin.get_text("/healthz").await.0 == StatusCode::OK {
+        let (status, body) = admin.get_text("/healthz").await;
+        if status == StatusCode::OK {
             return;
         }
-        assert!(started.elapsed() < within, "the gateway did not become healthy within {within:?}");
+        assert!(
+            started.elapsed() < within,
+            "the gateway did not become healthy within {within:?}; /healthz said {status}: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
