@@ -178,9 +178,13 @@ impl Gateway {
         env: &[(&str, &str)],
     ) -> Self {
         let mut command = Command::new(idem_bin());
+        command.args(["serve", "--upstream", upstream, "--store", store]);
+        // Free ports, unless the caller names its own (a gateway restarted behind a balancer).
+        if !extra.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
         command
-            .args(["serve", "--upstream", upstream, "--store", store])
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
             .args(extra)
             .env("IDEM_LOG", "warn")
             .envs(env.iter().copied())
