@@ -131,6 +131,12 @@ fn main() -> ExitCode {
     let raw: Vec<String> = std::env::args().collect();
     if raw.get(1).map(String::as_str) == Some("consume") && raw.len() == 5 {
         let partition = raw[4].parse().unwrap_or(0);
+        // The runner's and adapters' warnings go to the scenario's process log.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_env("IDEM_LOG"))
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
         let runtime = tokio::runtime::Runtime::new().expect("a runtime");
         return match runtime.block_on(messaging::consume(&raw[2], &raw[3], partition)) {
             Ok(()) => ExitCode::SUCCESS,

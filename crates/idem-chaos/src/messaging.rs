@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use idem_core::conformance::servers::PrivatePostgres;
-use idem_stream::consume::{self, Failure, Received, RunnerConfig, Subscription};
-use idem_stream::nats::JetStreamSubscription;
-use idem_stream::postgres::{Applied, DeadLetters, Event, Inbox, Outbox};
+use idem_stream::Delivery;
+use idem_stream::consume::{self, Failure, OrderBy, Received, RunnerConfig, Subscription};
+use idem_stream::nats::{JetStreamPartitions, JetStreamSubscription};
+use idem_stream::postgres::{Applied, DeadLetters, Event, Inbox, Offsets, Outbox};
 use idem_stream::rabbitmq::RabbitSubscription;
 use idem_stream::redis_streams::RedisStreamsSubscription;
 
@@ -23,6 +24,10 @@ use crate::Rng;
 use crate::servers::{Rabbit, Redis, free_port, wait_listening};
 
 const PARTITIONS: usize = 3;
+/// On JetStream this partition is read in the offsets mode (an ordered consumer from the
+/// position recorded with the effects), which keeps each key in order through any crash; the
+/// others through durable consumers and the inbox.
+const OFFSETS_PARTITION: usize = 2;
 const KEYS: i64 = 60;
 /// JetStream redelivers (and a Redis Streams consumer claims) what a killed consumer held
 /// after this.
@@ -73,11 +78,15 @@ pub struct Report {
     pub applied_rows: i64,
     pub faults: HashMap<&'static str, u64>,
     pub never_applied: i64,
+    /// (partition, count) of the above, where any.
+    pub never_applied_by_partition: Vec<(i32, i64)>,
     pub applied_twice: i64,
     pub applied_not_committed: i64,
     pub out_of_order_after_consumer_kill: i64,
     pub out_of_order_after_broker_crash: i64,
     pub out_of_order_other: i64,
+    /// Inversions in the partition read in the offsets mode, whatever was killed: none allowed.
+    pub out_of_order_offsets_mode: i64,
     pub dead_letters: i64,
     pub parked_keys: i64,
 }
@@ -88,6 +97,7 @@ impl Report {
             && self.applied_twice == 0
             && self.applied_not_committed == 0
             && self.out_of_order_other == 0
+            && self.out_of_order_offsets_mode == 0
             && self.dead_letters == 0
             && self.parked_keys == 0
     }
@@ -127,7 +137,20 @@ impl std::fmt::Display for Report {
             "| applied out of key order after the broker crashed (deliveries lost with it come back after the ack wait: the same limit) | {} |",
             self.out_of_order_after_broker_crash
         )?;
-        writeln!(f, "| committed, never applied | {} |", self.never_applied)?;
+        let by_partition: Vec<String> = self
+            .never_applied_by_partition
+            .iter()
+            .map(|(partition, count)| format!("{count} in partition {partition}"))
+            .collect();
+        match by_partition.is_empty() {
+            true => writeln!(f, "| committed, never applied | {} |", self.never_applied)?,
+            false => writeln!(
+                f,
+                "| committed, never applied | {} ({}) |",
+                self.never_applied,
+                by_partition.join(", ")
+            )?,
+        }
         writeln!(f, "| applied twice | {} |", self.applied_twice)?;
         writeln!(f, "| applied, never committed | {} |", self.applied_not_committed)?;
         writeln!(
@@ -135,6 +158,13 @@ impl std::fmt::Display for Report {
             "| applied out of key order, no consumer killed and no broker crash shortly before | {} |",
             self.out_of_order_other
         )?;
+        if self.broker.contains("NATS") {
+            writeln!(
+                f,
+                "| applied out of key order in partition {OFFSETS_PARTITION}, read in the offsets mode (whatever was killed) | {} |",
+                self.out_of_order_offsets_mode
+            )?;
+        }
         writeln!(f, "| dead-lettered | {} |", self.dead_letters)?;
         writeln!(
             f,
@@ -362,7 +392,7 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Killed, String> 
         std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(err("log"))?;
     let child = Command::new(program)
         .args(args)
-        .env("IDEM_LOG", "error")
+        .env("IDEM_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -392,6 +422,7 @@ pub async fn scenario(
     tokio::spawn(connection);
     Outbox::migrate(&mut client).await.map_err(err("outbox tables"))?;
     Inbox::migrate(&mut client).await.map_err(err("inbox tables"))?;
+    Offsets::migrate(&mut client).await.map_err(err("offsets table"))?;
     client
         .batch_execute(
             "CREATE TABLE orders (id bigint PRIMARY KEY, key text NOT NULL);
@@ -641,6 +672,16 @@ pub async fn scenario(
         "SELECT count(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id)",
     )
     .await?;
+    let by_partition = client
+        .query(
+            "SELECT (substr(o.key, 2)::int % $1)::int4, count(*) FROM orders o
+             WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id) GROUP BY 1 ORDER BY 1",
+            &[&(PARTITIONS as i32)],
+        )
+        .await
+        .map_err(err("never applied by partition"))?;
+    report.never_applied_by_partition =
+        by_partition.iter().map(|row| (row.get(0), row.get(1))).collect();
     report.applied_twice = count(
         "SELECT count(*) FROM (SELECT order_id FROM applied GROUP BY order_id HAVING count(*) > 1) twice",
     )
@@ -679,7 +720,11 @@ pub async fn scenario(
                     && at.duration_since(*back).unwrap_or_default() < ACK_WAIT * 5
             })
         };
-        if after(false) {
+        if matches!(broker, Broker::Nats | Broker::NatsCluster)
+            && partition as usize == OFFSETS_PARTITION
+        {
+            report.out_of_order_offsets_mode += 1;
+        } else if after(false) {
             report.out_of_order_after_consumer_kill += 1;
         } else if after(true) {
             report.out_of_order_after_broker_crash += 1;
@@ -688,7 +733,11 @@ pub async fn scenario(
         }
     }
     drop((relays, consumers, server, postgres));
-    let _ = std::fs::remove_dir_all(&dir);
+    if report.clean() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("idem-chaos: the relays' and consumers' logs are kept in {}", dir.display());
+    }
     Ok(report)
 }
 
@@ -698,29 +747,33 @@ pub async fn scenario(
 pub async fn consume(database: &str, broker: &str, partition: usize) -> Result<(), String> {
     let topic = topic(partition);
     match broker.split_once("://").map_or("", |(scheme, _)| scheme) {
-        "nats" => {
-            let subscribe = async || {
-                let client = idem_stream::nats::connect(broker).await.map_err(err("nats"))?;
-                let jetstream = async_nats::jetstream::new(client);
-                let stream = jetstream
-                    .get_stream(format!("CHAOS{partition}"))
+        "nats" if partition == OFFSETS_PARTITION => {
+            let offsets = Offsets::new(format!("chaos-p{partition}")).map_err(err("offsets"))?;
+            let subscription = retrying(async || {
+                let config: tokio_postgres::Config = database.parse().map_err(err("database"))?;
+                let (client, connection) =
+                    config.connect(tokio_postgres::NoTls).await.map_err(err("connect"))?;
+                tokio::spawn(connection);
+                let positions = offsets.positions(&client).await.map_err(err("positions"))?;
+                let from = positions.get(&topic).copied().unwrap_or(0);
+                let stream = nats_stream(broker, partition).await?;
+                JetStreamPartitions::start(&stream, [(topic.clone(), from)])
                     .await
-                    .map_err(err("stream"))?;
+                    .map_err(err("ordered consumer"))
+            })
+            .await?;
+            consume_from(subscription, database, partition, Dedupe::Offsets(offsets)).await
+        }
+        "nats" => {
+            let subscription = retrying(async || {
+                let stream = nats_stream(broker, partition).await?;
                 JetStreamSubscription::durable(&stream, "chaos", ACK_WAIT)
                     .await
                     .map_err(err("consumer"))
-            };
-            // Started while a node of a cluster restarts, the stream or the consumer may have
-            // no leader for a few seconds: tried again, as a supervisor would restart it.
-            let started = Instant::now();
-            let subscription = loop {
-                match subscribe().await {
-                    Ok(subscription) => break subscription,
-                    Err(error) if started.elapsed() > Duration::from_secs(60) => return Err(error),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                }
-            };
-            consume_from(subscription, database, partition).await
+            })
+            .await?;
+            let inbox = Inbox::new(format!("chaos-p{partition}")).map_err(err("inbox"))?;
+            consume_from(subscription, database, partition, Dedupe::Inbox(inbox)).await
         }
         "redis" => {
             let client = redis::Client::open(broker).map_err(err("redis URL"))?;
@@ -731,14 +784,50 @@ pub async fn consume(database: &str, broker: &str, partition: usize) -> Result<(
                 RedisStreamsSubscription::join(&client, &topic, "chaos", &name, ACK_WAIT)
                     .await
                     .map_err(err("consumer group"))?;
-            consume_from(subscription, database, partition).await
+            consume_from(subscription, database, partition, inbox(partition)?).await
         }
         "amqp" => {
             let subscription =
                 RabbitSubscription::consume(broker, &topic, 32).await.map_err(err("queue"))?;
-            consume_from(subscription, database, partition).await
+            consume_from(subscription, database, partition, inbox(partition)?).await
         }
         other => Err(format!("no broker for the scheme {other:?}")),
+    }
+}
+
+/// How a consumer tells a first delivery from a copy: by message id in the inbox, or by
+/// stream position (the offsets mode).
+#[derive(Clone)]
+enum Dedupe {
+    Inbox(Inbox),
+    Offsets(Offsets),
+}
+
+fn inbox(partition: usize) -> Result<Dedupe, String> {
+    Inbox::new(format!("chaos-p{partition}")).map(Dedupe::Inbox).map_err(err("inbox"))
+}
+
+/// Partition `partition`'s stream on the JetStream at `broker` (one server or a cluster).
+async fn nats_stream(
+    broker: &str,
+    partition: usize,
+) -> Result<async_nats::jetstream::stream::Stream, String> {
+    let client = idem_stream::nats::connect(broker).await.map_err(err("nats"))?;
+    let jetstream = async_nats::jetstream::new(client);
+    jetstream.get_stream(format!("CHAOS{partition}")).await.map_err(err("stream"))
+}
+
+/// `attempt` until it succeeds, for up to a minute: started while a node of a cluster or the
+/// database restarts, a consumer may find no leader or no server for a few seconds, and is
+/// tried again as a supervisor would restart it.
+async fn retrying<T>(mut attempt: impl AsyncFnMut() -> Result<T, String>) -> Result<T, String> {
+    let started = Instant::now();
+    loop {
+        match attempt().await {
+            Ok(done) => return Ok(done),
+            Err(error) if started.elapsed() > Duration::from_secs(60) => return Err(error),
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
     }
 }
 
@@ -746,6 +835,7 @@ async fn consume_from<S: Subscription>(
     subscription: S,
     database: &str,
     partition: usize,
+    dedupe: Dedupe,
 ) -> Result<(), String> {
     let config: tokio_postgres::Config = database.parse().map_err(err("database URL"))?;
     let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::new(
@@ -755,23 +845,27 @@ async fn consume_from<S: Subscription>(
     .max_size(16)
     .build()
     .map_err(err("pool"))?;
-    let inbox = Inbox::new(format!("chaos-p{partition}")).map_err(err("inbox"))?;
     let dead_letters = Arc::new(
         DeadLetters::new(pool.clone(), format!("chaos-p{partition}"))
             .map_err(err("dead letters"))?,
     );
-    let handler = move |message: Received| {
-        let (pool, inbox) = (pool.clone(), inbox.clone());
-        async move { apply(pool, inbox, partition, message).await }
+    // The offsets mode reads one partition in stream order: handled in that order.
+    let order_by = match dedupe {
+        Dedupe::Inbox(_) => OrderBy::default_key(),
+        Dedupe::Offsets(_) => OrderBy::Subject,
     };
-    let config = RunnerConfig { concurrency: 16, ..RunnerConfig::default() };
+    let handler = move |message: Received| {
+        let (pool, dedupe) = (pool.clone(), dedupe.clone());
+        async move { apply(pool, dedupe, partition, message).await }
+    };
+    let config = RunnerConfig { concurrency: 16, order_by, ..RunnerConfig::default() };
     consume::run(subscription, handler, dead_letters, config, std::future::pending()).await;
     Ok(())
 }
 
 async fn apply(
     pool: deadpool_postgres::Pool,
-    inbox: Inbox,
+    dedupe: Dedupe,
     partition: usize,
     message: Received,
 ) -> Result<(), Failure> {
@@ -790,7 +884,7 @@ async fn apply(
     let mut client = pool.get().await.map_err(|e| Failure::Unavailable(e.to_string()))?;
     let transaction = client.transaction().await.map_err(unavailable)?;
     let partition = partition as i32;
-    let record = async {
+    let record = || async {
         transaction
             .execute(
                 "INSERT INTO applied (partition, key, seq, order_id) VALUES ($1, $2, $3, $4)",
@@ -798,11 +892,25 @@ async fn apply(
             )
             .await
     };
-    match inbox.apply(&transaction, &message.id, record).await.map_err(Failure::from)? {
-        Applied::First(result) => {
-            result.map_err(unavailable)?;
-            transaction.commit().await.map_err(unavailable)
+    let first = match &dedupe {
+        Dedupe::Inbox(inbox) => {
+            match inbox.apply(&transaction, &message.id, record()).await.map_err(Failure::from)? {
+                Applied::First(result) => result.map(|_| true).map_err(unavailable)?,
+                Applied::Duplicate => false,
+            }
         }
-        Applied::Duplicate => transaction.rollback().await.map_err(unavailable),
+        Dedupe::Offsets(offsets) => {
+            let position =
+                message.position.ok_or_else(|| Failure::rejected("no stream position"))?;
+            let delivery = offsets.advance(&transaction, &message.subject, position).await;
+            match delivery.map_err(Failure::from)? {
+                Delivery::First => record().await.map(|_| true).map_err(unavailable)?,
+                Delivery::Duplicate => false,
+            }
+        }
+    };
+    match first {
+        true => transaction.commit().await.map_err(unavailable),
+        false => transaction.rollback().await.map_err(unavailable),
     }
 }

@@ -211,16 +211,19 @@ pub fn received_from(message: &async_nats::jetstream::Message) -> crate::consume
     }
 }
 
-type OrderedMessages = std::pin::Pin<
+/// One partition's messages; its last item is an error naming the partition when its ordered
+/// consumer failed or ended, after which it is made again from the last position handed out.
+type PartitionMessages = std::pin::Pin<
     Box<
-        dyn futures_util::Stream<
-                Item = Result<
-                    async_nats::jetstream::Message,
-                    async_nats::jetstream::consumer::pull::OrderedError,
-                >,
-            > + Send,
+        dyn futures_util::Stream<Item = Result<async_nats::jetstream::Message, (String, String)>>
+            + Send,
     >,
 >;
+
+/// How long making one partition's ordered consumer again may take before it is left for the
+/// next fetch, and the longest wait between tries.
+const REVIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const REVIVE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The offsets mode's source: one ordered consumer per partition (a subject of the stream),
 /// each starting at the sequence after the last one its consumer recorded
@@ -229,19 +232,70 @@ type OrderedMessages = std::pin::Pin<
 /// recorded position, so nothing is skipped and nothing applied is applied again (the handler's
 /// `Offsets::advance` refuses positions at or below the mark). Run it with the runner ordered
 /// by subject ([`crate::consume::OrderBy::Subject`]) so each partition is handled in order.
+///
+/// An ordered consumer lives in the server's memory: a server that restarts (or a cluster node
+/// that held it) forgets it, and async-nats then reports "consumer not found" and reads no
+/// more. A partition whose consumer failed or ended is made again here, on the next fetches
+/// (backing off up to 5 s while the server is away), from the last position handed out.
 pub struct JetStreamPartitions {
+    stream: async_nats::jetstream::stream::Stream,
     /// (In a mutex only to be `Sync`: `fetch` has it alone, through `get_mut`.)
-    messages: std::sync::Mutex<futures_util::stream::SelectAll<OrderedMessages>>,
+    messages: std::sync::Mutex<futures_util::stream::SelectAll<PartitionMessages>>,
     /// Each partition's last position handed out (at first, its recorded one): what an ordered
     /// consumer delivers again (async-nats recreates a consumer that saw nothing yet from the
     /// stream's start) is dropped here instead of going through the handlers as duplicates.
     last: std::collections::HashMap<String, u64>,
+    /// Partitions without a consumer: when to try again, the wait after that, and why.
+    broken: Vec<Broken>,
+}
+
+struct Broken {
+    subject: String,
+    retry_at: tokio::time::Instant,
+    backoff: std::time::Duration,
+    error: String,
 }
 
 impl std::fmt::Debug for JetStreamPartitions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JetStreamPartitions").finish_non_exhaustive()
     }
+}
+
+/// An ordered consumer for `subject` reading after stream sequence `after` (0: from the start),
+/// as a stream that ends with the partition's error.
+async fn partition_messages(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    after: u64,
+) -> crate::Result<PartitionMessages> {
+    use async_nats::jetstream::consumer::DeliverPolicy;
+    use futures_util::StreamExt;
+    let config = async_nats::jetstream::consumer::pull::OrderedConfig {
+        filter_subject: subject.to_owned(),
+        deliver_policy: if after == 0 {
+            DeliverPolicy::All
+        } else {
+            DeliverPolicy::ByStartSequence { start_sequence: after + 1 }
+        },
+        ..Default::default()
+    };
+    let context = format!("ordered consumer for partition {subject}");
+    let consumer = stream
+        .create_consumer(config)
+        .await
+        .map_err(crate::Error::from_broker(NATS, context.clone()))?;
+    let ordered = consumer.messages().await.map_err(crate::Error::from_broker(NATS, context))?;
+    let state = Some((subject.to_owned(), ordered));
+    let messages = futures_util::stream::unfold(state, |state| async move {
+        let (subject, mut ordered) = state?;
+        match ordered.next().await {
+            Some(Ok(message)) => Some((Ok(message), Some((subject, ordered)))),
+            Some(Err(error)) => Some((Err((subject, error.to_string())), None)),
+            None => Some((Err((subject, "the ordered consumer ended".to_owned())), None)),
+        }
+    });
+    Ok(messages.boxed())
 }
 
 impl JetStreamPartitions {
@@ -251,31 +305,49 @@ impl JetStreamPartitions {
         stream: &async_nats::jetstream::stream::Stream,
         partitions: impl IntoIterator<Item = (String, u64)>,
     ) -> crate::Result<Self> {
-        use async_nats::jetstream::consumer::DeliverPolicy;
-        use futures_util::StreamExt;
         let mut messages = futures_util::stream::SelectAll::new();
         let mut last = std::collections::HashMap::new();
         for (subject, after) in partitions {
-            last.insert(subject.clone(), after);
-            let config = async_nats::jetstream::consumer::pull::OrderedConfig {
-                filter_subject: subject.clone(),
-                deliver_policy: if after == 0 {
-                    DeliverPolicy::All
-                } else {
-                    DeliverPolicy::ByStartSequence { start_sequence: after + 1 }
-                },
-                ..Default::default()
-            };
-            let context = format!("ordered consumer for partition {subject}");
-            let consumer = stream
-                .create_consumer(config)
-                .await
-                .map_err(crate::Error::from_broker(NATS, context.clone()))?;
-            let ordered =
-                consumer.messages().await.map_err(crate::Error::from_broker(NATS, context))?;
-            messages.push(ordered.boxed());
+            messages.push(partition_messages(stream, &subject, after).await?);
+            last.insert(subject, after);
         }
-        Ok(Self { messages: std::sync::Mutex::new(messages), last })
+        let messages = std::sync::Mutex::new(messages);
+        Ok(Self { stream: stream.clone(), messages, last, broken: Vec::new() })
+    }
+
+    /// Makes again the consumers of the broken partitions whose time has come.
+    async fn revive(&mut self) {
+        let now = tokio::time::Instant::now();
+        let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
+        for broken in self.broken.iter_mut().filter(|broken| broken.retry_at <= now) {
+            let after = self.last.get(&broken.subject).copied().unwrap_or(0);
+            let made = partition_messages(&self.stream, &broken.subject, after);
+            match tokio::time::timeout(REVIVE_TIMEOUT, made).await {
+                Ok(Ok(partition)) => {
+                    tracing::info!(subject = %broken.subject, after, "partition's ordered consumer made again");
+                    messages.push(partition);
+                    broken.backoff = std::time::Duration::ZERO;
+                }
+                failed => {
+                    broken.error = match failed {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => format!("no answer within {REVIVE_TIMEOUT:?}"),
+                    };
+                    broken.backoff = (broken.backoff * 2)
+                        .clamp(std::time::Duration::from_millis(100), REVIVE_BACKOFF_MAX);
+                    broken.retry_at = tokio::time::Instant::now() + broken.backoff;
+                }
+            }
+        }
+        self.broken.retain(|broken| !broken.backoff.is_zero());
+    }
+
+    /// Records that `subject`'s consumer failed: made again on a later fetch.
+    fn broke(&mut self, subject: String, error: String) {
+        tracing::warn!(%subject, %error, "a partition's ordered consumer failed; making it again");
+        let retry_at = tokio::time::Instant::now();
+        let backoff = std::time::Duration::from_millis(50);
+        self.broken.push(Broken { subject, retry_at, backoff, error });
     }
 }
 
@@ -290,9 +362,22 @@ impl crate::consume::Subscription for JetStreamPartitions {
         wait: std::time::Duration,
     ) -> crate::Result<Vec<(crate::consume::Received, ())>> {
         use futures_util::{FutureExt, StreamExt};
+        if !self.broken.is_empty() {
+            self.revive().await;
+        }
         let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
+        if messages.is_empty() {
+            let errors: Vec<String> =
+                self.broken.iter().map(|b| format!("{}: {}", b.subject, b.error)).collect();
+            return Err(crate::Error::broker(
+                NATS,
+                "fetch",
+                format!("no partition has a consumer ({})", errors.join("; ")),
+            ));
+        }
         let last = &mut self.last;
         let mut batch = Vec::new();
+        let mut failed = Vec::new();
         // A message past its partition's last position, or none (a replay).
         let mut take = |message: &async_nats::jetstream::Message| {
             let mut received = received_from(message);
@@ -305,27 +390,22 @@ impl crate::consume::Subscription for JetStreamPartitions {
             *seen = position;
             Some((received, ()))
         };
-        let first = match tokio::time::timeout(wait, messages.next()).await {
-            Err(_) => return Ok(batch),
-            Ok(None) => {
-                return Err(crate::Error::broker(
-                    NATS,
-                    "fetch",
-                    "every partition's consumer ended",
-                ));
-            }
-            Ok(Some(first)) => first,
-        };
-        batch.extend(take(&first.map_err(crate::Error::from_broker(NATS, "fetch"))?));
-        while batch.len() < max {
-            match messages.next().now_or_never() {
-                Some(Some(Ok(message))) => batch.extend(take(&message)),
-                Some(Some(Err(error))) => {
-                    tracing::warn!(%error, "a partition's ordered consumer failed; it resumes by itself");
-                    break;
+        match tokio::time::timeout(wait, messages.next()).await {
+            Err(_) | Ok(None) => {}
+            Ok(Some(Ok(first))) => {
+                batch.extend(take(&first));
+                while batch.len() < max {
+                    match messages.next().now_or_never() {
+                        Some(Some(Ok(message))) => batch.extend(take(&message)),
+                        Some(Some(Err(broken))) => failed.push(broken),
+                        _ => break,
+                    }
                 }
-                _ => break,
             }
+            Ok(Some(Err(broken))) => failed.push(broken),
+        }
+        for (subject, error) in failed {
+            self.broke(subject, error);
         }
         Ok(batch)
     }

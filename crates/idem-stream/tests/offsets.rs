@@ -388,3 +388,113 @@ async fn identical_entries_at_two_positions_are_both_handled() {
     assert_eq!(report.copies, 0);
     let _: () = redis::cmd("DEL").arg(&stream).query_async(&mut connection).await.unwrap();
 }
+
+/// A `nats-server -js` of this test's own (it is killed), on `port` with its store in `dir`.
+struct PrivateNats(std::process::Child);
+
+impl PrivateNats {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server (the JetStream restart test runs its own)");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(15), "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The offsets mode's JetStream source outlives its server: killed with `kill -9` and started
+/// again on the same store, the server comes back without the ordered consumers, and the
+/// source must go on from the last position it delivered, each message once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_on_jetstream_go_on_after_the_server_is_killed_and_restarted() {
+    // A server of its own; the shared one only says whether NATS tests run here.
+    if service_url("IDEM_TEST_NATS_URL").is_none() {
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("idem-nats-restart-{}-{port}", std::process::id()));
+    let mut server = PrivateNats::start(port, &dir);
+    let url = format!("nats://127.0.0.1:{port}");
+    let jetstream = jetstream::new(async_nats::connect(&url).await.unwrap());
+    let subjects = ["restart.p0", "restart.p1"];
+    let config = stream::Config {
+        name: "RESTART".into(),
+        subjects: subjects.iter().map(|s| s.to_string()).collect(),
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    let stream = jetstream.create_stream(config).await.unwrap();
+    let publish = async |from: usize, to: usize| {
+        for index in from..to {
+            let subject = subjects[index % 2];
+            loop {
+                let sent = async {
+                    jetstream.publish(subject, Bytes::from(index.to_string())).await?.await?;
+                    Ok::<_, Box<dyn std::error::Error>>(())
+                };
+                match sent.await {
+                    Ok(()) => break,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        }
+    };
+    publish(0, 100).await;
+    let from = subjects.iter().map(|s| (s.to_string(), 0)).collect::<Vec<_>>();
+    let mut source = JetStreamPartitions::start(&stream, from).await.unwrap();
+    let mut seen: Vec<(String, u64, String)> = Vec::new();
+    let read_until = async |source: &mut JetStreamPartitions, seen: &mut Vec<_>, total: usize| {
+        let started = Instant::now();
+        while seen.len() < total {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "only {} of {total} messages came within 60 s",
+                seen.len()
+            );
+            if let Ok(batch) = source.fetch(50, Duration::from_millis(200)).await {
+                for (message, ()) in batch {
+                    let payload = String::from_utf8_lossy(&message.payload).into_owned();
+                    seen.push((message.subject, message.position.unwrap(), payload));
+                }
+            }
+        }
+    };
+    read_until(&mut source, &mut seen, 100).await;
+
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server = PrivateNats::start(port, &dir);
+    publish(100, 200).await;
+    read_until(&mut source, &mut seen, 200).await;
+    // Nothing more: each message once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let extra = source.fetch(50, Duration::from_millis(500)).await.unwrap_or_default();
+    assert!(extra.is_empty(), "delivered again: {} messages", extra.len());
+
+    let payloads: Vec<usize> = seen.iter().map(|(.., payload)| payload.parse().unwrap()).collect();
+    let mut sorted = payloads.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (0..200).collect::<Vec<_>>(), "each message once");
+    for subject in subjects {
+        let positions: Vec<u64> =
+            seen.iter().filter(|(s, ..)| s == subject).map(|(_, position, _)| *position).collect();
+        assert!(positions.windows(2).all(|pair| pair[0] < pair[1]), "{subject} in order");
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
