@@ -292,6 +292,24 @@ impl Report<'_> {
                 let ratio = medians.last().zip(medians.first()).map_or(0.0, |(a, b)| a / b);
                 let _ = writeln!(out, "| {store} | {} | {ratio:.2} |", cells.join(" | "));
             }
+            let _ = writeln!(
+                out,
+                "\nThe same runs' p99 latency in ms, at full load (every connection sending as fast as it is answered):\n"
+            );
+            let _ = writeln!(out, "| store | 1 gateway | 2 gateways | 3 gateways |");
+            let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
+            for (store, scaling) in &self.scaling {
+                let cells: Vec<String> = scaling
+                    .p99_medians()
+                    .iter()
+                    .zip(&scaling.p99_per_round)
+                    .map(|(median, of)| {
+                        let each: Vec<String> = of.iter().map(|p99| format!("{p99:.2}")).collect();
+                        format!("{median:.2} ({})", each.join(" / "))
+                    })
+                    .collect();
+                let _ = writeln!(out, "| {store} | {} |", cells.join(" | "));
+            }
         }
 
         let _ = writeln!(out, "\n## Memory\n");

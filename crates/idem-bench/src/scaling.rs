@@ -17,16 +17,21 @@ pub struct Plan<'a> {
     pub store: &'a str,
 }
 
-/// Requests per second with `n` gateways (index `n - 1`), per round.
+/// Requests per second and p99 latency (ms) with `n` gateways (index `n - 1`), per round.
 #[derive(Debug)]
 pub struct Scaling {
     pub per_round: Vec<Vec<f64>>,
+    pub p99_per_round: Vec<Vec<f64>>,
     pub errors: u64,
 }
 
 impl Scaling {
     pub fn medians(&self) -> Vec<f64> {
         self.per_round.iter().map(|rounds| median(rounds)).collect()
+    }
+
+    pub fn p99_medians(&self) -> Vec<f64> {
+        self.p99_per_round.iter().map(|rounds| median(rounds)).collect()
     }
 }
 
@@ -44,10 +49,14 @@ pub async fn run(
         gateways.push(Gateway::start(plan.idem, plan.upstream, plan.store)?);
     }
     let addrs: Vec<SocketAddr> = gateways.iter().map(|gateway| gateway.addr).collect();
-    let mut scaling = Scaling { per_round: vec![Vec::new(); GATEWAYS], errors: 0 };
+    let mut scaling = Scaling {
+        per_round: vec![Vec::new(); GATEWAYS],
+        p99_per_round: vec![Vec::new(); GATEWAYS],
+        errors: 0,
+    };
     for round in 0..rounds {
         for count in 1..=GATEWAYS {
-            let outcome = load::run(LoadPlan {
+            let mut outcome = load::run(LoadPlan {
                 target: addrs[0],
                 also: addrs[1..count].to_vec(),
                 keys: Keys::Fresh(format!("{tag}-scale{count}-{round}")),
@@ -58,11 +67,16 @@ pub async fn run(
             })
             .await;
             let rps = outcome.requests() as f64 / outcome.elapsed.as_secs_f64();
-            eprintln!("  round {}: {count} gateway(s) on one store: {rps:>8.0} req/s", round + 1);
+            let p99 = outcome.quantile_ms(0.99);
+            eprintln!(
+                "  round {}: {count} gateway(s) on one store: {rps:>8.0} req/s, p99 {p99:.2} ms",
+                round + 1
+            );
             scaling.errors += outcome.errors;
             scaling.errors +=
                 outcome.statuses.iter().filter(|(s, _)| **s != 201).map(|(_, n)| n).sum::<u64>();
             scaling.per_round[count - 1].push(rps);
+            scaling.p99_per_round[count - 1].push(p99);
         }
     }
     Ok(scaling)
