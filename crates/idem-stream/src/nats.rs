@@ -236,7 +236,10 @@ const REVIVE_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(5
 /// An ordered consumer lives in the server's memory: a server that restarts (or a cluster node
 /// that held it) forgets it, and async-nats then reports "consumer not found" and reads no
 /// more. A partition whose consumer failed or ended is made again here, on the next fetches
-/// (backing off up to 5 s while the server is away), from the last position handed out.
+/// (backing off up to 5 s while the server is away, each attempt bounded by 5 s), from the last
+/// position handed out. (When the server holding the consumer dies but the one the client is
+/// connected to lives on, as in a cluster, async-nats notices only when its pull expires or
+/// heartbeats stop: up to about 35 s.)
 pub struct JetStreamPartitions {
     stream: async_nats::jetstream::stream::Stream,
     /// (In a mutex only to be `Sync`: `fetch` has it alone, through `get_mut`.)
@@ -245,14 +248,17 @@ pub struct JetStreamPartitions {
     /// consumer delivers again (async-nats recreates a consumer that saw nothing yet from the
     /// stream's start) is dropped here instead of going through the handlers as duplicates.
     last: std::collections::HashMap<String, u64>,
-    /// Partitions without a consumer: when to try again, the wait after that, and why.
+    /// Partitions without a consumer: when to make it again, and why it went.
     broken: Vec<Broken>,
+    /// Per partition, the wait before its next making: doubles each time its consumer fails or
+    /// cannot be made, and is forgotten once a message of it is handed out, so a consumer that
+    /// is made but fails at once is not made again in a tight loop.
+    backoff: std::collections::HashMap<String, std::time::Duration>,
 }
 
 struct Broken {
     subject: String,
     retry_at: tokio::time::Instant,
-    backoff: std::time::Duration,
     error: String,
 }
 
@@ -312,43 +318,66 @@ impl JetStreamPartitions {
             last.insert(subject, after);
         }
         let messages = std::sync::Mutex::new(messages);
-        Ok(Self { stream: stream.clone(), messages, last, broken: Vec::new() })
+        let (broken, backoff) = (Vec::new(), std::collections::HashMap::new());
+        Ok(Self { stream: stream.clone(), messages, last, broken, backoff })
     }
 
-    /// Makes again the consumers of the broken partitions whose time has come.
+    /// Makes again, all at once, the consumers of the broken partitions whose time has come.
+    /// Cancelled midway (a caller's timeout), it changes nothing: the results are applied only
+    /// once every attempt has ended.
     async fn revive(&mut self) {
         let now = tokio::time::Instant::now();
+        let due: Vec<usize> =
+            (0..self.broken.len()).filter(|&i| self.broken[i].retry_at <= now).collect();
+        let attempts = due.iter().map(|&index| {
+            let subject = &self.broken[index].subject;
+            let after = self.last.get(subject).copied().unwrap_or(0);
+            tokio::time::timeout(REVIVE_TIMEOUT, partition_messages(&self.stream, subject, after))
+        });
+        let results = futures_util::future::join_all(attempts).await;
         let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
-        for broken in self.broken.iter_mut().filter(|broken| broken.retry_at <= now) {
-            let after = self.last.get(&broken.subject).copied().unwrap_or(0);
-            let made = partition_messages(&self.stream, &broken.subject, after);
-            match tokio::time::timeout(REVIVE_TIMEOUT, made).await {
+        let mut revived = Vec::new();
+        for (index, result) in due.into_iter().zip(results) {
+            let broken = &mut self.broken[index];
+            broken.error = match result {
                 Ok(Ok(partition)) => {
-                    tracing::info!(subject = %broken.subject, after, "partition's ordered consumer made again");
+                    tracing::info!(subject = %broken.subject, "a partition's ordered consumer was made again");
                     messages.push(partition);
-                    broken.backoff = std::time::Duration::ZERO;
+                    revived.push(index);
+                    continue;
                 }
-                failed => {
-                    broken.error = match failed {
-                        Ok(Err(error)) => error.to_string(),
-                        _ => format!("no answer within {REVIVE_TIMEOUT:?}"),
-                    };
-                    broken.backoff = (broken.backoff * 2)
-                        .clamp(std::time::Duration::from_millis(100), REVIVE_BACKOFF_MAX);
-                    broken.retry_at = tokio::time::Instant::now() + broken.backoff;
-                }
-            }
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer within {REVIVE_TIMEOUT:?}"),
+            };
+            let wait = next_backoff(&mut self.backoff, &broken.subject);
+            broken.retry_at = tokio::time::Instant::now() + wait;
         }
-        self.broken.retain(|broken| !broken.backoff.is_zero());
+        let mut index = 0;
+        self.broken.retain(|_| {
+            index += 1;
+            !revived.contains(&(index - 1))
+        });
     }
 
-    /// Records that `subject`'s consumer failed: made again on a later fetch.
+    /// Records that `subject`'s consumer failed: made again on a later fetch, after the
+    /// partition's backoff.
     fn broke(&mut self, subject: String, error: String) {
         tracing::warn!(%subject, %error, "a partition's ordered consumer failed; making it again");
-        let retry_at = tokio::time::Instant::now();
-        let backoff = std::time::Duration::from_millis(50);
-        self.broken.push(Broken { subject, retry_at, backoff, error });
+        let retry_at = tokio::time::Instant::now() + next_backoff(&mut self.backoff, &subject);
+        self.broken.push(Broken { subject, retry_at, error });
     }
+}
+
+/// `subject`'s wait before its next making (0 the first time), doubled for the time after,
+/// between 100 ms and `REVIVE_BACKOFF_MAX`.
+fn next_backoff(
+    backoff: &mut std::collections::HashMap<String, std::time::Duration>,
+    subject: &str,
+) -> std::time::Duration {
+    let wait = backoff.entry(subject.to_owned()).or_default();
+    let now = *wait;
+    *wait = (*wait * 2).clamp(std::time::Duration::from_millis(100), REVIVE_BACKOFF_MAX);
+    now
 }
 
 #[async_trait]
@@ -367,15 +396,17 @@ impl crate::consume::Subscription for JetStreamPartitions {
         }
         let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
         if messages.is_empty() {
-            let errors: Vec<String> =
-                self.broken.iter().map(|b| format!("{}: {}", b.subject, b.error)).collect();
-            return Err(crate::Error::broker(
-                NATS,
-                "fetch",
-                format!("no partition has a consumer ({})", errors.join("; ")),
-            ));
+            // Every partition is broken: wait (within `wait`) for the next one due, here rather
+            // than in the runner's backoff, which can be far longer.
+            let next = self.broken.iter().map(|broken| broken.retry_at).min();
+            let deadline = tokio::time::Instant::now() + wait;
+            tokio::time::sleep_until(next.map_or(deadline, |next| next.min(deadline))).await;
+            if self.broken.is_empty() {
+                return Err(crate::Error::broker(NATS, "fetch", "no partition to read"));
+            }
+            return Ok(Vec::new());
         }
-        let last = &mut self.last;
+        let (last, backoff) = (&mut self.last, &mut self.backoff);
         let mut batch = Vec::new();
         let mut failed = Vec::new();
         // A message past its partition's last position, or none (a replay).
@@ -388,6 +419,7 @@ impl crate::consume::Subscription for JetStreamPartitions {
                 return None;
             }
             *seen = position;
+            backoff.remove(&received.subject);
             Some((received, ()))
         };
         match tokio::time::timeout(wait, messages.next()).await {

@@ -439,17 +439,25 @@ async fn offsets_on_jetstream_go_on_after_the_server_is_killed_and_restarted() {
         ..Default::default()
     };
     let stream = jetstream.create_stream(config).await.unwrap();
+    // Each message with an id, so one sent again after a lost acknowledgement is stored once.
     let publish = async |from: usize, to: usize| {
+        let started = Instant::now();
         for index in from..to {
             let subject = subjects[index % 2];
             loop {
                 let sent = async {
-                    jetstream.publish(subject, Bytes::from(index.to_string())).await?.await?;
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", format!("restart-{index}").as_str());
+                    let payload = Bytes::from(index.to_string());
+                    jetstream.publish_with_headers(subject, headers, payload).await?.await?;
                     Ok::<_, Box<dyn std::error::Error>>(())
                 };
                 match sent.await {
                     Ok(()) => break,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(error) => {
+                        assert!(started.elapsed() < Duration::from_secs(60), "publish: {error}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         }
@@ -466,7 +474,11 @@ async fn offsets_on_jetstream_go_on_after_the_server_is_killed_and_restarted() {
                 "only {} of {total} messages came within 60 s",
                 seen.len()
             );
-            if let Ok(batch) = source.fetch(50, Duration::from_millis(200)).await {
+            let fetched = source.fetch(50, Duration::from_millis(200)).await;
+            if fetched.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            if let Ok(batch) = fetched {
                 for (message, ()) in batch {
                     let payload = String::from_utf8_lossy(&message.payload).into_owned();
                     seen.push((message.subject, message.position.unwrap(), payload));

@@ -57,8 +57,13 @@ impl Nginx {
         }
         let dir = temp_dir();
         std::fs::create_dir_all(dir.join("logs")).unwrap();
+        // Logs and temporary files in the test's directory, not the system's (which need root).
+        let d = dir.display();
         let main = format!(
-            "worker_processes 1;\nevents {{ worker_connections 1024; }}\nhttp {{\n{conf}\n}}\n"
+            "worker_processes 1;\nevents {{ worker_connections 1024; }}\nhttp {{\n\
+             access_log {d}/access.log;\nclient_body_temp_path {d}/body;\n\
+             proxy_temp_path {d}/proxy;\nfastcgi_temp_path {d}/fastcgi;\n\
+             uwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n{conf}\n}}\n"
         );
         std::fs::write(dir.join("nginx.conf"), main).unwrap();
         let child = Command::new("nginx")

@@ -180,7 +180,7 @@ impl Gateway {
         let mut command = Command::new(idem_bin());
         command.args(["serve", "--upstream", upstream, "--store", store]);
         // Free ports, unless the caller names its own (a gateway restarted behind a balancer).
-        if !extra.contains(&"--listen") {
+        if !extra.iter().any(|arg| *arg == "--listen" || arg.starts_with("--listen=")) {
             command.args(["--listen", "127.0.0.1:0"]);
         }
         command
