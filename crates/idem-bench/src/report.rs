@@ -46,8 +46,9 @@ fn rps(config: &Config) -> f64 {
     median(&config.per_round)
 }
 
-fn rounds(values: &[f64]) -> String {
-    values.iter().map(|value| format!("{value:.0}")).collect::<Vec<_>>().join(" / ")
+/// Each round's figure, with `decimals` decimals, as `a / b / c`.
+fn rounds(values: &[f64], decimals: usize) -> String {
+    values.iter().map(|value| format!("{value:.decimals$}")).collect::<Vec<_>>().join(" / ")
 }
 
 fn per_request(total: f64, config: &Config) -> f64 {
@@ -233,7 +234,7 @@ impl Report<'_> {
                 out,
                 "| {} | {row_rps:.0} | {} | {:.2} | {p50:.2} | {p99:.2} | {p999:.2} | {cpu} | {trips} | {responses} |",
                 config.name,
-                rounds(&config.per_round),
+                rounds(&config.per_round, 0),
                 row_rps / direct
             );
         }
@@ -243,7 +244,7 @@ impl Report<'_> {
                 "| pgbench: a fresh key's two commits, directly on PostgreSQL ({} clients) | {:.0} | {} | {:.2} | – | – | – | – | – | – |",
                 self.concurrency,
                 median(floor),
-                rounds(floor),
+                rounds(floor, 0),
                 median(floor) / direct
             );
         }
@@ -287,7 +288,7 @@ impl Report<'_> {
                 let cells: Vec<String> = medians
                     .iter()
                     .zip(&scaling.per_round)
-                    .map(|(median, rounds_of)| format!("{median:.0} ({})", rounds(rounds_of)))
+                    .map(|(median, rounds_of)| format!("{median:.0} ({})", rounds(rounds_of, 0)))
                     .collect();
                 let ratio = medians.last().zip(medians.first()).map_or(0.0, |(a, b)| a / b);
                 let _ = writeln!(out, "| {store} | {} | {ratio:.2} |", cells.join(" | "));
@@ -303,10 +304,7 @@ impl Report<'_> {
                     .p99_medians()
                     .iter()
                     .zip(&scaling.p99_per_round)
-                    .map(|(median, of)| {
-                        let each: Vec<String> = of.iter().map(|p99| format!("{p99:.2}")).collect();
-                        format!("{median:.2} ({})", each.join(" / "))
-                    })
+                    .map(|(median, of)| format!("{median:.2} ({})", rounds(of, 2)))
                     .collect();
                 let _ = writeln!(out, "| {store} | {} |", cells.join(" | "));
             }

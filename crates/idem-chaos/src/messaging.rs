@@ -45,6 +45,11 @@ pub enum Broker {
 }
 
 impl Broker {
+    /// The partition read in the offsets mode, on JetStream (`consume` picks it by the URL).
+    fn offsets_partition(self) -> Option<usize> {
+        matches!(self, Broker::Nats | Broker::NatsCluster).then_some(OFFSETS_PARTITION)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Broker::Nats => "NATS JetStream",
@@ -78,13 +83,15 @@ pub struct Report {
     pub applied_rows: i64,
     pub faults: HashMap<&'static str, u64>,
     pub never_applied: i64,
-    /// (partition, count) of the above, where any.
+    /// (partition, count) of the above, for partitions with any.
     pub never_applied_by_partition: Vec<(i32, i64)>,
     pub applied_twice: i64,
     pub applied_not_committed: i64,
     pub out_of_order_after_consumer_kill: i64,
     pub out_of_order_after_broker_crash: i64,
     pub out_of_order_other: i64,
+    /// The partition read in the offsets mode, if any.
+    pub offsets_partition: Option<usize>,
     /// Inversions in the partition read in the offsets mode, whatever was killed: none allowed.
     pub out_of_order_offsets_mode: i64,
     pub dead_letters: i64,
@@ -142,15 +149,11 @@ impl std::fmt::Display for Report {
             .iter()
             .map(|(partition, count)| format!("{count} in partition {partition}"))
             .collect();
-        match by_partition.is_empty() {
-            true => writeln!(f, "| committed, never applied | {} |", self.never_applied)?,
-            false => writeln!(
-                f,
-                "| committed, never applied | {} ({}) |",
-                self.never_applied,
-                by_partition.join(", ")
-            )?,
-        }
+        let detail = match by_partition.is_empty() {
+            true => String::new(),
+            false => format!(" ({})", by_partition.join(", ")),
+        };
+        writeln!(f, "| committed, never applied | {}{detail} |", self.never_applied)?;
         writeln!(f, "| applied twice | {} |", self.applied_twice)?;
         writeln!(f, "| applied, never committed | {} |", self.applied_not_committed)?;
         writeln!(
@@ -158,10 +161,10 @@ impl std::fmt::Display for Report {
             "| applied out of key order, no consumer killed and no broker crash shortly before | {} |",
             self.out_of_order_other
         )?;
-        if self.broker.contains("NATS") {
+        if let Some(partition) = self.offsets_partition {
             writeln!(
                 f,
-                "| applied out of key order in partition {OFFSETS_PARTITION}, read in the offsets mode (whatever was killed) | {} |",
+                "| applied out of key order in partition {partition}, read in the offsets mode (whatever was killed) | {} |",
                 self.out_of_order_offsets_mode
             )?;
         }
@@ -521,8 +524,9 @@ pub async fn scenario(
                         "consumer kill -9 and restart"
                     }
                     // The broker stays up at least 10 s (a cluster's nodes 4 s), and at least
-                    // twice as long as its last restart took (a RabbitMQ node takes seconds, more on a loaded
-                    // machine): crashed more often, it would be down most of the run.
+                    // twice as long as its last restart took (a RabbitMQ node takes seconds,
+                    // more on a loaded machine): crashed more often, it would be down most of
+                    // the run.
                     roll if roll <= broker_to && broker_up_since.elapsed() >= broker_min_up => {
                         // Every partition's deliveries in flight may be lost with the broker
                         // (or with the node a consumer is connected to).
@@ -673,13 +677,11 @@ pub async fn scenario(
         rolled_back,
         producer_errors,
         faults: faults.lock().unwrap().clone(),
+        offsets_partition: broker.offsets_partition(),
         ..Report::default()
     };
     report.applied_rows = count("SELECT count(*) FROM applied").await?;
-    report.never_applied = count(
-        "SELECT count(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id)",
-    )
-    .await?;
+    // Committed, never applied, per partition (a key `k{i}` is partition i % PARTITIONS).
     let by_partition = client
         .query(
             "SELECT (substr(o.key, 2)::int % $1)::int4, count(*) FROM orders o
@@ -690,6 +692,7 @@ pub async fn scenario(
         .map_err(err("never applied by partition"))?;
     report.never_applied_by_partition =
         by_partition.iter().map(|row| (row.get(0), row.get(1))).collect();
+    report.never_applied = report.never_applied_by_partition.iter().map(|(_, n)| n).sum();
     report.applied_twice = count(
         "SELECT count(*) FROM (SELECT order_id FROM applied GROUP BY order_id HAVING count(*) > 1) twice",
     )
@@ -728,9 +731,7 @@ pub async fn scenario(
                     && at.duration_since(*back).unwrap_or_default() < ACK_WAIT * 5
             })
         };
-        if matches!(broker, Broker::Nats | Broker::NatsCluster)
-            && partition as usize == OFFSETS_PARTITION
-        {
+        if report.offsets_partition == Some(partition as usize) {
             report.out_of_order_offsets_mode += 1;
         } else if after(false) {
             report.out_of_order_after_consumer_kill += 1;
@@ -780,8 +781,7 @@ pub async fn consume(database: &str, broker: &str, partition: usize) -> Result<(
                     .map_err(err("consumer"))
             })
             .await?;
-            let inbox = Inbox::new(format!("chaos-p{partition}")).map_err(err("inbox"))?;
-            consume_from(subscription, database, partition, Dedupe::Inbox(inbox)).await
+            consume_from(subscription, database, partition, inbox(partition)?).await
         }
         "redis" => {
             let client = redis::Client::open(broker).map_err(err("redis URL"))?;

@@ -248,7 +248,7 @@ pub struct JetStreamPartitions {
     /// consumer delivers again (async-nats recreates a consumer that saw nothing yet from the
     /// stream's start) is dropped here instead of going through the handlers as duplicates.
     last: std::collections::HashMap<String, u64>,
-    /// Partitions without a consumer: when to make it again, and why it went.
+    /// Partitions without a consumer, and when to make each again.
     broken: Vec<Broken>,
     /// Per partition, the wait before its next making: doubles each time its consumer fails or
     /// cannot be made, and is forgotten once a message of it is handed out, so a consumer that
@@ -259,7 +259,6 @@ pub struct JetStreamPartitions {
 struct Broken {
     subject: String,
     retry_at: tokio::time::Instant,
-    error: String,
 }
 
 impl std::fmt::Debug for JetStreamPartitions {
@@ -336,27 +335,25 @@ impl JetStreamPartitions {
         });
         let results = futures_util::future::join_all(attempts).await;
         let messages = self.messages.get_mut().unwrap_or_else(|poison| poison.into_inner());
-        let mut revived = Vec::new();
+        let mut made = vec![false; self.broken.len()];
         for (index, result) in due.into_iter().zip(results) {
             let broken = &mut self.broken[index];
-            broken.error = match result {
+            let error = match result {
                 Ok(Ok(partition)) => {
                     tracing::info!(subject = %broken.subject, "a partition's ordered consumer was made again");
                     messages.push(partition);
-                    revived.push(index);
+                    made[index] = true;
                     continue;
                 }
                 Ok(Err(error)) => error.to_string(),
                 Err(_) => format!("no answer within {REVIVE_TIMEOUT:?}"),
             };
             let wait = next_backoff(&mut self.backoff, &broken.subject);
+            tracing::debug!(subject = %broken.subject, %error, ?wait, "a partition's ordered consumer could not be made again yet");
             broken.retry_at = tokio::time::Instant::now() + wait;
         }
-        let mut index = 0;
-        self.broken.retain(|_| {
-            index += 1;
-            !revived.contains(&(index - 1))
-        });
+        let mut made = made.into_iter();
+        self.broken.retain(|_| !made.next().unwrap_or(false));
     }
 
     /// Records that `subject`'s consumer failed: made again on a later fetch, after the
@@ -364,7 +361,7 @@ impl JetStreamPartitions {
     fn broke(&mut self, subject: String, error: String) {
         tracing::warn!(%subject, %error, "a partition's ordered consumer failed; making it again");
         let retry_at = tokio::time::Instant::now() + next_backoff(&mut self.backoff, &subject);
-        self.broken.push(Broken { subject, retry_at, error });
+        self.broken.push(Broken { subject, retry_at });
     }
 }
 
