@@ -435,6 +435,9 @@ impl<D: DeadLetter + ?Sized + 'static> Lanes<D> {
                         };
                         match buried {
                             Ok(()) => {
+                                // For alerts (deploy/prometheus): exported where the
+                                // application installs a metrics recorder.
+                                metrics::counter!("idem_dead_lettered_total").increment(1);
                                 done.outcome = Outcome::Buried;
                                 return done;
                             }

@@ -67,7 +67,8 @@ pub struct RelayArgs {
     #[arg(long, env = "IDEM_RELAY_MAX_ATTEMPTS", default_value_t = 10)]
     pub max_attempts: i32,
     /// Serve Prometheus /metrics here (pending events, oldest pending age, parked keys,
-    /// published and failed counts)
+    /// published and failed counts, and the consumers' dead letters when their
+    /// `idem_dead_letters` table is in this database)
     #[arg(long, env = "IDEM_RELAY_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Delete events sent (or discarded) longer ago than this, and key rows idle as long with
@@ -198,6 +199,8 @@ async fn run_sqlite(
                         keys: stats.pending_keys,
                         parked: stats.parked_keys,
                         oldest: stats.oldest_pending,
+                        // The SQLite outbox has no dead-letter table.
+                        dead_letters: None,
                     })
                 })
                 .await
@@ -217,17 +220,33 @@ struct Gauges {
     keys: i64,
     parked: i64,
     oldest: Option<Duration>,
+    /// Rows in `idem_dead_letters` (what consumers buried, see `idem_stream::postgres::
+    /// DeadLetters`), where that table is in the relay's database; `None` leaves the gauge
+    /// unexported rather than claim an empty table that does not exist.
+    dead_letters: Option<i64>,
 }
 
 async fn postgres_gauges(database: &tokio_postgres::Config) -> Option<Gauges> {
     let (client, connection) = database.connect(tokio_postgres::NoTls).await.ok()?;
     tokio::spawn(connection);
     let stats = Outbox::stats(&client).await.ok()?;
+    // The inbox's table, when the consumers share this database (found by the search_path,
+    // as the consumers find it).
+    let exists = "SELECT to_regclass('idem_dead_letters') IS NOT NULL";
+    let dead_letters = match client.query_one(exists, &[]).await {
+        Ok(row) if row.get::<_, bool>(0) => client
+            .query_one("SELECT count(*) FROM idem_dead_letters", &[])
+            .await
+            .ok()
+            .map(|row| row.get::<_, i64>(0)),
+        _ => None,
+    };
     Some(Gauges {
         events: stats.pending_events,
         keys: stats.pending_keys,
         parked: stats.parked_keys,
         oldest: stats.oldest_pending,
+        dead_letters,
     })
 }
 
@@ -268,6 +287,9 @@ where
                             .set(oldest.as_secs_f64());
                     } else {
                         metrics::gauge!("idem_outbox_oldest_pending_seconds").set(0.0);
+                    }
+                    if let Some(dead_letters) = state.dead_letters {
+                        metrics::gauge!("idem_dead_letters").set(dead_letters as f64);
                     }
                 }
                 _ => tracing::debug!("outbox metrics: could not read the outbox"),
