@@ -255,8 +255,8 @@ async fn every_call_runs_once_through_dropped_responses() {
     }
 }
 
-/// A client timeout shorter than the upstream (the client gives up at 300 ms; the call takes
-/// 700 ms) and a gateway timeout shorter still (`--upstream-timeout 1s` against 1.5 s calls:
+/// A client timeout shorter than the upstream (the client gives up at 500 ms; the call takes
+/// 1.2 s) and a gateway timeout shorter still (`--upstream-timeout 1s` against 1.5 s calls:
 /// 504): the call goes on at the gateway, the retries get 409 until its answer is stored, then
 /// the replay. Each of 20 calls per case ran once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -264,7 +264,7 @@ async fn every_call_runs_once_when_the_upstream_is_slower_than_the_timeouts() {
     let upstream = Upstream::start().await;
     let gateway = Gateway::start(&upstream.url(), &sqlite_store(), &["--upstream-timeout", "1s"]);
     let cases = [
-        ("client-timeout", Duration::from_millis(300), "700"),
+        ("client-timeout", Duration::from_millis(500), "1200"),
         ("gateway-504", Duration::from_secs(10), "1500"),
     ];
     for (case, timeout, delay) in cases {
