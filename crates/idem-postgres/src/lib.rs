@@ -36,8 +36,12 @@
 //!   concurrent requests share statements (one over arrays of keys) and so commits and WAL
 //!   flushes; this many batches of each kind are on their way at once, each writer on a
 //!   connection of its own (so a process opens up to `pool_max_size + 2 × batch_writers`).
+//! - `sslmode` (`disable`, `prefer`, `require`, `verify-ca`, `verify-full`) and
+//!   `sslrootcert=PATH`: TLS as libpq means them, with rustls (see the [`tls`] module). Without
+//!   `sslmode` no TLS is used.
 
 mod batch;
+pub mod tls;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -50,7 +54,6 @@ use idem_core::{
     Fingerprint, ListQuery, Notifies, Record, RecordKey, RecordSummary, Result, StateFilter, Store,
     Timestamp, decide, store_kit,
 };
-use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 
 /// Each migration moves the schema one version up; versions are recorded in
@@ -206,7 +209,7 @@ pub struct PostgresStore {
     pool: Pool,
     op_timeout: Duration,
     /// For the LISTEN connection, opened when the first waiter subscribes.
-    config: std::sync::Arc<tokio_postgres::Config>,
+    database: std::sync::Arc<tls::Database>,
     changes: ChangeFeed,
     /// Whether the LISTEN connection was started, and whether it listens now.
     listener: std::sync::Arc<ChangeListener>,
@@ -228,6 +231,7 @@ impl std::fmt::Debug for PostgresStore {
 #[derive(Debug)]
 struct Settings {
     config: tokio_postgres::Config,
+    tls: tls::MakeRustls,
     pool_max_size: usize,
     op_timeout: Duration,
     schema: Option<String>,
@@ -243,7 +247,11 @@ fn parse_url(url: &str) -> Result<Settings> {
     let mut op_timeout = Duration::from_secs(5);
     let mut schema = None;
     let mut batch_writers = 1;
+    let mut tls_parameters = tls::TlsParameters::default();
     for (name, value) in pairs {
+        if tls_parameters.take(name, value) {
+            continue;
+        }
         match name {
             "pool_max_size" => {
                 pool_max_size =
@@ -287,7 +295,9 @@ fn parse_url(url: &str) -> Result<Settings> {
     if config.get_application_name().is_none() {
         config.application_name("idem");
     }
-    Ok(Settings { config, pool_max_size, op_timeout, schema, batch_writers })
+    let database = tls::Database::with_tls(config, tls_parameters)?;
+    let (config, tls) = (database.config().clone(), database.tls());
+    Ok(Settings { config, tls, pool_max_size, op_timeout, schema, batch_writers })
 }
 
 /// Appends a server option (`-c name=value`) to those the URL gave.
@@ -303,13 +313,14 @@ fn add_option(config: &mut tokio_postgres::Config, option: &str) {
 /// runs on each new connection.
 fn build_pool(
     config: tokio_postgres::Config,
+    tls: tls::MakeRustls,
     size: usize,
     op_timeout: Duration,
     prepare: Option<deadpool_postgres::Hook>,
 ) -> Result<Pool> {
     let manager = Manager::from_config(
         config,
-        NoTls,
+        tls,
         ManagerConfig { recycling_method: RecyclingMethod::Fast },
     );
     let mut builder = Pool::builder(manager);
@@ -377,7 +388,13 @@ impl PostgresStore {
     fn pool(url: &str) -> Result<(Self, Option<String>)> {
         let settings = parse_url(url)?;
         let (writers, timeout) = (settings.batch_writers, settings.op_timeout);
-        let pool = build_pool(settings.config.clone(), settings.pool_max_size, timeout, None)?;
+        let pool = build_pool(
+            settings.config.clone(),
+            settings.tls.clone(),
+            settings.pool_max_size,
+            timeout,
+            None,
+        )?;
         // The batch writers have connections of their own (one per writer and kind), on which
         // every batched statement is planned for its own arrays and the table as it is now. A
         // plan cached while the table was small (a new deployment) scans the whole table for
@@ -396,7 +413,13 @@ impl PostgresStore {
                         Ok(())
                     })
                 });
-                build_pool(settings.config.clone(), 2 * writers, timeout, Some(custom_plans))
+                build_pool(
+                    settings.config.clone(),
+                    settings.tls.clone(),
+                    2 * writers,
+                    timeout,
+                    Some(custom_plans),
+                )
             })
             .transpose()?;
         let store = Self {
@@ -407,7 +430,7 @@ impl PostgresStore {
                 .map(|writers_pool| batch::Batcher::start(writers_pool, writers, timeout)),
             pool,
             op_timeout: settings.op_timeout,
-            config: std::sync::Arc::new(settings.config),
+            database: std::sync::Arc::new(tls::Database::from_parts(settings.config, settings.tls)),
             changes: ChangeFeed::new(),
             listener: std::sync::Arc::default(),
         };
@@ -537,14 +560,14 @@ impl PostgresStore {
             self.listener.start_failed();
             return;
         };
-        let config = std::sync::Arc::clone(&self.config);
+        let database = std::sync::Arc::clone(&self.database);
         let feed = self.changes.clone();
         let listener = std::sync::Arc::downgrade(&self.listener);
         runtime.spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let Some(alive) = listener.upgrade() else { return };
-                match config.connect(NoTls).await {
+                match database.connect().await {
                     Ok((client, mut connection)) => {
                         let statement = format!("LISTEN {CHANGES_CHANNEL}");
                         let listen = client.batch_execute(&statement);
@@ -973,7 +996,8 @@ mod tests {
             ("postgres://h/db?pool_max_size=0", "pool_max_size"),
             ("postgres://h/db?op_timeout_ms=soon", "op_timeout_ms"),
             ("postgres://h/db?schema=Robert');DROP", "schema must be"),
-            ("postgres://h/db?sslmode=sometimes", "invalid postgres:// URL"),
+            ("postgres://h/db?sslmode=sometimes", "sslmode must be"),
+            ("postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent", "sslrootcert"),
         ] {
             let error = parse_url(url).unwrap_err().to_string();
             assert!(error.contains(expected), "{url}: {error}");

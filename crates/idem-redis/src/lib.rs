@@ -34,9 +34,18 @@
 //! `redis+cluster://[user:password@]host:port[,host:port...]` names seed nodes; the cluster
 //! client finds the rest and follows each slot to its master. Listing scans master by master.
 //!
+//! # TLS
+//! `rediss://host:port` speaks TLS (rustls): the server's certificate must be valid for `host`
+//! and signed by a CA the system trusts (the platform's store; `SSL_CERT_FILE` or
+//! `SSL_CERT_DIR` replace it), or, with `ca=/path/ca.pem`, by a CA in that PEM file (then only
+//! those). A certificate that does not verify fails the connection, saying why; there is no
+//! switch that turns verification off. TLS to a Redis Cluster (`rediss+cluster://`) is not
+//! supported yet.
+//!
 //! # URL parameters (besides redis-rs's own)
 //! - `prefix` (default `idem`): the first part of every key name.
 //! - `op_timeout_ms` (default 2000): the bound on each call; past it the store is unavailable.
+//! - `ca` (`rediss://` only): a PEM file of the CAs to trust instead of the system's.
 //! - `wait_replicas` (default 0): claims, completions and renewals count only once
 //!   this many replicas have them (`WAIT`, sent right behind the script in one pipeline); fewer
 //!   within `wait_timeout_ms` (default half of `op_timeout_ms`) fails the call as unavailable.
@@ -60,6 +69,7 @@ use sha2::{Digest, Sha256};
 use store_kit::{COMPLETED, IN_FLIGHT};
 
 mod connection;
+mod tls;
 
 use connection::Connection;
 
@@ -232,8 +242,10 @@ impl RedisStore {
         let mut op_timeout = Duration::from_secs(2);
         let mut wait_replicas = 0;
         let mut wait_timeout = None;
+        let mut ca = None;
         for (name, value) in pairs {
             match name {
+                "ca" => ca = Some(tls::percent_decode(value)),
                 "prefix" => {
                     let valid = !value.is_empty()
                         && value.len() <= 64
@@ -264,6 +276,7 @@ impl RedisStore {
         }
         let scheme = base.split_once("://").map_or("redis", |(scheme, _)| scheme);
         let invalid = |error: String| Error::Config(format!("invalid {scheme}:// URL: {error}"));
+        let certificates = tls::certificates(scheme, ca.as_deref())?;
         let (connection, subscribers) = if scheme == "redis+cluster" {
             let nodes = connection::cluster_nodes(base).map_err(invalid)?;
             let nodes: Vec<String> =
@@ -283,14 +296,20 @@ impl RedisStore {
             (Connection::Cluster(connection), subscribers)
         } else {
             let rest = store_kit::rejoin_url(base, &passed_on);
-            let client =
-                redis::Client::open(rest.as_str()).map_err(|error| invalid(error.to_string()))?;
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(rest.as_str(), certificates),
+                None => redis::Client::open(rest.as_str()),
+            }
+            .map_err(|error| invalid(error.to_string()))?;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(op_timeout))
                 .set_response_timeout(Some(op_timeout))
                 .set_number_of_retries(1);
             let connect = client.get_connection_manager_with_config(config);
-            (Connection::Single(bounded_connect(op_timeout, connect).await?), vec![client])
+            let connection = bounded_connect(op_timeout, connect).await.map_err(|error| {
+                if scheme == "rediss" { tls::explain(error, ca.as_deref()) } else { error }
+            })?;
+            (Connection::Single(connection), vec![client])
         };
         let listener = std::sync::Arc::default();
         let changes = ChangeFeed::new();

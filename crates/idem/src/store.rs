@@ -35,12 +35,13 @@ async fn open_with(url: &str, migrating: bool) -> Result<Arc<dyn Store>, String>
         Some("postgres" | "postgresql") => PostgresStore::connect_existing(url)
             .await
             .map(|store| Arc::new(store) as Arc<dyn Store>),
-        Some("redis" | "rediss" | "redis+cluster") => {
+        // rediss+cluster:// gets the Redis store's own "not supported yet".
+        Some("redis" | "rediss" | "redis+cluster" | "rediss+cluster") => {
             RedisStore::connect(url).await.map(|store| Arc::new(store) as Arc<dyn Store>)
         }
         _ => {
             return Err(format!(
-                "--store {:?}: expected memory://, sqlite://PATH, postgres://..., redis://... or redis+cluster://...",
+                "--store {:?}: expected memory://, sqlite://PATH, postgres://..., redis://..., rediss://... (TLS) or redis+cluster://...",
                 redact(url)
             ));
         }

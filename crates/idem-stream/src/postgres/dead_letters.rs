@@ -32,14 +32,16 @@ impl DeadLetters {
         Ok(Self { pool, consumer })
     }
 
-    /// Buries into the database at `url` (a `postgres://` URL or libpq `key=value` string)
-    /// over a small pool of its own, which connects when first needed and reconnects after
-    /// the database restarts.
+    /// Buries into the database at `url` (a `postgres://` URL or libpq `key=value` string,
+    /// with TLS as its `sslmode` and `sslrootcert` say: see [`idem_postgres::tls`]) over a
+    /// small pool of its own, which connects when first needed and reconnects after the
+    /// database restarts.
     pub fn connect(url: &str, consumer: impl Into<String>) -> Result<Self> {
-        let config: tokio_postgres::Config = url.parse()?;
+        let database = super::Database::from_url(url)
+            .map_err(|error| crate::Error::Config(error.to_string()))?;
         let manager = deadpool_postgres::Manager::from_config(
-            config,
-            tokio_postgres::NoTls,
+            database.config().clone(),
+            database.tls(),
             deadpool_postgres::ManagerConfig {
                 recycling_method: deadpool_postgres::RecyclingMethod::Fast,
             },

@@ -8,6 +8,10 @@ mod offsets;
 mod outbox;
 mod relay;
 
+/// Where to connect, with TLS as the URL's `sslmode` and `sslrootcert` say (libpq's
+/// meanings, with rustls): the same connector as idem's PostgreSQL store.
+pub use idem_postgres::tls::Database;
+
 pub use crate::outbox::{
     Event, KeyState, MAX_HEADERS, MAX_PAYLOAD_BYTES, OutboxStats, PendingEvent, PurgeReport,
     RelayConfig, RoundReport,

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::Database;
 use crate::Result;
 use crate::outbox::{RelayConfig, RoundReport};
 
@@ -234,12 +235,19 @@ impl<P: crate::publish::Publisher> Relay<P> {
     /// Runs until `shutdown` resolves: wakes on `NOTIFY idem_outbox` (sent by every enqueue at
     /// commit) or every `poll_interval`, publishes until idle, and reconnects after errors with
     /// a bounded backoff. A round in progress when `shutdown` resolves is finished first.
+    ///
+    /// `database` is a [`Database`] (from a URL with `sslmode=verify-full&sslrootcert=...`:
+    /// TLS as libpq means it, see [`idem_postgres::tls`]) or a plain
+    /// `&tokio_postgres::Config` (TLS only with its `sslmode=require`, unverified). Every
+    /// connection the relay opens (rounds, `LISTEN`, retention) goes the same way.
     pub async fn run(
         &self,
-        database: &tokio_postgres::Config,
+        database: impl Into<Database>,
         run: RunConfig,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<()> {
+        let database: Database = database.into();
+        let database = &database;
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = Duration::from_millis(100);
         let _retention = run.retention.map(|older_than| {
@@ -257,6 +265,7 @@ impl<P: crate::publish::Publisher> Relay<P> {
             let Listening { mut client, _listening, wake, listener } = match session {
                 Ok(session) => session,
                 Err(error) => {
+                    let error = with_causes(&error);
                     tracing::warn!(%error, ?backoff, "relay cannot reach PostgreSQL; retrying");
                     tokio::select! {
                         () = &mut shutdown => return Ok(()),
@@ -410,21 +419,18 @@ impl Drop for AbortOnDrop {
 }
 
 /// Deletes what the outbox no longer needs every `every`, until aborted.
-async fn retention_forever(
-    database: tokio_postgres::Config,
-    older_than: Duration,
-    every: Duration,
-) {
+async fn retention_forever(database: Database, older_than: Duration, every: Duration) {
     let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let client = match database.connect(tokio_postgres::NoTls).await {
+        let client = match database.connect().await {
             Ok((client, connection)) => {
                 tokio::spawn(connection);
                 client
             }
             Err(error) => {
+                let error = with_causes(&error);
                 tracing::debug!(%error, "outbox retention: cannot connect; next time");
                 continue;
             }
@@ -445,6 +451,22 @@ async fn retention_forever(
     }
 }
 
+/// `error` and its causes: tokio-postgres says only "error performing TLS handshake" and
+/// keeps why (an untrusted certificate, a name mismatch) in its source.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// The connections of a running relay: one for the rounds, one that `LISTEN`s. Its
 /// notifications (and its end) wake `wake`. Dropping it closes both.
 struct Listening {
@@ -454,14 +476,14 @@ struct Listening {
     listener: tokio::task::JoinHandle<()>,
 }
 
-async fn connect_listening(database: &tokio_postgres::Config) -> Result<Listening> {
-    let (client, connection) = database.connect(tokio_postgres::NoTls).await?;
+async fn connect_listening(database: &Database) -> Result<Listening> {
+    let (client, connection) = database.connect().await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "relay connection ended");
         }
     });
-    let (listening, mut connection) = database.connect(tokio_postgres::NoTls).await?;
+    let (listening, mut connection) = database.connect().await?;
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
     let notify = std::sync::Arc::clone(&wake);
     // This task drives the listening connection (so LISTEN below can complete) and turns its
