@@ -41,6 +41,7 @@ mod layer;
 mod problem;
 mod service;
 mod stored;
+mod trace;
 
 pub use body::Body;
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};

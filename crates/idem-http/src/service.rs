@@ -88,7 +88,17 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { this.handle(request).await })
+        let span = crate::trace::request_span(&request);
+        Box::pin(tracing::Instrument::instrument(
+            async move {
+                let response = this.handle(request).await;
+                if let Ok(response) = &response {
+                    crate::trace::record_response(&tracing::Span::current(), response);
+                }
+                response
+            },
+            span,
+        ))
     }
 }
 
@@ -143,6 +153,7 @@ where
         // Bounded: calls go on after their clients left (a timeout, a hang-up), so the number
         // of connections alone does not bound them.
         let Ok(permit) = running.try_acquire_owned() else {
+            crate::trace::outcome("rejected");
             metrics::counter!("idem_rejected_total", "reason" => ProblemKind::Overloaded.slug())
                 .increment(1);
             let mut response = problem(
@@ -156,6 +167,7 @@ where
             return Ok(response);
         };
         let record_key = RecordKey::new(scope_of(&parts.headers, &config), key);
+        crate::trace::key_hash(&record_key);
         let fingerprint = fingerprint_of(&parts, &body, &config);
         let wait = preferred_wait(&parts.headers).map(|wait| wait.min(config.max_wait));
         let request = Request::from_parts(parts, full(body));
@@ -168,6 +180,7 @@ where
             },
             None => (engine.begin(record_key.clone(), fingerprint).await, None),
         };
+        crate::trace::begun(&begun, config.fail_open);
         let response = match begun {
             Ok(Begin::Run(claim)) => {
                 tracing::debug!(key = %record_key.key, scope = %record_key.scope, "claimed; running");
@@ -278,6 +291,7 @@ where
     ResBody::Error: Into<BoxError>,
 {
     metrics::counter!("idem_passthrough_total").increment(1);
+    crate::trace::outcome("pass-through");
     let call = inner.oneshot(request);
     let response = match config.response_timeout {
         Some(limit) => match tokio::time::timeout(limit, call).await {
@@ -331,13 +345,15 @@ where
     let in_transaction =
         InTransaction::new(running.engine.clone(), claim.key().clone(), claim.token());
     request.extensions_mut().insert(in_transaction.clone());
-    running.tasks.spawn(async move {
+    // In the request's span: the call outlives the client's wait, and its outcome is recorded
+    // there.
+    running.tasks.spawn(tracing::Instrument::in_current_span(async move {
         let response =
             finish_claimed(claim, inner, request, &config, abandon, in_transaction).await;
         drop(permit);
         // The client may have gone; the outcome is stored regardless.
         let _ = sender.send(response);
-    });
+    }));
     let received = match running.config.response_timeout {
         Some(limit) => match tokio::time::timeout(limit, receiver).await {
             Ok(received) => received,
@@ -393,6 +409,7 @@ where
     if abandon.is_cancelled() {
         // The server gave up on running calls (shutdown): this one has not started, so
         // nothing was sent and the key is released.
+        crate::trace::outcome("rejected");
         release(claim).await;
         return Ok(problem(
             ProblemKind::Overloaded,
@@ -440,6 +457,9 @@ where
             return Ok(settle_unknown(claim, config, cause).await);
         }
     };
+    if !matches!(called, Called::Unknown(_) | Called::Collected(_, Collected::Failed(_))) {
+        crate::trace::outcome("run");
+    }
     match called {
         Called::Failed(error) => {
             release(claim).await;
@@ -493,6 +513,7 @@ where
 /// stored `502 outcome-unknown` problem (replayed until an operator releases the key or its
 /// TTL passes), or leave it in flight until its lease expires. Never released at once.
 async fn settle_unknown(claim: Claim, config: &IdempotencyConfig, cause: &str) -> Response<Body> {
+    crate::trace::outcome("unknown");
     let policy = config.unknown_outcome;
     metrics::counter!(
         "idem_outcome_unknown_total",
@@ -610,6 +631,7 @@ fn replay(payload: Bytes, scope: &Scope) -> Response<Body> {
 }
 
 fn rejected(kind: ProblemKind, detail: String) -> Response<Body> {
+    crate::trace::outcome("rejected");
     metrics::counter!("idem_rejected_total", "reason" => kind.slug()).increment(1);
     problem(kind, detail)
 }
@@ -660,6 +682,7 @@ where
         return Err(too_large());
     }
     let over_budget = || {
+        crate::trace::outcome("rejected");
         metrics::counter!("idem_rejected_total", "reason" => "memory-budget").increment(1);
         let mut response = problem(
             ProblemKind::Overloaded,

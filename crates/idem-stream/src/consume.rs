@@ -267,8 +267,11 @@ where
     D: DeadLetter + ?Sized + 'static,
 {
     let single: Single = Arc::new(move |message| {
-        let work = handler(message);
-        Box::pin(async move { work.await.map_err(Into::into) })
+        // A span per attempt, linked to the producer's (see `crate::trace`).
+        let span = crate::trace::consumer_span(&message);
+        let work = span.in_scope(|| handler(message));
+        let work = async move { work.await.map_err(Into::into) };
+        Box::pin(tracing::Instrument::instrument(work, span))
     });
     drive(subscription, single, None, dead_letter, config, shutdown).await
 }

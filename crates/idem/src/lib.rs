@@ -11,3 +11,4 @@ pub mod relay;
 pub mod secrets;
 pub mod serve;
 pub mod store;
+pub mod telemetry;

@@ -6,6 +6,9 @@ use idem::keys::KeysArgs;
 use idem::outbox::OutboxArgs;
 use idem::relay::RelayArgs;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Retries without duplicates: an Idempotency-Key gateway in front of any HTTP service.
 #[derive(Debug, Parser)]
@@ -83,20 +86,40 @@ fn main() -> ExitCode {
         Command::Relay(_) => "info",
         Command::Outbox(_) => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new(default_log)),
-        )
+    // The long-running commands get their runtime first: the gateway exports traces when the
+    // OTEL_* variables ask for it, and the exporter sends on that runtime. (The relay makes no
+    // spans of its own: it carries each event's trace context on as a message header.)
+    let runtime = match cli.command {
+        Command::Serve(_) | Command::Relay(_) => match tokio::runtime::Runtime::new() {
+            Ok(runtime) => Some(runtime),
+            Err(error) => return fail(&error),
+        },
+        Command::Keys(_) | Command::Outbox(_) => None,
+    };
+    let telemetry = match (&cli.command, runtime.as_ref()) {
+        (Command::Serve(_), Some(runtime)) => match idem::telemetry::start(runtime.handle()) {
+            Ok(telemetry) => telemetry,
+            Err(error) => return fail(&error),
+        },
+        _ => None,
+    };
+    let mut log_filter =
+        EnvFilter::try_from_env("IDEM_LOG").unwrap_or_else(|_| EnvFilter::new(default_log));
+    // idem's spans are for traces; in the log they would only make every line longer (and
+    // when nothing exports them, skipping them costs nothing).
+    if !std::env::var("IDEM_LOG").is_ok_and(|filter| filter.contains(idem_trace::TARGET))
+        && let Ok(directive) = format!("{}=off", idem_trace::TARGET).parse()
+    {
+        log_filter = log_filter.add_directive(directive);
+    }
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(log_filter))
+        .with(telemetry.as_ref().map(idem::telemetry::Telemetry::layer))
         .init();
-    match cli.command {
-        Command::Serve(args) => {
+    let code = match (cli.command, runtime.as_ref()) {
+        (Command::Serve(args), Some(runtime)) => {
             let config = match (*args).resolve() {
                 Ok(config) => config,
-                Err(error) => return fail(&error),
-            };
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
                 Err(error) => return fail(&error),
             };
             runtime
@@ -106,19 +129,21 @@ fn main() -> ExitCode {
                 })
                 .map_or_else(|error| fail(&error), |()| ExitCode::SUCCESS)
         }
-        Command::Keys(args) => operator_command(idem::keys::run(args)),
-        Command::Outbox(args) => operator_command(idem::outbox::run(args)),
-        Command::Relay(args) => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(error) => return fail(&error),
-            };
+        (Command::Relay(args), Some(runtime)) => {
             match runtime.block_on(idem::relay::run(args, idem::serve::shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => fail(&error),
             }
         }
+        (Command::Keys(args), _) => operator_command(idem::keys::run(args)),
+        (Command::Outbox(args), _) => operator_command(idem::outbox::run(args)),
+        (Command::Serve(_) | Command::Relay(_), None) => unreachable!("made above"),
+    };
+    // The last spans are sent while the runtime (which the exporter sends on) still runs.
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
     }
+    code
 }
 
 /// Runs an operator's command (`idem keys`, `idem outbox`): its text on stdout, exit status 0,

@@ -103,6 +103,9 @@ impl Service<Request<Body>> for Proxy {
         remove_hop_by_hop(&mut parts.headers);
         // The client sets Host from the upstream URL, as a reverse proxy should.
         parts.headers.remove(header::HOST);
+        // The upstream continues the trace from the gateway's request span (when traces are
+        // exported; otherwise the client's own `traceparent` passes through untouched).
+        idem_trace::inject_http(&tracing::Span::current(), &mut parts.headers);
         let forwarded = self.client.request(Request::from_parts(parts, body));
         let timeout = self.idle_timeout;
         Box::pin(async move {

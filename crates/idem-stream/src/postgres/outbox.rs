@@ -287,8 +287,10 @@ impl Outbox {
     /// transaction leaves no gap.
     pub async fn enqueue(transaction: &Transaction<'_>, event: Event<'_>) -> Result<i64> {
         check_event(&event)?;
-        let headers: Vec<&str> =
-            event.headers.iter().flat_map(|(name, value)| [*name, *value]).collect();
+        // Ends when this returns: it spans the insert, and the event carries its context.
+        let span = crate::trace::producer_span(&event);
+        let context = crate::trace::context_for(&span, &event);
+        let headers = crate::trace::flat_headers(&event, &context);
         let row = transaction
             .query_typed(
                 "WITH k AS (

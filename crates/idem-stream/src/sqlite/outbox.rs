@@ -72,9 +72,9 @@ impl Outbox {
                  RETURNING enqueued_seq",
             )?
             .query_row(params![event.topic, event.key], |row| row.get(0))?;
-        let headers: Vec<&str> =
-            event.headers.iter().flat_map(|(name, value)| [*name, *value]).collect();
-        let headers = headers_json(&headers);
+        let span = crate::trace::producer_span(&event);
+        let context = crate::trace::context_for(&span, &event);
+        let headers = headers_json(&crate::trace::flat_headers(&event, &context));
         let id = transaction
             .prepare_cached(
                 "INSERT INTO idem_outbox (topic, key, seq, payload, headers, created_at_ms)
