@@ -122,6 +122,19 @@ impl Engine {
         self.inner.config
     }
 
+    /// The same store and clock, with records kept `ttl` after they complete (per-route TTLs).
+    pub fn with_ttl(&self, ttl: Duration) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(EngineInner {
+                store: Arc::clone(&inner.store),
+                clock: Arc::clone(&inner.clock),
+                config: EngineConfig { ttl, ..inner.config },
+                cleanups: Arc::clone(&inner.cleanups),
+            }),
+        }
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
     }

@@ -7,7 +7,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::Layer;
 
-use crate::IdempotencyService;
+use crate::routes::{RouteRule, Routes};
+use crate::{HeldKeys, IdempotencyService, RunningKeys};
 
 /// What the layer applies to, and its limits.
 #[derive(Debug, Clone)]
@@ -47,6 +48,13 @@ pub struct IdempotencyConfig {
     /// Most bytes of keyed request bodies held in memory at once, all requests together. A
     /// body that would pass it waits up to a second for room, then gets `503 overloaded`.
     pub max_buffered: usize,
+    /// Settings by path and method, the first matching rule winning; requests no rule matches
+    /// get the settings above.
+    pub routes: Vec<RouteRule>,
+    /// Where keys held with an unknown outcome are noted, for an operator's page.
+    pub held_keys: Option<HeldKeys>,
+    /// Where the keyed calls running now are listed, for an operator's page.
+    pub running_keys: Option<RunningKeys>,
 }
 
 /// Where a caller's identity (the scope its keys live in) is read from.
@@ -105,6 +113,9 @@ impl Default for IdempotencyConfig {
             max_wait: Duration::from_secs(30),
             max_running: 10_000,
             max_buffered: 1 << 30,
+            routes: Vec::new(),
+            held_keys: None,
+            running_keys: None,
         }
     }
 }
@@ -181,13 +192,30 @@ impl IdempotencyConfig {
         self.max_buffered = bytes;
         self
     }
+
+    /// Notes each key held with an unknown outcome in `held`.
+    pub fn held_keys(mut self, held: HeldKeys) -> Self {
+        self.held_keys = Some(held);
+        self
+    }
+
+    /// Lists each keyed call while it runs in `running`.
+    pub fn running_keys(mut self, running: RunningKeys) -> Self {
+        self.running_keys = Some(running);
+        self
+    }
+
+    /// Adds a rule after the ones already given (the first that matches a request wins).
+    pub fn route(mut self, rule: RouteRule) -> Self {
+        self.routes.push(rule);
+        self
+    }
 }
 
 /// Gives the wrapped service Idempotency-Key semantics. See the crate docs.
 #[derive(Debug, Clone)]
 pub struct IdempotencyLayer {
-    pub(crate) engine: Engine,
-    pub(crate) config: Arc<IdempotencyConfig>,
+    pub(crate) routes: Arc<Routes>,
     pub(crate) tasks: TaskTracker,
     pub(crate) abandon: CancellationToken,
     pub(crate) running: Arc<tokio::sync::Semaphore>,
@@ -199,8 +227,7 @@ impl IdempotencyLayer {
         let running = Arc::new(tokio::sync::Semaphore::new(config.max_running));
         let buffered = Arc::new(crate::service::BufferBudget::new(config.max_buffered));
         Self {
-            engine,
-            config: Arc::new(config),
+            routes: Arc::new(Routes::new(engine, config)),
             tasks: TaskTracker::new(),
             abandon: CancellationToken::new(),
             running,
@@ -229,8 +256,7 @@ impl<S> Layer<S> for IdempotencyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         IdempotencyService {
             inner,
-            engine: self.engine.clone(),
-            config: Arc::clone(&self.config),
+            routes: Arc::clone(&self.routes),
             tasks: self.tasks.clone(),
             abandon: self.abandon.clone(),
             running: Arc::clone(&self.running),

@@ -36,17 +36,21 @@
 
 mod body;
 mod headers;
+mod held;
 mod in_transaction;
 mod layer;
 mod problem;
+mod routes;
 mod service;
 mod stored;
 mod trace;
 
 pub use body::Body;
 pub use headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
+pub use held::{HeldKey, HeldKeys, RunningKey, RunningKeys};
 pub use in_transaction::InTransaction;
 pub use layer::{IdempotencyConfig, IdempotencyLayer, OutcomeUnknown, ScopeSource, UnknownOutcome};
 pub use problem::{BodyTooSlow, ProblemKind, problem};
+pub use routes::{RouteError, RouteMatch, RouteRule};
 pub use service::{IdempotencyService, is_stored};
 pub use stored::StoredResponse;

@@ -18,6 +18,7 @@ use tower::{Service, ServiceExt};
 
 use crate::headers::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAY, IDEMPOTENT_REPLAYED, remove_hop_by_hop};
 use crate::problem::{PROBLEM_JSON, ProblemKind, full, problem, problem_body};
+use crate::routes::Routes;
 use crate::{
     Body, IdempotencyConfig, InTransaction, OutcomeUnknown, ScopeSource, StoredResponse,
     UnknownOutcome,
@@ -27,8 +28,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct IdempotencyService<S> {
     pub(crate) inner: S,
-    pub(crate) engine: Engine,
-    pub(crate) config: Arc<IdempotencyConfig>,
+    /// The settings and engine by path and method.
+    pub(crate) routes: Arc<Routes>,
     pub(crate) tasks: TaskTracker,
     /// Cancelled when the server gives up on the calls still running (shutdown): each then
     /// settles its key as an unknown outcome.
@@ -123,9 +124,10 @@ where
         ReqBody: HttpBody<Data = Bytes> + Send + 'static,
         ReqBody::Error: Into<BoxError>,
     {
-        let Self { inner, engine, config, tasks, abandon, running, buffered } = self;
+        let Self { inner, routes, tasks, abandon, running, buffered } = self;
+        let (config, engine) = routes.select(request.method(), request.uri().path());
         if !config.methods.contains(request.method()) {
-            return pass_through(inner, request.map(Body::new), &config).await;
+            return pass_through(inner, request.map(Body::new), config).await;
         }
         let key = match parse_key(request.headers()) {
             Ok(Some(key)) => key,
@@ -138,7 +140,7 @@ where
                     ),
                 ));
             }
-            Ok(None) => return pass_through(inner, request.map(Body::new), &config).await,
+            Ok(None) => return pass_through(inner, request.map(Body::new), config).await,
             Err(response) => return Ok(response),
         };
 
@@ -166,9 +168,9 @@ where
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(1));
             return Ok(response);
         };
-        let record_key = RecordKey::new(scope_of(&parts.headers, &config), key);
+        let record_key = RecordKey::new(scope_of(&parts.headers, config), key);
         crate::trace::key_hash(&record_key);
-        let fingerprint = fingerprint_of(&parts, &body, &config);
+        let fingerprint = fingerprint_of(&parts, &body, config);
         let wait = preferred_wait(&parts.headers).map(|wait| wait.min(config.max_wait));
         let request = Request::from_parts(parts, full(body));
 
@@ -184,13 +186,7 @@ where
         let response = match begun {
             Ok(Begin::Run(claim)) => {
                 tracing::debug!(key = %record_key.key, scope = %record_key.scope, "claimed; running");
-                let running = Running {
-                    tasks: &tasks,
-                    abandon: &abandon,
-                    config: &config,
-                    permit,
-                    engine: &engine,
-                };
+                let running = Running { tasks: &tasks, abandon: &abandon, config, permit, engine };
                 run_claimed(running, claim, inner, request).await
             }
             Ok(Begin::Replay(payload)) => Ok(replay(payload, &record_key.scope)),
@@ -234,7 +230,7 @@ where
             Err(error) if config.fail_open => {
                 tracing::warn!(%error, "store unavailable; forwarding without idempotency (fail open)");
                 metrics::counter!("idem_fail_open_total").increment(1);
-                pass_through(inner, request, &config).await
+                pass_through(inner, request, config).await
             }
             Err(error) => {
                 tracing::error!(%error, "store unavailable; refusing (fail closed)");
@@ -345,11 +341,13 @@ where
     let in_transaction =
         InTransaction::new(running.engine.clone(), claim.key().clone(), claim.token());
     request.extensions_mut().insert(in_transaction.clone());
+    let listed = config.running_keys.as_ref().map(|keys| keys.enter(claim.key().clone()));
     // In the request's span: the call outlives the client's wait, and its outcome is recorded
     // there.
     running.tasks.spawn(tracing::Instrument::in_current_span(async move {
         let response =
             finish_claimed(claim, inner, request, &config, abandon, in_transaction).await;
+        drop(listed);
         drop(permit);
         // The client may have gone; the outcome is stored regardless.
         let _ = sender.send(response);
@@ -556,7 +554,11 @@ async fn settle_unknown(claim: Claim, config: &IdempotencyConfig, cause: &str) -
                 body_omitted: false,
                 cookies_omitted: false,
             };
+            let key = claim.key().clone();
             complete(claim, &stored).await;
+            if let Some(held) = &config.held_keys {
+                held.push(key, cause);
+            }
             stored.into_response()
         }
         UnknownOutcome::Release => {

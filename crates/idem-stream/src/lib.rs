@@ -35,13 +35,13 @@ pub mod outbox;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod publish;
-mod trace;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
 #[cfg(feature = "redis")]
 pub mod redis_streams;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
+mod trace;
 
 /// What [`postgres::Inbox::record`] (or the SQLite one) found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Args;
 use http::{HeaderName, Method, Uri};
-use idem_http::{ScopeSource, UnknownOutcome};
+use idem_http::{RouteMatch, RouteRule, ScopeSource, UnknownOutcome};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +122,19 @@ pub struct ServeArgs {
         allow_hyphen_values = true
     )]
     pub shutdown_timeout: Option<String>,
+    /// A bearer token the admin listener asks for (except on /healthz); required when
+    /// --admin-listen is not a loopback address. The operator page takes it once as
+    /// `/?token=...` and keeps it in a cookie
+    #[arg(long, env = "IDEM_ADMIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// A key in flight longer than this is flagged as stuck on the operator page and in
+    /// idem_keys_stuck [default: 1m]
+    #[arg(long, env = "IDEM_STUCK_AFTER", value_name = "DURATION", allow_hyphen_values = true)]
+    pub stuck_after: Option<String>,
+    /// An application's outbox database (PostgreSQL, or sqlite://PATH) whose pending and
+    /// parked events the operator page shows, with a retry action
+    #[arg(long, env = "IDEM_OUTBOX_DATABASE", value_name = "URL")]
+    pub outbox_database: Option<String>,
     /// TOML file with any of these settings (keys as the flags, without the dashes prefix)
     #[arg(long, env = "IDEM_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -154,6 +167,29 @@ struct FileConfig {
     max_connections: Option<usize>,
     sweep_interval: Option<String>,
     shutdown_timeout: Option<String>,
+    admin_token: Option<String>,
+    stuck_after: Option<String>,
+    outbox_database: Option<String>,
+    /// `[[route]]` blocks, in order.
+    #[serde(default)]
+    route: Vec<FileRoute>,
+}
+
+/// One `[[route]]` block: which requests (a `prefix` or a `path` pattern, and optionally
+/// `match-methods`), and the settings that differ for them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileRoute {
+    prefix: Option<String>,
+    path: Option<String>,
+    match_methods: Option<Vec<String>>,
+    require_key: Option<bool>,
+    ttl: Option<String>,
+    methods: Option<Vec<String>>,
+    fingerprint_headers: Option<Vec<String>>,
+    max_request_body: Option<Size>,
+    max_stored_body: Option<Size>,
+    unknown_outcome: Option<String>,
 }
 
 /// A size written as a number of bytes or a string with a unit ("10MiB").
@@ -190,6 +226,11 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub sweep_interval: Duration,
     pub shutdown_timeout: Duration,
+    /// Per-route rules from the config file, the first match winning.
+    pub routes: Vec<RouteRule>,
+    pub admin_token: Option<String>,
+    pub stuck_after: Duration,
+    pub outbox_database: Option<String>,
 }
 
 impl ServeArgs {
@@ -227,14 +268,11 @@ impl ServeArgs {
             .or(file)
         };
 
-        let methods = list(self.methods, file.methods)
-            .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()])
-            .iter()
-            .map(|name| {
-                Method::from_bytes(name.to_ascii_uppercase().as_bytes())
-                    .map_err(|_| invalid(format!("--methods: {name:?} is not an HTTP method")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let methods = parse_methods(
+            "methods",
+            &list(self.methods, file.methods)
+                .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()]),
+        )?;
         let scope_sources = parse_scope_sources(&text(
             self.scope_header,
             file.scope_header,
@@ -302,16 +340,11 @@ impl ServeArgs {
                 file.upstream_abandon_after,
                 "10m",
             )?,
-            unknown_outcome: match text(self.unknown_outcome, file.unknown_outcome, "hold").as_str()
-            {
-                "hold" => UnknownOutcome::Hold,
-                "release" => UnknownOutcome::Release,
-                other => {
-                    return Err(invalid(format!(
-                        "--unknown-outcome {other:?}: expected hold or release"
-                    )));
-                }
-            },
+            unknown_outcome: parse_unknown_outcome(&text(
+                self.unknown_outcome,
+                file.unknown_outcome,
+                "hold",
+            ))?,
             max_wait: duration("max-wait", self.max_wait, file.max_wait, "30s")?,
             fail_open: self.fail_open.or(file.fail_open).unwrap_or(false),
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(10_000),
@@ -327,6 +360,15 @@ impl ServeArgs {
                 file.shutdown_timeout,
                 "30s",
             )?,
+            routes: file
+                .route
+                .into_iter()
+                .enumerate()
+                .map(|(index, route)| route.resolve(index + 1))
+                .collect::<Result<_, _>>()?,
+            admin_token: self.admin_token.or(file.admin_token),
+            stuck_after: duration("stuck-after", self.stuck_after, file.stuck_after, "1m")?,
+            outbox_database: self.outbox_database.or(file.outbox_database),
         };
         config.validate()?;
         Ok(config)
@@ -381,7 +423,131 @@ impl ServeConfig {
         if self.methods.is_empty() {
             return Err(invalid("--methods must name at least one method"));
         }
+        match &self.admin_token {
+            Some(token)
+                if token.len() < 16
+                    || !token
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-._~+/=".contains(c)) =>
+            {
+                return Err(invalid(
+                    "--admin-token must be at least 16 characters of letters, digits and -._~+/= (e.g. from `openssl rand -hex 24`)",
+                ));
+            }
+            None if !self.admin_listen.ip().is_loopback() => {
+                return Err(invalid(format!(
+                    "--admin-listen {} is reachable beyond this host: set --admin-token (or IDEM_ADMIN_TOKEN) so that only operators can see and release keys",
+                    self.admin_listen
+                )));
+            }
+            _ => {}
+        }
+        for (index, rule) in self.routes.iter().enumerate() {
+            let route = index + 1;
+            if rule.ttl.is_some_and(|ttl| ttl < Duration::from_secs(1)) {
+                return Err(invalid(format!("[[route]] {route}: ttl must be at least 1s")));
+            }
+            if rule.max_request_body == Some(0) || rule.max_stored_body == Some(0) {
+                return Err(invalid(format!(
+                    "[[route]] {route}: max-request-body and max-stored-body must be at least 1 byte"
+                )));
+            }
+            if rule.max_request_body.is_some_and(|bytes| bytes > self.max_buffered_bodies) {
+                return Err(invalid(format!(
+                    "[[route]] {route}: max-request-body must be at most --max-buffered-bodies, or no body that large could ever be taken"
+                )));
+            }
+            if rule.max_stored_body.is_some_and(|bytes| bytes > u32::MAX as usize / 2) {
+                return Err(invalid(format!(
+                    "[[route]] {route}: max-stored-body must be under 2 GiB"
+                )));
+            }
+        }
         Ok(())
+    }
+}
+
+impl FileRoute {
+    /// The rule this block describes; errors name the block by its place in the file.
+    fn resolve(self, route: usize) -> Result<RouteRule, ConfigError> {
+        let named = |error: ConfigError| {
+            invalid(format!("[[route]] {route}: {}", error.0.trim_start_matches("--")))
+        };
+        let matcher = match (&self.prefix, &self.path) {
+            (Some(prefix), None) => RouteMatch::prefix(prefix),
+            (None, Some(path)) => RouteMatch::pattern(path),
+            _ => {
+                return Err(invalid(format!(
+                    "[[route]] {route}: give exactly one of prefix = \"/v1/payments\" or path = \"/v1/orders/*/refunds\""
+                )));
+            }
+        }
+        .map_err(|error| invalid(format!("[[route]] {route}: {error}")))?;
+        let matcher = match &self.match_methods {
+            Some(methods) if methods.is_empty() => {
+                return Err(invalid(format!(
+                    "[[route]] {route}: match-methods is empty, so the block would match nothing; leave it out to match every method"
+                )));
+            }
+            Some(methods) => {
+                matcher.methods(parse_methods("match-methods", methods).map_err(named)?)
+            }
+            None => matcher,
+        };
+        let mut rule = RouteRule::new(matcher);
+        if let Some(require_key) = self.require_key {
+            rule = rule.require_key(require_key);
+        }
+        if let Some(ttl) = &self.ttl {
+            rule = rule.ttl(parse_duration("ttl", ttl).map_err(named)?);
+        }
+        if let Some(methods) = &self.methods {
+            // Empty: nothing on this route gets idempotency handling.
+            rule = rule.methods(parse_methods("methods", methods).map_err(named)?);
+        }
+        if let Some(headers) = &self.fingerprint_headers {
+            let headers = headers
+                .iter()
+                .map(|name| parse_header_name("fingerprint-headers", name))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(named)?;
+            rule = rule.fingerprint_headers(headers);
+        }
+        let size = |name: &str, size: Size| -> Result<usize, ConfigError> {
+            let bytes = match size {
+                Size::Bytes(bytes) => bytes,
+                Size::Text(text) => parse_size(name, &text)?,
+            };
+            usize::try_from(bytes).map_err(|_| invalid(format!("--{name} is too large")))
+        };
+        if let Some(bytes) = self.max_request_body {
+            rule = rule.max_request_body(size("max-request-body", bytes).map_err(named)?);
+        }
+        if let Some(bytes) = self.max_stored_body {
+            rule = rule.max_stored_body(size("max-stored-body", bytes).map_err(named)?);
+        }
+        if let Some(policy) = &self.unknown_outcome {
+            rule = rule.unknown_outcome(parse_unknown_outcome(policy).map_err(named)?);
+        }
+        Ok(rule)
+    }
+}
+
+fn parse_methods(name: &str, names: &[String]) -> Result<Vec<Method>, ConfigError> {
+    names
+        .iter()
+        .map(|method| {
+            Method::from_bytes(method.trim().to_ascii_uppercase().as_bytes())
+                .map_err(|_| invalid(format!("--{name}: {method:?} is not an HTTP method")))
+        })
+        .collect()
+}
+
+fn parse_unknown_outcome(text: &str) -> Result<UnknownOutcome, ConfigError> {
+    match text {
+        "hold" => Ok(UnknownOutcome::Hold),
+        "release" => Ok(UnknownOutcome::Release),
+        other => Err(invalid(format!("--unknown-outcome {other:?}: expected hold or release"))),
     }
 }
 

@@ -171,31 +171,55 @@ pub async fn run(args: KeysArgs) -> Result<(String, bool), String> {
     }
 }
 
+/// What [`release_held`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    Released,
+    NotFound,
+    /// The record is in flight or holds a real response: left alone.
+    NotHeld,
+}
+
 /// Deletes `key`'s record only if it holds an unknown outcome, re-checking right before.
+pub async fn release_held(
+    store: &dyn idem_core::Store,
+    key: &RecordKey,
+) -> Result<Released, String> {
+    let record = store.get(key).await.map_err(|error| error.to_string())?;
+    match &record {
+        None => Ok(Released::NotFound),
+        Some(record) if !holds_unknown_outcome(record) => Ok(Released::NotHeld),
+        Some(_) => match store.delete(key).await.map_err(|error| error.to_string())? {
+            true => Ok(Released::Released),
+            false => Ok(Released::NotFound),
+        },
+    }
+}
+
+/// Whether `record` holds the stored `502 outcome-unknown` of a call whose outcome is unknown.
+pub fn holds_unknown_outcome(record: &Record) -> bool {
+    match &record.state {
+        RecordState::Completed { payload } => {
+            StoredResponse::decode(payload.clone()).is_ok_and(|stored| stored.is_outcome_unknown())
+        }
+        RecordState::InFlight { .. } => false,
+    }
+}
+
 async fn release(
     store: &dyn idem_core::Store,
     key: &RecordKey,
     json: bool,
 ) -> Result<(String, bool), String> {
-    let record = store.get(key).await.map_err(|error| error.to_string())?;
-    let held = match &record {
-        Some(Record { state: RecordState::Completed { payload }, .. }) => {
-            StoredResponse::decode(payload.clone()).is_ok_and(|stored| stored.is_outcome_unknown())
-        }
-        _ => false,
-    };
     let name = format!("key {:?} in scope {}", key.key.as_str(), key.scope);
-    let (released, text) = match (&record, held) {
-        (None, _) => (false, format!("no record for {name}\n")),
-        (Some(_), false) => {
+    let (released, text) = match release_held(store, key).await? {
+        Released::NotFound => (false, format!("no record for {name}\n")),
+        Released::NotHeld => {
             return Err(format!(
                 "{name} does not hold an unknown outcome (it is in flight or has a stored response); nothing was released. `idem keys delete` removes any record"
             ));
         }
-        (Some(_), true) => {
-            let deleted = store.delete(key).await.map_err(|error| error.to_string())?;
-            (deleted, format!("released {name}; its next request runs again\n"))
-        }
+        Released::Released => (true, format!("released {name}; its next request runs again\n")),
     };
     if json {
         let value = serde_json::json!({ "released": released, "scope": key.scope.as_str(), "key": key.key.as_str() });

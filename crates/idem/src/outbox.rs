@@ -111,6 +111,21 @@ pub async fn run(args: OutboxArgs) -> Result<(String, bool), String> {
     }
 }
 
+/// The outbox at `url` as the operator page shows it: its totals and up to `limit` keys,
+/// parked ones first, then the longest waiting.
+pub(crate) async fn overview(url: &str, limit: i64) -> Result<serde_json::Value, String> {
+    let db = Db::open(url).await?;
+    let stats = db.stats().await?;
+    let keys = db.keys(false, limit).await?;
+    let keys: Vec<_> = keys.iter().map(key_json).collect();
+    Ok(serde_json::json!({ "stats": stats_json(&stats), "keys": keys }))
+}
+
+/// Puts a parked key back in rotation, as `idem outbox retry` does: whether it was found.
+pub(crate) async fn retry(url: &str, topic: &str, key: &str) -> Result<bool, String> {
+    Db::open(url).await?.retry(topic, key).await
+}
+
 /// The application's database: PostgreSQL, or SQLite (`sqlite://PATH`).
 enum Db {
     Postgres { client: tokio_postgres::Client, url: String },
@@ -135,9 +150,10 @@ impl Db {
         let fail = |error: &dyn std::fmt::Display| {
             format!("--database {}: {}", redact(url), scrub(&error.to_string(), url))
         };
-        let config: tokio_postgres::Config = url.parse().map_err(|e| fail(&e))?;
+        // TLS as the URL's sslmode and sslrootcert say.
+        let database = idem_stream::postgres::Database::from_url(url).map_err(|e| fail(&e))?;
         let (client, connection) =
-            tokio::time::timeout(Duration::from_secs(10), config.connect(tokio_postgres::NoTls))
+            tokio::time::timeout(Duration::from_secs(10), database.connect())
                 .await
                 .map_err(|_| fail(&"no answer within 10s"))?
                 .map_err(|e| fail(&e))?;

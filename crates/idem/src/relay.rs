@@ -128,26 +128,25 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
         )
         .await;
     }
-    let database: tokio_postgres::Config =
-        args.database.parse().map_err(|error: tokio_postgres::Error| {
+    // TLS as the URL's sslmode and sslrootcert say, as the store's connections.
+    let database = idem_stream::postgres::Database::from_url(&args.database).map_err(|error| {
+        format!(
+            "--database {}: {}",
+            redact(&args.database),
+            scrub(&error.to_string(), &args.database)
+        )
+    })?;
+    let publisher = publisher(&args).await.map_err(|error| {
+        format!("--broker {}: {}", redact(&args.broker), scrub(&error.to_string(), &args.broker))
+    })?;
+    if args.migrate {
+        let (mut client, connection) = database.connect().await.map_err(|error| {
             format!(
                 "--database {}: {}",
                 redact(&args.database),
                 scrub(&error.to_string(), &args.database)
             )
         })?;
-    let publisher = publisher(&args).await.map_err(|error| {
-        format!("--broker {}: {}", redact(&args.broker), scrub(&error.to_string(), &args.broker))
-    })?;
-    if args.migrate {
-        let (mut client, connection) =
-            database.connect(tokio_postgres::NoTls).await.map_err(|error| {
-                format!(
-                    "--database {}: {}",
-                    redact(&args.database),
-                    scrub(&error.to_string(), &args.database)
-                )
-            })?;
         tokio::spawn(connection);
         Outbox::migrate(&mut client).await.map_err(|error| error.to_string())?;
     }
@@ -226,8 +225,8 @@ struct Gauges {
     dead_letters: Option<i64>,
 }
 
-async fn postgres_gauges(database: &tokio_postgres::Config) -> Option<Gauges> {
-    let (client, connection) = database.connect(tokio_postgres::NoTls).await.ok()?;
+async fn postgres_gauges(database: &idem_stream::postgres::Database) -> Option<Gauges> {
+    let (client, connection) = database.connect().await.ok()?;
     tokio::spawn(connection);
     let stats = Outbox::stats(&client).await.ok()?;
     // The inbox's table, when the consumers share this database (found by the search_path,

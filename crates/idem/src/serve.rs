@@ -82,9 +82,13 @@ pub async fn run(
         Arc::new(clock),
         EngineConfig { lease: config.lease, ttl: config.ttl },
     );
+    let rules = config.routes.iter().cloned();
+    let held = idem_http::HeldKeys::new(crate::admin::HELD_KEYS_KEPT);
+    let running = idem_http::RunningKeys::new();
     let layer = IdempotencyLayer::new(
         engine.clone(),
-        IdempotencyConfig::default()
+        rules
+            .fold(IdempotencyConfig::default(), IdempotencyConfig::route)
             .methods(config.methods.clone())
             .require_key(config.require_key)
             .scope_sources(config.scope_sources.clone())
@@ -97,7 +101,9 @@ pub async fn run(
             .unknown_outcome(config.unknown_outcome)
             .max_wait(config.max_wait)
             .max_running(config.max_connections)
-            .max_buffered(config.max_buffered_bodies),
+            .max_buffered(config.max_buffered_bodies)
+            .held_keys(held.clone())
+            .running_keys(running.clone()),
     );
     let connect_timeout = config.upstream_timeout.min(Duration::from_secs(10));
     let proxy = Proxy::new(&config.upstream, connect_timeout, config.upstream_abandon_after);
@@ -112,8 +118,16 @@ pub async fn run(
         .local_addr()
         .map_err(|source| ServeError::Listen { addr: config.admin_listen, source })?;
 
+    let admin_config = crate::admin::AdminConfig {
+        token: config.admin_token.as_deref().map(crate::admin::AdminToken::new),
+        stuck_after: config.stuck_after,
+        outbox_database: config.outbox_database.clone(),
+        store_name: crate::store::redact(&config.store).to_string(),
+    };
+    let (router, sampler) =
+        crate::admin::router(engine.clone(), metrics.clone(), (held, running), admin_config);
+    drop(store);
     let admin_task = tokio::spawn(async move {
-        let router = crate::admin::router(store, metrics.clone());
         let upkeep = async {
             // The recorder has no thread of its own here; without upkeep, histograms grow.
             let mut every = tokio::time::interval(Duration::from_secs(5));
@@ -127,6 +141,7 @@ pub async fn run(
                 tracing::error!(%error, "admin listener stopped");
             },
             () = upkeep => {}
+            () = sampler => {}
         }
     });
     let sweeper = tokio::spawn(sweep_forever(engine, config.sweep_interval));
