@@ -9,6 +9,28 @@ use bytes::Bytes;
 
 use crate::{Error, FencingToken, Fingerprint, Record, RecordState, Result, Timestamp};
 
+/// `%XX` escapes decoded, as in a URL's query (`/a%20b` is `/a b`); a `%` not followed by two
+/// hex digits stays as it is, and bytes that are not UTF-8 are replaced.
+pub fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
+        match (bytes[index], hex(index + 1), hex(index + 2)) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                index += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The stored code of an in-flight record.
 pub const IN_FLIGHT: i16 = 0;
 /// The stored code of a completed record.

@@ -191,8 +191,8 @@ impl TlsParameters {
     /// Takes `sslmode` and `sslrootcert` from a URL's `pairs`; true if the pair was one.
     pub(crate) fn take(&mut self, name: &str, value: &str) -> bool {
         match name {
-            "sslmode" => self.mode = Some(percent_decode(value)),
-            "sslrootcert" => self.root = Some(percent_decode(value)),
+            "sslmode" => self.mode = Some(store_kit::percent_decode(value)),
+            "sslrootcert" => self.root = Some(store_kit::percent_decode(value)),
             _ => return false,
         }
         true
@@ -217,27 +217,6 @@ fn split_url(url: &str) -> Result<(String, TlsParameters)> {
     let passed_on: Vec<(&str, &str)> =
         pairs.into_iter().filter(|(name, value)| !parameters.take(name, value)).collect();
     Ok((store_kit::rejoin_url(base, &passed_on), parameters))
-}
-
-/// `%XX` escapes decoded (a path with a space is `%20` in a URL).
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
-        match (bytes[index], hex(index + 1), hex(index + 2)) {
-            (b'%', Some(high), Some(low)) => {
-                out.push((high * 16 + low) as u8);
-                index += 3;
-            }
-            (byte, _, _) => {
-                out.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The ring provider, whatever else the process enabled.

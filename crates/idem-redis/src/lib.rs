@@ -245,7 +245,7 @@ impl RedisStore {
         let mut ca = None;
         for (name, value) in pairs {
             match name {
-                "ca" => ca = Some(tls::percent_decode(value)),
+                "ca" => ca = Some(idem_core::store_kit::percent_decode(value)),
                 "prefix" => {
                     let valid = !value.is_empty()
                         && value.len() <= 64

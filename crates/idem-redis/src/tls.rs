@@ -83,27 +83,6 @@ pub(crate) fn explain(error: Error, ca: Option<&str>) -> Error {
     Error::unavailable(format!("TLS to Redis failed: {why}: {text}"))
 }
 
-/// `%XX` escapes decoded (a path with a space is `%20` in a URL).
-pub(crate) fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let hex = |at: usize| bytes.get(at).and_then(|b| (*b as char).to_digit(16));
-        match (bytes[index], hex(index + 1), hex(index + 2)) {
-            (b'%', Some(high), Some(low)) => {
-                out.push((high * 16 + low) as u8);
-                index += 3;
-            }
-            (byte, _, _) => {
-                out.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +97,6 @@ mod tests {
         assert!(error("rediss", Some("/nonexistent/ca.pem")).contains("cannot read ca="));
         assert!(error("rediss", Some("/dev/null")).contains("holds no certificate"));
         assert!(certificates("rediss", None).unwrap().is_none());
-        assert_eq!(percent_decode("/a%20b/c%2"), "/a b/c%2");
+        assert_eq!(idem_core::store_kit::percent_decode("/a%20b/c%2"), "/a b/c%2");
     }
 }

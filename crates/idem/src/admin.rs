@@ -273,27 +273,10 @@ fn names_loopback(headers: &HeaderMap) -> bool {
 /// A query parameter's value, percent-decoded (a token may hold `+`, `/` and `=`, which tools
 /// encode).
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    let value = query?.split('&').find_map(|pair| {
+    query?.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=')?;
-        (key == name).then_some(value)
-    })?;
-    let bytes = value.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        let hex = bytes.get(index + 1..index + 3).and_then(|hex| std::str::from_utf8(hex).ok());
-        match (bytes[index], hex.and_then(|hex| u8::from_str_radix(hex, 16).ok())) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                index += 3;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                index += 1;
-            }
-        }
-    }
-    String::from_utf8(decoded).ok()
+        (key == name).then(|| idem_core::store_kit::percent_decode(value))
+    })
 }
 
 fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {

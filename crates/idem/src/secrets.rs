@@ -132,7 +132,7 @@ fn is_token_scheme(scheme: &str) -> bool {
 pub fn scrub(text: &str, address: &str) -> String {
     let mut scrubbed = text.to_owned();
     for secret in secrets_in(address) {
-        for form in [secret.clone(), percent_decode(&secret)] {
+        for form in [secret.clone(), idem_core::store_kit::percent_decode(&secret)] {
             if form.chars().count() >= 4 {
                 scrubbed = scrubbed.replace(&form, "***");
             }
@@ -194,26 +194,6 @@ fn redact_addresses_in(text: &str) -> String {
         .map(|word| if word.contains("://") { redact(word) } else { word.to_owned() })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] == b'%'
-            && index + 2 < bytes.len()
-            && let Ok(hex) = std::str::from_utf8(&bytes[index + 1..index + 3])
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            out.push(byte);
-            index += 3;
-            continue;
-        }
-        out.push(bytes[index]);
-        index += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
