@@ -27,6 +27,10 @@ case "$(package_state)" in
   '' | not-installed) ;;
   *) fail "an idem package is on this machine ($(package_state)); not touching it" ;;
 esac
+# Purging deletes /etc/idem and /var/lib/idem: never run where they hold something already.
+for dir in /etc/idem /var/lib/idem; do
+  [ -e "$dir" ] && fail "$dir exists without the package (a manual install?); not touching it"
+done
 user_existed=no
 getent passwd idem >/dev/null && user_existed=yes
 

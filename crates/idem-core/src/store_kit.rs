@@ -31,6 +31,22 @@ pub fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `error` and its causes, each once: clients such as tokio-postgres say only "db error" or
+/// "error performing TLS handshake" at the top and keep why in the error's source.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// The stored code of an in-flight record.
 pub const IN_FLIGHT: i16 = 0;
 /// The stored code of a completed record.

@@ -646,17 +646,7 @@ impl PostgresStore {
 /// A database failure as unavailable, with the server's own message (tokio-postgres says only
 /// "db error" at the top; the reason is in its source).
 fn unavailable(error: impl std::error::Error) -> Error {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    Error::unavailable(text)
+    Error::unavailable(store_kit::with_causes(&error))
 }
 
 use store_kit::{millis_from_sql as from_sql, millis_to_sql as to_sql, token_to_sql};

@@ -102,7 +102,21 @@ impl Database {
         mut config: tokio_postgres::Config,
         parameters: TlsParameters,
     ) -> Result<Self> {
+        // A chain checked against the system's CAs, but no name: any certificate a public CA
+        // issued for any host would pass. Refused, as libpq 16 refuses it.
+        let system_roots = parameters.root.as_deref().is_none_or(|root| root == "system");
+        if system_roots
+            && (parameters.mode.as_deref() == Some("verify-ca")
+                || (parameters.mode.as_deref() == Some("require") && parameters.root.is_some()))
+        {
+            return Err(Error::Config(
+                "sslmode=verify-ca (or require with sslrootcert) checks the certificate's chain but not its host name, so with the system's CAs any publicly issued certificate would pass: give sslrootcert=/path/to/your-ca.pem, or use sslmode=verify-full".into(),
+            ));
+        }
         let (mode, verify) = match parameters.mode.as_deref() {
+            // A root certificate without a mode: verify fully (libpq does for
+            // sslrootcert=system; never silently ignore a CA the operator gave).
+            None if parameters.root.is_some() => (SslMode::Require, Verify::ChainAndName),
             // Not given: no TLS, as before idem supported it (the server's own settings, e.g.
             // a `hostssl` line, can still demand it).
             None | Some("disable") => (SslMode::Disable, Verify::Nothing),

@@ -113,6 +113,23 @@ async fn each_sslmode_checks_what_libpq_checks() {
         assert!(error.contains("not signed by a trusted CA"), "{mode}: {error}");
         assert!(error.contains(&format!("sslrootcert={wrong_ca}")), "{mode}: {error}");
     }
+    // A root certificate without a mode verifies fully, never ignored: the certificate's own
+    // name passes, another fails.
+    connect(url(&server, "127.0.0.1", &format!("sslrootcert={ca}")))
+        .await
+        .expect("sslrootcert alone verifies, over TLS");
+    let error = refused(url(&server, "elsewhere.invalid", &format!("sslrootcert={ca}"))).await;
+    assert!(error.contains("not valid for the host name"), "{error}");
+    // A chain check without the name against the system's CAs would accept any publicly issued
+    // certificate: refused before connecting.
+    for parameters in [
+        "sslmode=verify-ca",
+        "sslmode=verify-ca&sslrootcert=system",
+        "sslmode=require&sslrootcert=system",
+    ] {
+        let error = refused(url(&server, "127.0.0.1", parameters)).await;
+        assert!(error.contains("but not its host name"), "{parameters}: {error}");
+    }
     // Without TLS, the server (hostssl only) refuses: the connections above did use TLS.
     for parameters in ["sslmode=disable", "application_name=no-sslmode"] {
         let error = refused(url(&server, "127.0.0.1", parameters)).await;

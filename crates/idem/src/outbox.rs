@@ -156,7 +156,7 @@ impl Db {
             tokio::time::timeout(Duration::from_secs(10), database.connect())
                 .await
                 .map_err(|_| fail(&"no answer within 10s"))?
-                .map_err(|e| fail(&e))?;
+                .map_err(|e| fail(&idem_core::store_kit::with_causes(&e)))?;
         tokio::spawn(connection);
         Ok(Self::Postgres { client, url: url.to_owned() })
     }

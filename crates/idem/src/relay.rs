@@ -144,7 +144,7 @@ pub async fn run(args: RelayArgs, shutdown: impl Future<Output = ()>) -> Result<
             format!(
                 "--database {}: {}",
                 redact(&args.database),
-                scrub(&error.to_string(), &args.database)
+                scrub(&idem_core::store_kit::with_causes(&error), &args.database)
             )
         })?;
         tokio::spawn(connection);

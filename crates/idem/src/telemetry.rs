@@ -159,8 +159,9 @@ mod exporter {
     }
 
     impl Telemetry {
-        /// The layer that turns idem's spans (target `idem_trace`) into OpenTelemetry spans,
-        /// with warnings and errors logged inside them as span events.
+        /// The layer that turns idem's spans (target `idem_trace`) into OpenTelemetry spans.
+        /// Log events are not exported: their fields carry the raw Idempotency-Key, which a
+        /// span only ever names by its hash.
         pub fn layer<S>(&self) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
         where
             S: tracing::Subscriber
@@ -169,8 +170,7 @@ mod exporter {
                 + Sync,
         {
             let spans = tracing_subscriber::filter::Targets::new()
-                .with_target(idem_trace::TARGET, tracing::Level::INFO)
-                .with_default(tracing::Level::WARN);
+                .with_target(idem_trace::TARGET, tracing::Level::INFO);
             tracing_opentelemetry::layer()
                 .with_tracer(self.provider.tracer("idem"))
                 .with_filter(spans)

@@ -104,7 +104,7 @@ fn bad_store_urls_get_readable_errors() {
     for (store, expected) in [
         (
             "mysql://x",
-            "expected memory://, sqlite://PATH, postgres://..., redis://... or redis+cluster://...",
+            "expected memory://, sqlite://PATH, postgres://..., redis://..., rediss://... (TLS) or redis+cluster://...",
         ),
         ("postgres://idem:hunter2@127.0.0.1:1/db?op_timeout_ms=300", "postgres://idem:***@"),
         ("sqlite://x.db?mode=fast", "unknown sqlite:// URL parameter"),

@@ -22,6 +22,8 @@ const TOKEN: &str = "test-admin-token-0123456789";
 /// A WebDriver session on a chromedriver of the test's own.
 struct Browser {
     driver: Child,
+    /// Chromium's profile directory, of this test's own: also how its processes are found.
+    profile: std::path::PathBuf,
     base: String,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -38,6 +40,7 @@ impl Browser {
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let profile = temp_dir().join("chromium");
         let driver = Command::new(driver_bin)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -46,6 +49,7 @@ impl Browser {
             .expect("start chromedriver");
         let mut browser = Self {
             driver,
+            profile: profile.clone(),
             base: format!("http://127.0.0.1:{port}"),
             client: Client::builder(TokioExecutor::new()).build_http(),
         };
@@ -60,7 +64,7 @@ impl Browser {
                 "binary": chromium,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                          "--window-size=1280,1000",
-                         format!("--user-data-dir={}", temp_dir().join("chromium").display())],
+                         format!("--user-data-dir={}", profile.display())],
             },
         }}});
         let session = browser.call("POST", "/session", Some(capabilities)).await.unwrap();
@@ -144,9 +148,14 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// Stops chromedriver and the Chromium it started (which a killed chromedriver would leave
+    /// running), found by the profile directory that is this test's alone.
     fn drop(&mut self) {
         let _ = self.driver.kill();
         let _ = self.driver.wait();
+        // No leading dashes: pkill would read the pattern as an option.
+        let profile = format!("user-data-dir={}", self.profile.display());
+        let _ = Command::new("pkill").args(["-KILL", "-f", &profile]).status();
     }
 }
 
@@ -348,11 +357,11 @@ async fn the_operator_page_shows_a_stuck_key_and_releases_a_held_one() {
 /// answers only requests that name a loopback host (no DNS rebinding from a web page).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_listener_without_a_token_stays_on_loopback() {
-    let output = Command::new(common::idem_bin())
-        .args(["serve", "--upstream", "http://127.0.0.1:1", "--store", "memory://"])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"])
-        .output()
-        .unwrap();
+    let output = common::exits_within_20s(
+        Command::new(common::idem_bin())
+            .args(["serve", "--upstream", "http://127.0.0.1:1", "--store", "memory://"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "0.0.0.0:0"]),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("--admin-token"), "{stderr}");

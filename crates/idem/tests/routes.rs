@@ -208,11 +208,12 @@ fn a_bad_route_block_is_refused_with_its_place_and_reason() {
         ("[[route]]\nprefix = \"/a\"\nrequire_key = true\n", "unknown field"),
     ] {
         let config = config_file(block);
-        let output = std::process::Command::new(common::idem_bin())
-            .args(["serve", "--upstream", "http://127.0.0.1:1", "--store", "memory://"])
-            .args(["--config", &config, "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .output()
-            .unwrap();
+        let output = common::exits_within_20s(
+            std::process::Command::new(common::idem_bin())
+                .args(["serve", "--upstream", "http://127.0.0.1:1", "--store", "memory://"])
+                .args(["--config", &config])
+                .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]),
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{block:?} was accepted");
         assert!(stderr.contains(expected), "{block:?}: expected {expected:?} in {stderr}");

@@ -44,13 +44,12 @@ async fn a_gateway_refuses_a_store_whose_certificate_it_cannot_trust() {
     let Some(redis) = TlsRedis::start(free_port(), &certificates) else { return };
     let wrong = certificates.wrong_ca.display();
     let store = format!("rediss://idem:s3cret-pw@127.0.0.1:{}/?ca={wrong}", redis.port());
-    let output = Command::new(idem_bin())
-        .args(["serve", "--upstream", "http://127.0.0.1:9", "--store", &store])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .env("IDEM_LOG", "warn")
-        .stdin(Stdio::null())
-        .output()
-        .expect("runs the idem binary");
+    let output = common::exits_within_20s(
+        Command::new(idem_bin())
+            .args(["serve", "--upstream", "http://127.0.0.1:9", "--store", &store])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("IDEM_LOG", "warn"),
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "idem serve started on an untrusted store: {stderr}");
     assert!(stderr.contains("not signed by a trusted CA"), "{stderr}");

@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -447,14 +447,13 @@ async fn a_collector_that_is_down_does_not_break_serving() {
 /// A setting the build cannot honour stops the gateway at start, naming it.
 #[test]
 fn an_unsupported_otel_setting_stops_the_gateway_at_start() {
-    let output = Command::new(common::idem_bin())
-        .args(["serve", "--upstream", "http://127.0.0.1:9", "--store", "memory://"])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
-        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let output = common::exits_within_20s(
+        Command::new(common::idem_bin())
+            .args(["serve", "--upstream", "http://127.0.0.1:9", "--store", "memory://"])
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+    );
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc"), "{stderr}");

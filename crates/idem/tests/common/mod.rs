@@ -583,6 +583,31 @@ impl Drop for BreakingUpstream {
     }
 }
 
+/// Runs a command that is expected to exit by itself (`idem serve` refusing a setting), and
+/// kills it and fails the test if it is still running after 20 s: a gateway that wrongly
+/// started would otherwise hang the test instead of failing it.
+pub fn exits_within_20s(command: &mut Command) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output().unwrap();
+            panic!(
+                "still running after 20 s (it should have refused to start): {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// Runs `idem keys --store STORE ARGS...`: exit code, stdout, stderr.
 pub fn idem_keys(store: &str, args: &[&str]) -> (i32, String, String) {
     let output = Command::new(idem_bin())
