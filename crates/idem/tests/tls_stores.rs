@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{Gateway, Upstream, idem_bin, unique};
 use idem_core::conformance::servers::{TestCertificates, TlsRedis, free_port};
