@@ -5,6 +5,7 @@ use std::time::Duration;
 use super::Database;
 use crate::Result;
 use crate::outbox::{RelayConfig, RoundReport};
+use idem_core::store_kit::with_causes;
 
 /// Publishes pending outbox events. Several relays may run at once, on several hosts.
 ///
@@ -449,22 +450,6 @@ async fn retention_forever(database: Database, older_than: Duration, every: Dura
             Err(error) => tracing::warn!(%error, "outbox retention failed; next time"),
         }
     }
-}
-
-/// `error` and its causes: tokio-postgres says only "error performing TLS handshake" and
-/// keeps why (an untrusted certificate, a name mismatch) in its source.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// The connections of a running relay: one for the rounds, one that `LISTEN`s. Its
