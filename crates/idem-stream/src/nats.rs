@@ -29,11 +29,20 @@ fn unreachable(kind: async_nats::jetstream::context::PublishErrorKind) -> bool {
 #[derive(Debug, Clone)]
 pub struct JetStreamPublisher {
     context: Context,
+    refuse_duplicates: bool,
 }
 
 impl JetStreamPublisher {
     pub fn new(context: Context) -> Self {
-        Self { context }
+        Self { context, refuse_duplicates: false }
+    }
+
+    /// Fails a publish that the stream drops as a duplicate (a message with the same
+    /// `Nats-Msg-Id` inside its duplicate window), instead of counting it as published: for
+    /// putting a dead letter back, where the stream remembering the first copy means the new
+    /// one never arrives. (The relay wants the opposite: its republished event is already in.)
+    pub fn refusing_duplicates(self) -> Self {
+        Self { refuse_duplicates: true, ..self }
     }
 }
 
@@ -90,10 +99,20 @@ impl Publisher for JetStreamPublisher {
         let mut results = Vec::with_capacity(messages.len());
         for (message, sent) in messages.iter().zip(pending) {
             let result = match sent {
-                Ok(ack) => ack.await.map(drop).map_err(|error| {
-                    let unreachable = unreachable(error.kind());
-                    (crate::Error::from_broker(NATS, "publish ack")(error), unreachable)
-                }),
+                Ok(ack) => match ack.await {
+                    Ok(ack) if ack.duplicate && self.refuse_duplicates => {
+                        let reason = format!(
+                            "stream {} dropped it as a duplicate: it saw this Nats-Msg-Id within its duplicate window (2 minutes unless the stream says otherwise); try again after the window",
+                            ack.stream
+                        );
+                        Err((crate::Error::broker(NATS, "publish", reason), false))
+                    }
+                    Ok(_) => Ok(()),
+                    Err(error) => {
+                        let unreachable = unreachable(error.kind());
+                        Err((crate::Error::from_broker(NATS, "publish ack")(error), unreachable))
+                    }
+                },
                 Err(error) => Err(error),
             };
             results.push(result.map_err(|(error, unreachable)| match unreachable {

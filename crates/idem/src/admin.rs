@@ -4,7 +4,9 @@
 //! The page shows what is stuck and why: the keyed calls this gateway is running (the longest
 //! first, stuck ones flagged), keys it held with an unknown outcome (with a release action), the
 //! rates of runs, replays, conflicts, mismatches, unknown outcomes and store errors, the store's
-//! health and latency, and an application's outbox when `--outbox-database` names one. What
+//! health and latency, an application's outbox when `--outbox-database` names one, and its
+//! consumers' dead letters when `--dead-letters-database` does (with `--dead-letters-broker`,
+//! a requeue action). What
 //! it shows of keys comes from this process's memory: reading it never scans the store.
 //!
 //! Access: with `--admin-token` every route but `/healthz` needs `Authorization: Bearer TOKEN`
@@ -91,6 +93,11 @@ pub struct AdminConfig {
     pub token: Option<AdminToken>,
     pub stuck_after: Duration,
     pub outbox_database: Option<String>,
+    /// The consumers' database whose dead letters the page shows, and the broker (and
+    /// RabbitMQ exchange) that puts them back.
+    pub dead_letters_database: Option<String>,
+    pub dead_letters_broker: Option<String>,
+    pub dead_letters_exchange: String,
     /// The store's URL with any password removed, for the page.
     pub store_name: String,
 }
@@ -169,6 +176,8 @@ pub fn router(
         .route("/api/keys/release", post(release_key))
         .route("/api/outbox", get(outbox))
         .route("/api/outbox/retry", post(retry_outbox_key))
+        .route("/api/dead-letters", get(dead_letters))
+        .route("/api/dead-letters/requeue", post(requeue_dead_letter))
         .layer(middleware::from_fn_with_state(state.clone(), guard));
     let router = Router::new()
         .route("/healthz", get(healthz))
@@ -458,6 +467,7 @@ async fn overview(State(state): State<AdminState>) -> Response {
         },
         "totals": totals,
         "outbox": state.config.outbox_database.is_some(),
+        "dead_letters": state.config.dead_letters_database.is_some(),
     });
     Json(body).into_response()
 }
@@ -578,6 +588,101 @@ async fn retry_outbox_key(
         .into_response(),
         Ok(false) => problem(StatusCode::NOT_FOUND, &format!("no waiting events for {name}")),
         Err(response) => response,
+    }
+}
+
+/// Dead letters shown on the page, the oldest first.
+const DEAD_LETTERS_SHOWN: i64 = 100;
+/// What one dead-letter call may take, connecting included.
+const DEAD_LETTERS_BUDGET: Duration = Duration::from_secs(15);
+
+/// The consumers' database, or the problem to answer when there is none or it fails.
+async fn dead_letters_db(state: &AdminState) -> Result<crate::dead_letters::Db, Response> {
+    let Some(url) = state.config.dead_letters_database.as_deref() else {
+        return Err(problem(
+            StatusCode::NOT_FOUND,
+            "no dead letters: start the gateway with --dead-letters-database URL to see them here",
+        ));
+    };
+    crate::dead_letters::Db::open(url)
+        .await
+        .map_err(|error| problem(StatusCode::SERVICE_UNAVAILABLE, &error))
+}
+
+/// Dead letters per consumer, and the oldest ones with their failure.
+async fn dead_letters(State(state): State<AdminState>) -> Response {
+    let read = async {
+        let db = dead_letters_db(&state).await?;
+        let unavailable = |error: String| problem(StatusCode::SERVICE_UNAVAILABLE, &error);
+        let counts = db.counts().await.map_err(unavailable)?;
+        let letters = db.list(None, DEAD_LETTERS_SHOWN).await.map_err(unavailable)?;
+        let mut body = crate::dead_letters::overview_json(&counts, &letters);
+        body["requeue"] = state.config.dead_letters_broker.is_some().into();
+        Ok::<_, Response>(Json(body).into_response())
+    };
+    match tokio::time::timeout(DEAD_LETTERS_BUDGET, read).await {
+        Ok(Ok(response) | Err(response)) => response,
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the dead letters' database did not answer within 15s",
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct DeadLetterRef {
+    id: i64,
+}
+
+/// Publishes a dead letter again on its broker and removes it, as `idem dead-letters requeue`
+/// does: `404` when it is gone, `502` when the broker (or the message itself) refuses, and
+/// the dead letter then stays.
+async fn requeue_dead_letter(
+    State(state): State<AdminState>,
+    body: Result<Json<DeadLetterRef>, JsonRejection>,
+) -> Response {
+    let DeadLetterRef { id } = match body {
+        Ok(Json(body)) => body,
+        Err(rejection) => return bad_json(&rejection),
+    };
+    let Some(broker) = state.config.dead_letters_broker.clone() else {
+        return problem(
+            StatusCode::CONFLICT,
+            "no broker to requeue to: start the gateway with --dead-letters-broker URL",
+        );
+    };
+    let requeue = async {
+        let mut db = dead_letters_db(&state).await?;
+        let publisher =
+            crate::dead_letters::publisher(&broker, &state.config.dead_letters_exchange)
+                .await
+                .map_err(|error| problem(StatusCode::BAD_GATEWAY, &error))?;
+        match db.requeue(id, publisher.as_ref()).await {
+            Ok(idem_stream::postgres::Requeued::Requeued(letter)) => {
+                tracing::warn!(id, message_id = %letter.message_id, subject = %letter.subject, consumer = %letter.consumer, "requeued a dead letter (operator page)");
+                Ok(Json(serde_json::json!({
+                    "requeued": true,
+                    "detail": format!("dead letter {id} (message {}) is back on {}", letter.message_id, letter.subject),
+                }))
+                .into_response())
+            }
+            Ok(idem_stream::postgres::Requeued::NotFound) => {
+                Err(problem(StatusCode::NOT_FOUND, &format!("no dead letter {id}")))
+            }
+            Err((database, error)) => Err(problem(
+                if database { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::BAD_GATEWAY },
+                &format!("dead letter {id} stays: {error}"),
+            )),
+        }
+    };
+    match tokio::time::timeout(DEAD_LETTERS_BUDGET, requeue).await {
+        Ok(Ok(response) | Err(response)) => response,
+        Err(_) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "requeueing dead letter {id} did not finish within 15s: it stays, though the broker may have taken it (requeueing again is safe: a consumer's inbox takes a message once)"
+            ),
+        ),
     }
 }
 

@@ -135,6 +135,18 @@ pub struct ServeArgs {
     /// parked events the operator page shows, with a retry action
     #[arg(long, env = "IDEM_OUTBOX_DATABASE", value_name = "URL")]
     pub outbox_database: Option<String>,
+    /// The consumers' PostgreSQL database, whose dead letters (`idem_dead_letters`) the
+    /// operator page shows
+    #[arg(long, env = "IDEM_DEAD_LETTERS_DATABASE", value_name = "URL")]
+    pub dead_letters_database: Option<String>,
+    /// The broker those consumers read (`nats://`, `amqp://`, `redis://`): with it, the page
+    /// can put a dead letter back on it
+    #[arg(long, env = "IDEM_DEAD_LETTERS_BROKER", value_name = "URL")]
+    pub dead_letters_broker: Option<String>,
+    /// RabbitMQ only: the exchange dead letters go back through; the default ("") routes each
+    /// to the queue named by its subject
+    #[arg(long, env = "IDEM_DEAD_LETTERS_EXCHANGE", value_name = "NAME")]
+    pub dead_letters_exchange: Option<String>,
     /// TOML file with any of these settings (keys as the flags, without the dashes prefix)
     #[arg(long, env = "IDEM_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -170,6 +182,9 @@ struct FileConfig {
     admin_token: Option<String>,
     stuck_after: Option<String>,
     outbox_database: Option<String>,
+    dead_letters_database: Option<String>,
+    dead_letters_broker: Option<String>,
+    dead_letters_exchange: Option<String>,
     /// `[[route]]` blocks, in order.
     #[serde(default)]
     route: Vec<FileRoute>,
@@ -231,6 +246,9 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     pub stuck_after: Duration,
     pub outbox_database: Option<String>,
+    pub dead_letters_database: Option<String>,
+    pub dead_letters_broker: Option<String>,
+    pub dead_letters_exchange: String,
 }
 
 impl ServeArgs {
@@ -369,6 +387,12 @@ impl ServeArgs {
             admin_token: self.admin_token.or(file.admin_token),
             stuck_after: duration("stuck-after", self.stuck_after, file.stuck_after, "1m")?,
             outbox_database: self.outbox_database.or(file.outbox_database),
+            dead_letters_database: self.dead_letters_database.or(file.dead_letters_database),
+            dead_letters_broker: self.dead_letters_broker.or(file.dead_letters_broker),
+            dead_letters_exchange: self
+                .dead_letters_exchange
+                .or(file.dead_letters_exchange)
+                .unwrap_or_default(),
         };
         config.validate()?;
         Ok(config)
@@ -441,6 +465,16 @@ impl ServeConfig {
                 )));
             }
             _ => {}
+        }
+        if self.dead_letters_database.as_deref().is_some_and(|url| url.starts_with("sqlite://")) {
+            return Err(invalid(
+                "--dead-letters-database must be PostgreSQL: consumers keep dead letters there only",
+            ));
+        }
+        if self.dead_letters_broker.is_some() && self.dead_letters_database.is_none() {
+            return Err(invalid(
+                "--dead-letters-broker needs --dead-letters-database: the dead letters to put back live there",
+            ));
         }
         for (index, rule) in self.routes.iter().enumerate() {
             let route = index + 1;

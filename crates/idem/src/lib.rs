@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dead_letters;
 pub mod guard;
 pub mod keys;
 pub mod outbox;

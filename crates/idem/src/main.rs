@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use idem::config::ServeArgs;
+use idem::dead_letters::DeadLettersArgs;
 use idem::keys::KeysArgs;
 use idem::outbox::OutboxArgs;
 use idem::relay::RelayArgs;
@@ -29,6 +30,8 @@ enum Command {
     Relay(RelayArgs),
     /// Inspect the outbox: keys waiting, failing or parked; retry or discard a parked key
     Outbox(OutboxArgs),
+    /// The messages consumers gave up on: list them, put them back on the broker, delete them
+    DeadLetters(DeadLettersArgs),
 }
 
 /// The setting that keeps the gateway's memory from staying at its high-water mark.
@@ -84,7 +87,7 @@ fn main() -> ExitCode {
         Command::Serve(_) => "info",
         Command::Keys(_) => "warn",
         Command::Relay(_) => "info",
-        Command::Outbox(_) => "warn",
+        Command::Outbox(_) | Command::DeadLetters(_) => "warn",
     };
     // The long-running commands get their runtime first: the gateway exports traces when the
     // OTEL_* variables ask for it, and the exporter sends on that runtime. (The relay makes no
@@ -94,7 +97,7 @@ fn main() -> ExitCode {
             Ok(runtime) => Some(runtime),
             Err(error) => return fail(&error),
         },
-        Command::Keys(_) | Command::Outbox(_) => None,
+        Command::Keys(_) | Command::Outbox(_) | Command::DeadLetters(_) => None,
     };
     let telemetry = match (&cli.command, runtime.as_ref()) {
         (Command::Serve(_), Some(runtime)) => match idem::telemetry::start(runtime.handle()) {
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
         }
         (Command::Keys(args), _) => operator_command(idem::keys::run(args)),
         (Command::Outbox(args), _) => operator_command(idem::outbox::run(args)),
+        (Command::DeadLetters(args), _) => operator_command(idem::dead_letters::run(args)),
         (Command::Serve(_) | Command::Relay(_), None) => unreachable!("made above"),
     };
     // The last spans are sent while the runtime (which the exporter sends on) still runs.

@@ -300,24 +300,39 @@ where
 
 /// The publisher for `--broker`, chosen by the URL's scheme.
 async fn publisher(args: &RelayArgs) -> Result<Box<dyn Publisher>, String> {
-    let scheme = args.broker.split_once("://").map_or("", |(scheme, _)| scheme);
+    connect_publisher(&args.broker, &args.exchange, args.stream_max_len, false).await
+}
+
+/// A publisher to the broker at `url`, by its scheme. `refuse_duplicates`: a JetStream
+/// publish the stream drops as a duplicate fails instead of counting as done (for putting
+/// dead letters back; see [`JetStreamPublisher::refusing_duplicates`]).
+pub(crate) async fn connect_publisher(
+    url: &str,
+    exchange: &str,
+    stream_max_len: usize,
+    refuse_duplicates: bool,
+) -> Result<Box<dyn Publisher>, String> {
+    let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
     match scheme {
         "nats" | "tls" => {
-            let client =
-                idem_stream::nats::connect(&args.broker).await.map_err(|e| e.to_string())?;
-            Ok(Box::new(JetStreamPublisher::new(async_nats::jetstream::new(client))))
+            let client = idem_stream::nats::connect(url).await.map_err(|e| e.to_string())?;
+            let publisher = JetStreamPublisher::new(async_nats::jetstream::new(client));
+            Ok(Box::new(match refuse_duplicates {
+                true => publisher.refusing_duplicates(),
+                false => publisher,
+            }))
         }
         "amqp" | "amqps" => {
-            let publisher = RabbitPublisher::connect(&args.broker, &args.exchange).await;
+            let publisher = RabbitPublisher::connect(url, exchange).await;
             Ok(Box::new(publisher.map_err(|error| error.to_string())?))
         }
         "redis" | "rediss" => {
-            if args.stream_max_len == 0 {
+            if stream_max_len == 0 {
                 return Err("--stream-max-len must be at least 1".into());
             }
-            let client = redis::Client::open(args.broker.as_str()).map_err(|e| e.to_string())?;
+            let client = redis::Client::open(url).map_err(|e| e.to_string())?;
             let connection = client.get_connection_manager().await.map_err(|e| e.to_string())?;
-            Ok(Box::new(RedisStreamsPublisher::new(connection, args.stream_max_len)))
+            Ok(Box::new(RedisStreamsPublisher::new(connection, stream_max_len)))
         }
         _ => Err("the scheme must be nats://, amqp:// or redis://".into()),
     }

@@ -122,6 +122,9 @@ pub async fn run(
         token: config.admin_token.as_deref().map(crate::admin::AdminToken::new),
         stuck_after: config.stuck_after,
         outbox_database: config.outbox_database.clone(),
+        dead_letters_database: config.dead_letters_database.clone(),
+        dead_letters_broker: config.dead_letters_broker.clone(),
+        dead_letters_exchange: config.dead_letters_exchange.clone(),
         store_name: crate::store::redact(&config.store).to_string(),
     };
     let (router, sampler) =

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::free_port;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,10 +27,6 @@ const CLIENTS: usize = 24;
 const CLIENT_TIMEOUT: Duration = Duration::from_millis(150);
 /// The longest one operation may take, retries included, before the test fails.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
 
 /// An nginx of the test's own, serving the example with its ports replaced.
 struct Nginx {

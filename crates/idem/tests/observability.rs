@@ -14,6 +14,8 @@
 
 mod common;
 
+use common::free_port;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -257,10 +259,6 @@ impl Drop for RelayProcess {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn fetch_metrics(addr: std::net::SocketAddr) -> String {

@@ -373,3 +373,116 @@ async fn an_admin_listener_without_a_token_stays_on_loopback() {
     assert_eq!(rebound.status, 403);
     assert_eq!(admin_get(&gateway, "/healthz", &[("host", "attacker.example")]).await.status, 200);
 }
+
+/// The dead letters of an application's consumers on the page (`--dead-letters-database`),
+/// and requeueing one after a confirmation (`--dead-letters-broker`): it goes back on the
+/// broker with its own message id, key and headers, and leaves the dead letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_operator_page_requeues_a_dead_letter() {
+    use async_nats::jetstream::{self, stream};
+    let Some(nats) = idem_core::conformance::service_url("IDEM_TEST_NATS_URL") else { return };
+    let Some(database) =
+        idem_core::conformance::fresh_postgres_schema("idem_operator_dead_letters").await
+    else {
+        return;
+    };
+    let Some(browser) = Browser::start().await else { return };
+    let (mut client, connection) =
+        tokio_postgres::connect(&database, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    idem_stream::postgres::Inbox::migrate(&mut client).await.unwrap();
+    let jetstream = jetstream::new(async_nats::connect(&nats).await.unwrap());
+    let pid = std::process::id();
+    let (stream_name, subject) =
+        (format!("IDEMTEST_PAGE_DL_{pid}"), format!("idemtest.pagedl.{pid}"));
+    let _ = jetstream.delete_stream(&stream_name).await;
+    let mut stream = jetstream
+        .create_stream(stream::Config {
+            name: stream_name.clone(),
+            subjects: vec![subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // What a consumer buries after its last attempt (see idem_stream::postgres::DeadLetters).
+    let id: i64 = client
+        .query_one(
+            "INSERT INTO idem_dead_letters (consumer, message_id, subject, payload, headers, attempts, failure)
+             VALUES ('billing', 'idem-outbox-4242', $1, 'invoice 7', $2, 5, 'no such customer') RETURNING id",
+            &[&subject, &vec!["Idem-Key", "customer-9", "Idem-Seq", "3", "x-tenant", "acme"]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let store = format!("sqlite://{}", temp_dir().join("idem.db").display());
+    let upstream = Upstream::start().await;
+    let gateway = Gateway::start(
+        &upstream.url(),
+        &store,
+        &[
+            "--admin-token",
+            TOKEN,
+            "--dead-letters-database",
+            &database,
+            "--dead-letters-broker",
+            &nats,
+        ],
+    );
+    let bearer = format!("Bearer {TOKEN}");
+    let listed = admin_get(&gateway, "/api/dead-letters", &[("authorization", &bearer)]).await;
+    assert_eq!(listed.status, 200, "{:?}", String::from_utf8_lossy(&listed.body));
+    let listed = listed.json();
+    assert_eq!(listed["consumers"][0]["consumer"], "billing");
+    assert_eq!(listed["consumers"][0]["count"], 1);
+    assert_eq!(listed["dead_letters"][0]["message_id"], "idem-outbox-4242");
+    assert_eq!(listed["requeue"], true);
+    let missing = TestClient::new(gateway.admin)
+        .send(
+            "POST",
+            "/api/dead-letters/requeue",
+            &[
+                ("authorization", &bearer),
+                ("x-idem-admin", "1"),
+                ("content-type", "application/json"),
+            ],
+            json!({ "id": id + 1000 }).to_string(),
+        )
+        .await;
+    assert_problem_status(&missing, 404);
+
+    let admin_url = format!("http://127.0.0.1:{}", gateway.admin.port());
+    browser.goto(&format!("{admin_url}/?token={TOKEN}")).await;
+    let letter_row = format!("#dead-letters-rows tr[data-id=\"{id}\"]");
+    browser.wait_for(&letter_row, "no such customer", Duration::from_secs(15)).await;
+    assert!(browser.text_of(&letter_row).await.contains("idem-outbox-4242"));
+    let button =
+        browser.wait_for(&format!("{letter_row} button"), "Requeue", Duration::from_secs(5)).await;
+    browser.click(&button).await;
+    assert_eq!(stream.info().await.unwrap().state.messages, 0, "asking publishes nothing yet");
+    let confirm = browser
+        .wait_for(&format!("{letter_row} button.confirm"), "Confirm", Duration::from_secs(5))
+        .await;
+    browser.click(&confirm).await;
+    browser.wait_for("#message", "is back on", Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while browser.find(&letter_row).await.is_some() {
+        assert!(Instant::now() < deadline, "the requeued dead letter's row stayed on the page");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // On the broker once, as the relay had published it; gone from the dead letters.
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    let message = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(message.subject.as_str(), subject);
+    assert_eq!(message.payload.as_ref(), b"invoice 7");
+    let headers = message.headers;
+    assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some("idem-outbox-4242"));
+    assert_eq!(headers.get("Idem-Key").map(|v| v.as_str()), Some("customer-9"));
+    assert_eq!(headers.get("Idem-Seq").map(|v| v.as_str()), Some("3"));
+    assert_eq!(headers.get("x-tenant").map(|v| v.as_str()), Some("acme"));
+    let left: i64 =
+        client.query_one("SELECT count(*) FROM idem_dead_letters", &[]).await.unwrap().get(0);
+    assert_eq!(left, 0);
+    let _ = jetstream.delete_stream(&stream_name).await;
+}

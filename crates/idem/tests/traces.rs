@@ -9,8 +9,10 @@
 
 mod common;
 
+use common::free_port;
+
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -46,11 +48,6 @@ fn client_traceparent() -> String {
 struct Serve {
     #[command(flatten)]
     args: idem::config::ServeArgs,
-}
-
-/// A free loopback port (bound, then released for the gateway to take).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 struct App {

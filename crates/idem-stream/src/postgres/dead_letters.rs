@@ -96,3 +96,216 @@ impl crate::consume::DeadLetter for DeadLetters {
         }
     }
 }
+
+/// A message a consumer gave up on, as kept in `idem_dead_letters`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Buried {
+    /// The row's id: what `requeue` and `delete` name.
+    pub id: i64,
+    pub consumer: String,
+    /// The message's own id (the inbox key).
+    pub message_id: String,
+    pub subject: String,
+    pub payload: bytes::Bytes,
+    pub headers: Vec<(String, String)>,
+    pub attempts: i64,
+    /// Why its last attempt failed.
+    pub failure: String,
+    pub buried_at: std::time::SystemTime,
+}
+
+/// The dead letters of one consumer: how many, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuriedCount {
+    pub consumer: String,
+    pub count: i64,
+    pub oldest: std::time::SystemTime,
+}
+
+/// What [`DeadLetters::requeue`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requeued {
+    /// Published again, then removed from the dead letters.
+    Requeued(Buried),
+    /// No dead letter has that id (another operator requeued or deleted it first).
+    NotFound,
+}
+
+const BURIED_COLUMNS: &str =
+    "id, consumer, message_id, subject, payload, headers, attempts, failure, buried_at";
+
+fn buried(row: &tokio_postgres::Row) -> Buried {
+    let flat: Vec<String> = row.get("headers");
+    let headers = flat.chunks_exact(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect();
+    Buried {
+        id: row.get("id"),
+        consumer: row.get("consumer"),
+        message_id: row.get("message_id"),
+        subject: row.get("subject"),
+        payload: bytes::Bytes::from(row.get::<_, Vec<u8>>("payload")),
+        headers,
+        attempts: row.get("attempts"),
+        failure: row.get("failure"),
+        buried_at: row.get("buried_at"),
+    }
+}
+
+impl Buried {
+    /// The outbox event this message was, ready to publish again with its own message id,
+    /// key and place in the key. Only a message an idem relay published can go back this way
+    /// (its id is `idem-outbox-N` and it carries the `Idem-Key` and `Idem-Seq` headers): the
+    /// same id is what lets a consumer's inbox recognise it, should it arrive twice.
+    pub fn to_outbox_message(&self) -> Result<crate::publish::OutboxMessage> {
+        use crate::publish::{KEY_HEADER, SEQ_HEADER};
+        let refuse = |why: &str| {
+            crate::Error::InvalidEvent(format!(
+                "dead letter {} (message {:?}) cannot be requeued: {why}; publish it again from its producer",
+                self.id, self.message_id
+            ))
+        };
+        let outbox_id = self
+            .message_id
+            .strip_prefix("idem-outbox-")
+            .and_then(|id| id.parse::<i64>().ok())
+            .ok_or_else(|| refuse("an idem relay did not publish it"))?;
+        let header =
+            |name: &str| self.headers.iter().find(|(header, _)| header.eq_ignore_ascii_case(name));
+        let key = header(KEY_HEADER).ok_or_else(|| refuse("it has no Idem-Key header"))?.1.clone();
+        let seq = header(SEQ_HEADER)
+            .and_then(|(_, seq)| seq.parse::<i64>().ok())
+            .ok_or_else(|| refuse("it has no Idem-Seq header"))?;
+        // The publishers set the message id, key and seq themselves; NATS control headers
+        // (`Nats-Expected-…`) would make the broker judge the publish, not carry it.
+        let headers = self
+            .headers
+            .iter()
+            .filter(|(name, _)| {
+                !name.eq_ignore_ascii_case(KEY_HEADER)
+                    && !name.eq_ignore_ascii_case(SEQ_HEADER)
+                    && !name.to_ascii_lowercase().starts_with("nats-")
+            })
+            .cloned()
+            .collect();
+        Ok(crate::publish::OutboxMessage {
+            id: outbox_id,
+            topic: self.subject.clone(),
+            key,
+            seq,
+            payload: self.payload.clone(),
+            headers,
+        })
+    }
+}
+
+impl DeadLetters {
+    /// The most dead letters [`DeadLetters::list`] returns at once.
+    pub const MAX_LIST: i64 = 1_000;
+    /// How long [`DeadLetters::requeue`] waits for the broker to take the message.
+    pub const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Dead letters per consumer, the most first (empty when the table does not exist).
+    pub async fn counts(client: &tokio_postgres::Client) -> Result<Vec<BuriedCount>> {
+        if !table_exists(client).await? {
+            return Ok(Vec::new());
+        }
+        let rows = client
+            .query(
+                "SELECT consumer, count(*) AS count, min(buried_at) AS oldest
+                 FROM idem_dead_letters GROUP BY consumer ORDER BY count DESC, consumer",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| BuriedCount {
+                consumer: row.get("consumer"),
+                count: row.get("count"),
+                oldest: row.get("oldest"),
+            })
+            .collect())
+    }
+
+    /// Up to `limit` dead letters (at most [`DeadLetters::MAX_LIST`]), the oldest first, of
+    /// one consumer or of all.
+    pub async fn list(
+        client: &tokio_postgres::Client,
+        consumer: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Buried>> {
+        if !table_exists(client).await? {
+            return Ok(Vec::new());
+        }
+        let limit = limit.clamp(1, Self::MAX_LIST);
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT {BURIED_COLUMNS} FROM idem_dead_letters
+                     WHERE $1::text IS NULL OR consumer = $1 ORDER BY id LIMIT $2"
+                ),
+                &[&consumer, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(buried).collect())
+    }
+
+    /// One dead letter, by its row id.
+    pub async fn get(client: &tokio_postgres::Client, id: i64) -> Result<Option<Buried>> {
+        if !table_exists(client).await? {
+            return Ok(None);
+        }
+        let query = format!("SELECT {BURIED_COLUMNS} FROM idem_dead_letters WHERE id = $1");
+        Ok(client.query_opt(&query, &[&id]).await?.as_ref().map(buried))
+    }
+
+    /// Removes a dead letter for good (its message is given up): whether it was there.
+    pub async fn delete(client: &tokio_postgres::Client, id: i64) -> Result<bool> {
+        if !table_exists(client).await? {
+            return Ok(false);
+        }
+        Ok(client.execute("DELETE FROM idem_dead_letters WHERE id = $1", &[&id]).await? == 1)
+    }
+
+    /// Publishes a dead letter again, on its subject with its own message id, key and headers
+    /// (see [`Buried::to_outbox_message`]), then removes it; fix what made its consumer fail
+    /// first.
+    ///
+    /// The row stays locked from before the publish until it is removed, so two operators
+    /// requeueing it at once publish it once, and a consumer burying the requeued copy again
+    /// waits and keeps its new dead letter. If the broker refuses, the dead letter stays. If
+    /// the database fails after the broker took the message, the dead letter stays too and a
+    /// second requeue publishes it again: a consumer's inbox takes it once, by its id.
+    pub async fn requeue(
+        client: &mut tokio_postgres::Client,
+        id: i64,
+        publisher: &dyn crate::publish::Publisher,
+    ) -> Result<Requeued> {
+        if !table_exists(client).await? {
+            return Ok(Requeued::NotFound);
+        }
+        let transaction = client.transaction().await?;
+        let query =
+            format!("SELECT {BURIED_COLUMNS} FROM idem_dead_letters WHERE id = $1 FOR UPDATE");
+        let Some(row) = transaction.query_opt(&query, &[&id]).await? else {
+            return Ok(Requeued::NotFound);
+        };
+        let letter = buried(&row);
+        let message = letter.to_outbox_message()?;
+        let publish = publisher.publish(std::slice::from_ref(&message));
+        let published = tokio::time::timeout(Self::PUBLISH_TIMEOUT, publish)
+            .await
+            .map_err(|_| crate::Error::broker("broker", "publish", "no answer within 10s"))?;
+        match published.into_iter().next() {
+            Some(Ok(())) => {}
+            Some(Err(error)) => return Err(error.source),
+            None => return Err(crate::Error::other("the publisher returned no result")),
+        }
+        transaction.execute("DELETE FROM idem_dead_letters WHERE id = $1", &[&id]).await?;
+        transaction.commit().await?;
+        Ok(Requeued::Requeued(letter))
+    }
+}
+
+async fn table_exists(client: &tokio_postgres::Client) -> Result<bool> {
+    let row = client.query_one("SELECT to_regclass('idem_dead_letters') IS NOT NULL", &[]).await?;
+    Ok(row.get(0))
+}

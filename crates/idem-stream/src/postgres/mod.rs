@@ -16,7 +16,7 @@ pub use crate::outbox::{
     Event, KeyState, MAX_HEADERS, MAX_PAYLOAD_BYTES, OutboxStats, PendingEvent, PurgeReport,
     RelayConfig, RoundReport,
 };
-pub use dead_letters::DeadLetters;
+pub use dead_letters::{Buried, BuriedCount, DeadLetters, Requeued};
 pub use inbox::{Applied, Inbox, MAX_BATCH};
 pub use offsets::Offsets;
 pub use outbox::Outbox;

@@ -608,6 +608,11 @@ pub fn exits_within_20s(command: &mut Command) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
+/// A free loopback port (bound, then released for a server to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// Runs `idem keys --store STORE ARGS...`: exit code, stdout, stderr.
 pub fn idem_keys(store: &str, args: &[&str]) -> (i32, String, String) {
     let output = Command::new(idem_bin())
