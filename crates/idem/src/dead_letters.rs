@@ -53,7 +53,7 @@ pub enum DeadLettersCommand {
         broker: String,
         /// RabbitMQ only: the exchange to publish to; the default ("") routes each message to
         /// the queue named by its subject
-        #[arg(long, default_value = "")]
+        #[arg(long, env = "IDEM_DEAD_LETTERS_EXCHANGE", default_value = "")]
         exchange: String,
     },
     /// Give dead letters up for good: they are removed, never published again
@@ -173,12 +173,65 @@ pub(crate) async fn publisher(
     let fail = |error: &dyn std::fmt::Display| {
         format!("--broker {}: {}", redact(broker), scrub(&error.to_string(), broker))
     };
-    // The relay's bound on a Redis stream's unread entries.
-    let connect = crate::relay::connect_publisher(broker, exchange, 1_000_000, true);
+    let connect = async {
+        // The relay's bound on a Redis stream's unread entries.
+        let publisher = crate::relay::connect_publisher(broker, exchange, 1_000_000, true).await?;
+        if !broker.starts_with("redis") {
+            return Ok(publisher);
+        }
+        let client = redis::Client::open(broker).map_err(|e| e.to_string())?;
+        let connection = client.get_connection_manager().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(Box::new(ReadStreamsOnly { publisher, connection }) as Box<_>)
+    };
     tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| fail(&"no answer within 10s"))?
         .map_err(|error| fail(&error))
+}
+
+/// Redis makes a stream on its first entry, so a dead letter requeued through the wrong broker
+/// (one a NATS or RabbitMQ consumer buried) would land in a new stream nobody reads, and be
+/// gone. This refuses a stream that does not exist or has no consumer group.
+struct ReadStreamsOnly {
+    publisher: Box<dyn idem_stream::publish::Publisher>,
+    connection: redis::aio::ConnectionManager,
+}
+
+#[async_trait::async_trait]
+impl idem_stream::publish::Publisher for ReadStreamsOnly {
+    async fn publish(
+        &self,
+        messages: &[idem_stream::publish::OutboxMessage],
+    ) -> Vec<Result<(), idem_stream::publish::PublishError>> {
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            let mut connection = self.connection.clone();
+            let groups = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&message.topic)
+                .query_async::<Vec<redis::Value>>(&mut connection)
+                .await;
+            let refusal = match groups {
+                Ok(groups) if !groups.is_empty() => None,
+                Ok(_) => Some(format!(
+                    "stream {} has no consumer group: nothing would read it",
+                    message.topic
+                )),
+                Err(error) => Some(format!(
+                    "stream {} cannot take it back ({error}): is this the broker its consumer reads?",
+                    message.topic
+                )),
+            };
+            results.push(match refusal {
+                None => self.publisher.publish(std::slice::from_ref(message)).await.remove(0),
+                Some(reason) => Err(idem_stream::publish::PublishError::new(
+                    message.id,
+                    idem_stream::Error::broker("Redis", "requeue", reason),
+                )),
+            });
+        }
+        results
+    }
 }
 
 /// The consumers' database.
@@ -246,6 +299,17 @@ impl Db {
     }
 }
 
+/// `text` with control characters escaped, so that what a producer put in a message cannot
+/// move the cursor or recolour an operator's terminal.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect()
+}
+
 fn age(at: SystemTime) -> String {
     let age = SystemTime::now().duration_since(at).unwrap_or_default();
     humantime::format_duration(Duration::from_secs(age.as_secs().max(1))).to_string()
@@ -277,7 +341,9 @@ pub(crate) fn letter_json(letter: &Buried, whole: bool) -> serde_json::Value {
         "failure": letter.failure,
         "buried_at_unix": unix_seconds(letter.buried_at),
         "buried_for_s": SystemTime::now().duration_since(letter.buried_at).unwrap_or_default().as_secs(),
-        "payload_bytes": letter.payload.len(),
+        "payload_bytes": letter.payload_bytes,
+        // What `requeue` can put back: what an idem relay published.
+        "requeueable": letter.relay_published(),
     });
     if whole {
         value["headers"] =
@@ -328,14 +394,14 @@ fn list_text(counts: &[BuriedCount], letters: &[Buried]) -> String {
         "ID", "CONSUMER", "MESSAGE ID", "SUBJECT", "ATTEMPTS", "BURIED"
     );
     for letter in letters {
-        let failure: String = letter.failure.chars().take(80).collect();
+        let failure: String = printable(&letter.failure).chars().take(80).collect();
         let _ = writeln!(
             out,
             "{:>8}  {:16}  {:id_width$}  {:subject_width$}  {:>8}  {:>10}  {failure}",
             letter.id,
             letter.consumer,
-            letter.message_id,
-            letter.subject,
+            printable(&letter.message_id),
+            printable(&letter.subject),
             letter.attempts,
             age(letter.buried_at),
         );
@@ -347,14 +413,14 @@ fn show_text(letter: &Buried) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "id           {}", letter.id);
     let _ = writeln!(out, "consumer     {}", letter.consumer);
-    let _ = writeln!(out, "message id   {}", letter.message_id);
-    let _ = writeln!(out, "subject      {}", letter.subject);
+    let _ = writeln!(out, "message id   {}", printable(&letter.message_id));
+    let _ = writeln!(out, "subject      {}", printable(&letter.subject));
     let _ = writeln!(out, "attempts     {}", letter.attempts);
     let _ = writeln!(out, "buried       {} ago", age(letter.buried_at));
-    let _ = writeln!(out, "failure      {}", letter.failure);
+    let _ = writeln!(out, "failure      {}", printable(&letter.failure));
     for (name, value) in &letter.headers {
-        let _ = writeln!(out, "header       {name}: {value}");
+        let _ = writeln!(out, "header       {}: {}", printable(name), printable(value));
     }
-    let _ = writeln!(out, "payload      {}", payload_text(&letter.payload));
+    let _ = writeln!(out, "payload      {}", printable(&payload_text(&letter.payload)));
     out
 }

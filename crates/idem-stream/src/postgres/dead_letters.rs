@@ -109,9 +109,12 @@ pub struct Buried {
     pub payload: bytes::Bytes,
     pub headers: Vec<(String, String)>,
     pub attempts: i64,
-    /// Why its last attempt failed.
+    /// Why its last attempt failed ([`DeadLetters::list`] keeps its first 1,000 characters).
     pub failure: String,
     pub buried_at: std::time::SystemTime,
+    /// The payload's size (also where [`DeadLetters::list`] leaves `payload` and `headers`
+    /// empty, to keep a long list small).
+    pub payload_bytes: i64,
 }
 
 /// The dead letters of one consumer: how many, and since when.
@@ -131,8 +134,9 @@ pub enum Requeued {
     NotFound,
 }
 
-const BURIED_COLUMNS: &str =
-    "id, consumer, message_id, subject, payload, headers, attempts, failure, buried_at";
+const BURIED_COLUMNS: &str = "id, consumer, message_id, subject, payload, headers, attempts, failure, buried_at, octet_length(payload)::bigint AS payload_bytes";
+/// What a list reads: no payload or headers, the failure cut short.
+const LISTED_COLUMNS: &str = "id, consumer, message_id, subject, ''::bytea AS payload, '{}'::text[] AS headers, attempts, left(failure, 1000) AS failure, buried_at, octet_length(payload)::bigint AS payload_bytes";
 
 fn buried(row: &tokio_postgres::Row) -> Buried {
     let flat: Vec<String> = row.get("headers");
@@ -147,10 +151,21 @@ fn buried(row: &tokio_postgres::Row) -> Buried {
         attempts: row.get("attempts"),
         failure: row.get("failure"),
         buried_at: row.get("buried_at"),
+        payload_bytes: row.get("payload_bytes"),
     }
 }
 
 impl Buried {
+    /// Whether an idem relay published it (its id is `idem-outbox-N`): what
+    /// [`DeadLetters::requeue`] can put back.
+    pub fn relay_published(&self) -> bool {
+        self.outbox_id().is_some()
+    }
+
+    fn outbox_id(&self) -> Option<i64> {
+        self.message_id.strip_prefix("idem-outbox-").and_then(|id| id.parse::<i64>().ok())
+    }
+
     /// The outbox event this message was, ready to publish again with its own message id,
     /// key and place in the key. Only a message an idem relay published can go back this way
     /// (its id is `idem-outbox-N` and it carries the `Idem-Key` and `Idem-Seq` headers): the
@@ -163,11 +178,8 @@ impl Buried {
                 self.id, self.message_id
             ))
         };
-        let outbox_id = self
-            .message_id
-            .strip_prefix("idem-outbox-")
-            .and_then(|id| id.parse::<i64>().ok())
-            .ok_or_else(|| refuse("an idem relay did not publish it"))?;
+        let outbox_id =
+            self.outbox_id().ok_or_else(|| refuse("an idem relay did not publish it"))?;
         let header =
             |name: &str| self.headers.iter().find(|(header, _)| header.eq_ignore_ascii_case(name));
         let key = header(KEY_HEADER).ok_or_else(|| refuse("it has no Idem-Key header"))?.1.clone();
@@ -203,7 +215,8 @@ impl DeadLetters {
     /// How long [`DeadLetters::requeue`] waits for the broker to take the message.
     pub const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-    /// Dead letters per consumer, the most first (empty when the table does not exist).
+    /// Dead letters per consumer, the most first, for at most 100 consumers (empty when the
+    /// table does not exist).
     pub async fn counts(client: &tokio_postgres::Client) -> Result<Vec<BuriedCount>> {
         if !table_exists(client).await? {
             return Ok(Vec::new());
@@ -211,7 +224,7 @@ impl DeadLetters {
         let rows = client
             .query(
                 "SELECT consumer, count(*) AS count, min(buried_at) AS oldest
-                 FROM idem_dead_letters GROUP BY consumer ORDER BY count DESC, consumer",
+                 FROM idem_dead_letters GROUP BY consumer ORDER BY count DESC, consumer LIMIT 100",
                 &[],
             )
             .await?;
@@ -239,7 +252,7 @@ impl DeadLetters {
         let rows = client
             .query(
                 &format!(
-                    "SELECT {BURIED_COLUMNS} FROM idem_dead_letters
+                    "SELECT {LISTED_COLUMNS} FROM idem_dead_letters
                      WHERE $1::text IS NULL OR consumer = $1 ORDER BY id LIMIT $2"
                 ),
                 &[&consumer, &limit],
@@ -269,11 +282,16 @@ impl DeadLetters {
     /// (see [`Buried::to_outbox_message`]), then removes it; fix what made its consumer fail
     /// first.
     ///
-    /// The row stays locked from before the publish until it is removed, so two operators
-    /// requeueing it at once publish it once, and a consumer burying the requeued copy again
-    /// waits and keeps its new dead letter. If the broker refuses, the dead letter stays. If
-    /// the database fails after the broker took the message, the dead letter stays too and a
-    /// second requeue publishes it again: a consumer's inbox takes it once, by its id.
+    /// The row is deleted before the publish and the deletion committed after it, so two
+    /// operators requeueing it at once publish it once, and a consumer burying the requeued
+    /// copy again waits for the commit and keeps its new dead letter. If the broker refuses,
+    /// the dead letter stays. If the database fails after the broker took the message, the
+    /// dead letter stays too and a second requeue publishes it again: a consumer's inbox
+    /// takes it once, by its id, while it still holds that id.
+    ///
+    /// The message goes to its subject, so every reader of the subject gets it (every
+    /// JetStream consumer of the stream, every Redis consumer group, every queue bound on a
+    /// RabbitMQ exchange): those that applied it already skip it only by their inbox.
     pub async fn requeue(
         client: &mut tokio_postgres::Client,
         id: i64,
@@ -282,9 +300,13 @@ impl DeadLetters {
         if !table_exists(client).await? {
             return Ok(Requeued::NotFound);
         }
+        // Deleted first, committed only once the broker took the message: meanwhile the
+        // deleted row makes a consumer's burial of the new copy (its INSERT ... ON CONFLICT)
+        // and a second requeue wait for this transaction; after the commit the burial goes
+        // in, after a rollback the dead letter is back as it was.
         let transaction = client.transaction().await?;
         let query =
-            format!("SELECT {BURIED_COLUMNS} FROM idem_dead_letters WHERE id = $1 FOR UPDATE");
+            format!("DELETE FROM idem_dead_letters WHERE id = $1 RETURNING {BURIED_COLUMNS}");
         let Some(row) = transaction.query_opt(&query, &[&id]).await? else {
             return Ok(Requeued::NotFound);
         };
@@ -299,7 +321,6 @@ impl DeadLetters {
             Some(Err(error)) => return Err(error.source),
             None => return Err(crate::Error::other("the publisher returned no result")),
         }
-        transaction.execute("DELETE FROM idem_dead_letters WHERE id = $1", &[&id]).await?;
         transaction.commit().await?;
         Ok(Requeued::Requeued(letter))
     }
