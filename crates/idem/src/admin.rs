@@ -680,7 +680,7 @@ async fn requeue_dead_letter(
         Err(_) => problem(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!(
-                "requeueing dead letter {id} did not finish within 15s: it stays, though the broker may have taken it (requeueing again is safe: a consumer's inbox takes a message once)"
+                "requeueing dead letter {id} did not finish within 15s: list the dead letters to see whether it is still there (the broker may have taken it either way)"
             ),
         ),
     }
