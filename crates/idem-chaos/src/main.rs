@@ -72,6 +72,10 @@ struct Args {
     /// An extra argument for every `idem serve` (repeatable), e.g. --gateway-arg=--unknown-outcome=release
     #[arg(long, allow_hyphen_values = true)]
     gateway_arg: Vec<String>,
+    /// Diagnose every messaging run and keep its directory (the processes' logs, the
+    /// diagnosis, the broker's data and log), not only a failed one's
+    #[arg(long)]
+    keep: bool,
     /// The idem binary [default: beside this one]
     #[arg(long)]
     idem: Option<PathBuf>,
@@ -193,7 +197,7 @@ fn main() -> ExitCode {
             messaging::Size::Seconds(args.seconds.unwrap_or(seconds))
         };
         let broker_seed = seed.wrapping_add(index as u64 * 0x1000_0000);
-        match runtime.block_on(messaging::scenario(*broker, size, broker_seed, &idem)) {
+        match runtime.block_on(messaging::scenario(*broker, size, broker_seed, &idem, args.keep)) {
             Ok(report) => {
                 println!("{report}");
                 failed |= !report.clean();

@@ -197,6 +197,8 @@ impl Nats {
         let mut child = Command::new("nats-server")
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
+            .arg("-l")
+            .arg(dir.join("server.log"))
             .args(&cluster)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -338,6 +340,104 @@ impl BrokerServer {
         }
     }
 
+    /// What the broker holds for each partition and who consumes it, for a diagnosis:
+    /// RabbitMQ's queues (ready, unacknowledged, consumers) and consumers, JetStream's streams
+    /// and durable consumers, Redis's consumer groups.
+    async fn state(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        match self {
+            Self::Rabbit(rabbit) => {
+                let queues = [
+                    "list_queues",
+                    "name",
+                    "messages_ready",
+                    "messages_unacknowledged",
+                    "consumers",
+                    "state",
+                ];
+                let consumers = ["list_consumers", "queue_name", "channel_pid", "prefetch_count"];
+                let said = tokio::task::block_in_place(|| {
+                    format!("{}{}", rabbit.ctl(&queues), rabbit.ctl(&consumers))
+                });
+                for line in said.lines() {
+                    let _ = writeln!(out, "rabbitmq: {line}");
+                }
+            }
+            Self::Nats(_) | Self::NatsCluster(_) => {
+                for partition in 0..PARTITIONS {
+                    let info = async {
+                        let stream = nats_stream(&self.url(), partition).await?;
+                        let state = stream.get_info().await.map_err(err("stream info"))?.state;
+                        let mut said = format!(
+                            "stream {} messages, last sequence {}, {} consumers",
+                            state.messages, state.last_sequence, state.consumer_count
+                        );
+                        if let Ok(consumer) = stream.consumer_info("chaos").await {
+                            let _ = write!(
+                                said,
+                                "; durable consumer: {} pending, {} unacknowledged, {} waiting \
+                                 pulls, delivered up to {}, acknowledged up to {}",
+                                consumer.num_pending,
+                                consumer.num_ack_pending,
+                                consumer.num_waiting,
+                                consumer.delivered.stream_sequence,
+                                consumer.ack_floor.stream_sequence
+                            );
+                        }
+                        Ok::<_, String>(said)
+                    };
+                    let said = tokio::time::timeout(Duration::from_secs(10), info)
+                        .await
+                        .unwrap_or_else(|_| Err("no answer within 10 s".to_owned()));
+                    let said = said.unwrap_or_else(|error| error);
+                    let _ = writeln!(out, "nats partition {partition}: {said}");
+                }
+            }
+            Self::Redis(redis) => {
+                let info = async {
+                    let client = redis::Client::open(redis.url()).map_err(err("redis"))?;
+                    let mut connection = client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .map_err(err("redis connect"))?;
+                    let mut said = String::new();
+                    for partition in 0..PARTITIONS {
+                        let length: usize = redis::cmd("XLEN")
+                            .arg(topic(partition))
+                            .query_async(&mut connection)
+                            .await
+                            .map_err(err("XLEN"))?;
+                        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+                            .arg("GROUPS")
+                            .arg(topic(partition))
+                            .query_async(&mut connection)
+                            .await
+                            .map_err(err("XINFO GROUPS"))?;
+                        for group in groups.groups {
+                            let _ = writeln!(
+                                said,
+                                "redis partition {partition}: {length} entries; group {}: {} \
+                                 consumers, {} pending, lag {:?}, last delivered {}",
+                                group.name,
+                                group.consumers,
+                                group.pending,
+                                group.lag,
+                                group.last_delivered_id
+                            );
+                        }
+                    }
+                    Ok::<_, String>(said)
+                };
+                let said = tokio::time::timeout(Duration::from_secs(10), info)
+                    .await
+                    .unwrap_or_else(|_| Err("no answer within 10 s".to_owned()));
+                out.push_str(&said.unwrap_or_else(|error| format!("redis: {error}\n")));
+            }
+        }
+        out
+    }
+
     /// Makes what the relays publish to: a file-backed stream per partition on JetStream, a
     /// durable quorum queue per partition on RabbitMQ (Redis makes its streams on first use).
     async fn prepare(&self) -> Result<(), String> {
@@ -380,6 +480,175 @@ impl BrokerServer {
     }
 }
 
+/// What to look at when committed events were never applied, to tell where they are:
+/// still in the outbox (a relay stuck, or the key parked or backing off), published and held
+/// by the broker (no consumer taking them), or gone (published, acknowledged and dropped); or
+/// whether the rig only stopped waiting too early (they arrive while this looks). With the
+/// faults' timeline, when each partition last applied an event, whether each relay and
+/// consumer is alive, and the last lines each logged.
+async fn diagnose(
+    client: &tokio_postgres::Client,
+    server: &BrokerServer,
+    relays: &mut [Killed],
+    consumers: &mut [Killed],
+    dir: &Path,
+    timeline: &[(SystemTime, SystemTime, String)],
+    waited: &str,
+) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("\n== diagnosis (the run's processes and servers still up)\n");
+    let _ = writeln!(out, "waiting for the consumers: {waited}");
+    for (from, to, what) in timeline {
+        let _ = writeln!(out, "fault {} .. {}: {what}", clock(*from), clock(*to));
+    }
+    let query = |sql: &'static str| async move {
+        client.query(sql, &[]).await.map_err(|error| format!("{sql}: {error}"))
+    };
+    // Per partition: the last event applied, and where each never-applied one is: published
+    // (up to its key's published_seq), pending, parked, or without an outbox row.
+    let applied = query(
+        "SELECT partition, count(*), extract(epoch FROM max(at))::float8 FROM applied
+         GROUP BY 1 ORDER BY 1",
+    );
+    match applied.await {
+        Ok(rows) => {
+            for row in rows {
+                let (partition, count, last): (i32, i64, f64) =
+                    (row.get(0), row.get(1), row.get(2));
+                let last = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(last);
+                let _ = writeln!(
+                    out,
+                    "partition {partition}: {count} applied, the last at {}",
+                    clock(last)
+                );
+            }
+        }
+        Err(error) => out.push_str(&format!("{error}\n")),
+    }
+    let missing = client.query(
+        "SELECT (substr(o.key, 2)::int % $1)::int4,
+                count(*) FILTER (WHERE e.seq <= k.published_seq),
+                count(*) FILTER (WHERE e.seq > k.published_seq AND k.parked_at IS NULL),
+                count(*) FILTER (WHERE e.seq > k.published_seq AND k.parked_at IS NOT NULL),
+                count(*) FILTER (WHERE e.id IS NULL),
+                extract(epoch FROM min(e.created_at))::float8
+         FROM orders o
+         LEFT JOIN idem_outbox e ON e.key = o.key AND e.payload = convert_to(o.id::text, 'UTF8')
+         LEFT JOIN idem_outbox_keys k ON k.topic = e.topic AND k.key = e.key
+         WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id)
+         GROUP BY 1 ORDER BY 1",
+        &[&(PARTITIONS as i32)],
+    );
+    match missing.await.map_err(|error| format!("never applied: {error}")) {
+        Ok(rows) => {
+            for row in rows {
+                let partition: i32 = row.get(0);
+                let counts: [i64; 4] = [row.get(1), row.get(2), row.get(3), row.get(4)];
+                let first = row.get::<_, Option<f64>>(5).map_or_else(
+                    || "-".to_owned(),
+                    |at| clock(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(at)),
+                );
+                let _ = writeln!(
+                    out,
+                    "partition {partition}: never applied: {} published, {} pending in the outbox, \
+                     {} parked, {} with no outbox row; the first committed at {first}",
+                    counts[0], counts[1], counts[2], counts[3]
+                );
+            }
+        }
+        Err(error) => out.push_str(&format!("{error}\n")),
+    }
+    let keys = query(
+        "SELECT topic, key, enqueued_seq - published_seq, attempts, parked_at IS NOT NULL,
+                coalesce(extract(epoch FROM retry_at - clock_timestamp())::float8, 0),
+                coalesce(last_error, '')
+         FROM idem_outbox_keys WHERE published_seq < enqueued_seq ORDER BY topic, key LIMIT 10",
+    );
+    match keys.await {
+        Ok(rows) => {
+            for row in rows {
+                let (topic, key, pending): (String, String, i64) =
+                    (row.get(0), row.get(1), row.get(2));
+                let (attempts, parked, retry_in): (i32, bool, f64) =
+                    (row.get(3), row.get(4), row.get(5));
+                let error: String = row.get(6);
+                let _ = writeln!(
+                    out,
+                    "outbox key {topic}/{key}: {pending} pending, {attempts} failed attempts, \
+                     parked {parked}, due in {retry_in:.1} s, last error {error:?}"
+                );
+            }
+        }
+        Err(error) => out.push_str(&format!("{error}\n")),
+    }
+    out.push_str(&server.state().await);
+    let relays = relays.iter_mut().enumerate().map(|(index, relay)| {
+        (format!("relay {index}"), relay, dir.join(format!("relay{index}.log")))
+    });
+    let consumers = consumers.iter_mut().enumerate().map(|(partition, consumer)| {
+        let log = dir.join(format!("consumer-p{partition}.log"));
+        (format!("consumer of partition {partition}"), consumer, log)
+    });
+    for (name, child, log) in relays.chain(consumers) {
+        let state = match child.0.try_wait() {
+            Ok(None) => "alive".to_owned(),
+            Ok(Some(status)) => format!("EXITED ({status})"),
+            Err(error) => format!("unknown ({error})"),
+        };
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let _ = writeln!(out, "{name} (pid {}): {state}; its last lines:", child.0.id());
+        for line in &lines[lines.len().saturating_sub(4)..] {
+            let _ = writeln!(out, "    {}", strip_ansi(line));
+        }
+    }
+    let late = query(
+        "SELECT count(*) FROM orders o
+         WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id)",
+    );
+    if let Ok(rows) = late.await {
+        let _ = writeln!(
+            out,
+            "still never applied now, after this diagnosis: {} (fewer: the rig stopped waiting \
+             too early)",
+            rows[0].get::<_, i64>(0)
+        );
+    }
+    out
+}
+
+/// `at` as UTC hours, minutes, seconds and milliseconds, as the processes' logs print time.
+fn clock(at: SystemTime) -> String {
+    let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let seconds = since.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        seconds / 3600,
+        seconds / 60 % 60,
+        seconds % 60,
+        since.subsec_millis()
+    )
+}
+
+/// `line` without the terminal colour codes `tracing` writes.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A child process killed when dropped.
 struct Killed(Child);
 
@@ -403,11 +672,15 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> Result<Killed, String> 
     Ok(Killed(child))
 }
 
+/// Runs the scenario. When a guarantee failed, or always with `keep`, prints a diagnosis
+/// and keeps the run's directory (the processes' logs, the diagnosis, the broker's data and
+/// log).
 pub async fn scenario(
     broker: Broker,
     size: Size,
     seed: u64,
     idem: &Path,
+    keep: bool,
 ) -> Result<Report, String> {
     let dir = std::env::temp_dir()
         .join(format!("idem-chaos-{}-messaging-{broker:?}", std::process::id()));
@@ -438,7 +711,9 @@ pub async fn scenario(
     drop(client);
     server.prepare().await?;
 
-    let log = dir.join("processes.log");
+    // A log per process (a restarted one appends to its predecessor's).
+    let relay_log = |index: usize| dir.join(format!("relay{index}.log"));
+    let consumer_log = |partition: usize| dir.join(format!("consumer-p{partition}.log"));
     let relay_args = vec![
         "relay".to_owned(),
         "--database".to_owned(),
@@ -459,12 +734,12 @@ pub async fn scenario(
         vec!["consume".to_owned(), database.clone(), broker_url.clone(), partition.to_string()]
     };
     let mut relays = Vec::new();
-    for _ in 0..2 {
-        relays.push(spawn(idem, &relay_args, &log)?);
+    for index in 0..2 {
+        relays.push(spawn(idem, &relay_args, &relay_log(index))?);
     }
     let mut consumers = Vec::new();
     for partition in 0..PARTITIONS {
-        consumers.push(spawn(&me, &consumer_args(partition), &log)?);
+        consumers.push(spawn(&me, &consumer_args(partition), &consumer_log(partition))?);
     }
 
     let started = Instant::now();
@@ -474,15 +749,19 @@ pub async fn scenario(
     type Outage = (usize, SystemTime, SystemTime, bool);
     let kills: Arc<Mutex<Vec<Outage>>> = Arc::default();
     let faults: Arc<Mutex<HashMap<&'static str, u64>>> = Arc::default();
+    // Each fault as it happened: when it began, when it was over, what it was.
+    let timeline: Arc<Mutex<Vec<(SystemTime, SystemTime, String)>>> = Arc::default();
     let fault_thread = {
-        let (stop, kills, faults, idem, me, log) = (
+        let (stop, kills, faults, timeline, idem, me) = (
             Arc::clone(&stop),
             Arc::clone(&kills),
             Arc::clone(&faults),
+            Arc::clone(&timeline),
             idem.to_path_buf(),
             me.clone(),
-            log.clone(),
         );
+        let relay_logs: Vec<_> = (0..2).map(relay_log).collect();
+        let consumer_logs: Vec<_> = (0..PARTITIONS).map(consumer_log).collect();
         let consumer_args: Vec<Vec<String>> = (0..PARTITIONS).map(consumer_args).collect();
         let relay_args = relay_args.clone();
         let runtime = tokio::runtime::Handle::current();
@@ -505,12 +784,15 @@ pub async fn scenario(
                     break;
                 }
                 let pause = Duration::from_millis(200 + rng.below(800));
+                let from = SystemTime::now();
+                let mut which = String::new();
                 let kind = match rng.below(100) {
                     roll if roll <= relay_to => {
                         let index = rng.below(relays.len() as u64) as usize;
                         let _ = relays[index].0.kill();
                         std::thread::sleep(pause);
-                        relays[index] = spawn(&idem, &relay_args, &log)?;
+                        relays[index] = spawn(&idem, &relay_args, &relay_logs[index])?;
+                        which = format!(" (relay {index})");
                         "relay kill -9 and restart"
                     }
                     roll if roll <= consumer_to => {
@@ -518,9 +800,11 @@ pub async fn scenario(
                         let _ = consumers[partition].0.kill();
                         let killed = SystemTime::now();
                         std::thread::sleep(pause);
-                        consumers[partition] = spawn(&me, &consumer_args[partition], &log)?;
+                        consumers[partition] =
+                            spawn(&me, &consumer_args[partition], &consumer_logs[partition])?;
                         let back = SystemTime::now();
                         kills.lock().unwrap().push((partition, killed, back, false));
+                        which = format!(" (partition {partition})");
                         "consumer kill -9 and restart"
                     }
                     // The broker stays up at least 10 s (a cluster's nodes 4 s), and at least
@@ -549,6 +833,7 @@ pub async fn scenario(
                     }
                 };
                 *faults.lock().unwrap().entry(kind).or_default() += 1;
+                timeline.lock().unwrap().push((from, SystemTime::now(), format!("{kind}{which}")));
             }
             Ok((server, postgres, relays, consumers))
         })
@@ -626,7 +911,7 @@ pub async fn scenario(
         producer.await.map_err(err("producer"))?;
     }
     stop.store(true, Ordering::SeqCst);
-    let (server, postgres, relays, consumers) =
+    let (server, postgres, mut relays, mut consumers) =
         tokio::task::spawn_blocking(move || fault_thread.join())
             .await
             .map_err(err("fault thread"))?
@@ -646,13 +931,13 @@ pub async fn scenario(
     let quiet_since = Instant::now();
     let mut last = -1;
     let mut last_change = Instant::now();
-    loop {
+    let waited = loop {
         let missing = count(
             "SELECT count(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM applied a WHERE a.order_id = o.id)",
         )
         .await?;
         if missing == 0 {
-            break;
+            break format!("all applied after {:.0} s", quiet_since.elapsed().as_secs_f64());
         }
         if missing != last {
             last = missing;
@@ -663,10 +948,14 @@ pub async fn scenario(
         if last_change.elapsed() > Duration::from_secs(60)
             || quiet_since.elapsed() > Duration::from_secs(1_800)
         {
-            break;
+            break format!(
+                "gave up after {:.0} s with {missing} missing, unchanged for {:.0} s",
+                quiet_since.elapsed().as_secs_f64(),
+                last_change.elapsed().as_secs_f64()
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    };
     // A moment more for a late copy, then the verdict.
     tokio::time::sleep(ACK_WAIT + Duration::from_secs(1)).await;
     let (committed, rolled_back, producer_errors) = *counts.lock().unwrap();
@@ -741,11 +1030,18 @@ pub async fn scenario(
             report.out_of_order_other += 1;
         }
     }
+    if !report.clean() || keep {
+        let timeline = timeline.lock().unwrap().clone();
+        let found =
+            diagnose(&client, &server, &mut relays, &mut consumers, &dir, &timeline, &waited).await;
+        eprintln!("{found}");
+        let _ = std::fs::write(dir.join("diagnosis.txt"), &found);
+    }
     drop((relays, consumers, server, postgres));
-    if report.clean() {
+    if report.clean() && !keep {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
-        eprintln!("idem-chaos: the relays' and consumers' logs are kept in {}", dir.display());
+        eprintln!("idem-chaos: the processes' and the broker's logs are kept in {}", dir.display());
     }
     Ok(report)
 }
@@ -788,15 +1084,19 @@ pub async fn consume(database: &str, broker: &str, partition: usize) -> Result<(
             // A name of its own per process, as a restarted pod gets: what a killed consumer
             // held is claimed once idle past the ack wait.
             let name = format!("c{}", std::process::id());
-            let subscription =
+            let subscription = retrying(async || {
                 RedisStreamsSubscription::join(&client, &topic, "chaos", &name, ACK_WAIT)
                     .await
-                    .map_err(err("consumer group"))?;
+                    .map_err(err("consumer group"))
+            })
+            .await?;
             consume_from(subscription, database, partition, inbox(partition)?).await
         }
         "amqp" => {
-            let subscription =
-                RabbitSubscription::consume(broker, &topic, 32).await.map_err(err("queue"))?;
+            let subscription = retrying(async || {
+                RabbitSubscription::consume(broker, &topic, 32).await.map_err(err("queue"))
+            })
+            .await?;
             consume_from(subscription, database, partition, inbox(partition)?).await
         }
         other => Err(format!("no broker for the scheme {other:?}")),
@@ -825,8 +1125,8 @@ async fn nats_stream(
     jetstream.get_stream(format!("CHAOS{partition}")).await.map_err(err("stream"))
 }
 
-/// `attempt` until it succeeds: started while a node of a cluster or the database restarts, a
-/// consumer may find no leader or no server for a few seconds, and is tried again as a
+/// `attempt` until it succeeds: started while the broker, a node of a cluster or the database
+/// restarts, a consumer may find no leader or no server for a few seconds, and is tried again as a
 /// supervisor would restart it (for ever: one that never starts shows as events never applied).
 async fn retrying<T>(mut attempt: impl AsyncFnMut() -> Result<T, String>) -> Result<T, String> {
     loop {

@@ -279,6 +279,50 @@ impl Rabbit {
     pub fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
+
+    /// What `rabbitmqctl ARGS` says about this node (its cookie is in the node's HOME), or
+    /// why it said nothing, within 60 s.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let ctl = Path::new("/usr/lib/rabbitmq/bin/rabbitmqctl");
+        // Not /usr/sbin/rabbitmqctl: that one runs as the rabbitmq user, with its HOME.
+        let ctl = if ctl.exists() { ctl } else { Path::new("rabbitmqctl") };
+        let mut command = Command::new(ctl);
+        command
+            .env("HOME", &self.dir)
+            .args(["-q", "-n", &format!("idemchaos{}@localhost", self.port)])
+            .args(args);
+        output_within(command, Duration::from_secs(60))
+    }
+}
+
+/// `command`'s stdout and stderr, or why there are none; killed after `within`.
+pub fn output_within(mut command: Command, within: Duration) -> String {
+    let child = command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(error) => return format!("cannot run {command:?}: {error}"),
+    };
+    let started = Instant::now();
+    while matches!(child.try_wait(), Ok(None)) && started.elapsed() < within {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let timed_out = matches!(child.try_wait(), Ok(None));
+    if timed_out {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output();
+    let mut text = output.map_or_else(
+        |error| error.to_string(),
+        |output| {
+            let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&output.stderr));
+            text
+        },
+    );
+    if timed_out {
+        text.push_str(&format!("(no answer within {within:?})"));
+    }
+    text
 }
 
 impl Drop for Rabbit {

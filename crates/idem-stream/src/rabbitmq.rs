@@ -15,8 +15,13 @@
 //! count as one, as in content-based deduplication.
 //!
 //! Both sides connect lazily and reconnect after the connection or channel is lost; a message
-//! delivered on a lost channel and not yet acknowledged goes back to its queue.
+//! delivered on a lost channel and not yet acknowledged goes back to its queue. Every wait on
+//! the broker is bounded (lapin has no timeouts of its own): opening a connection, an ack, a
+//! publish and its confirm. One that runs out counts as a lost connection, which is closed and
+//! opened again, so a relay or a consumer can never hang silently on a broker that went away.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,6 +44,40 @@ pub const MAX_PREFETCH: u16 = 10_000;
 
 /// How errors name this broker.
 const RABBITMQ: &str = "RabbitMQ";
+
+/// The longest opening a connection, its channel and (for a consumer) the consumer may take.
+/// A broker that accepts the TCP connection and then never answers (still starting, overloaded,
+/// a link that died half-way) would otherwise hold the caller for ever. RabbitMQ itself gives
+/// up on a handshake after 10 s.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The longest an ack or nack may take to be handed to a connection that still looks alive
+/// (RabbitMQ does not answer it); past this the connection is taken as lost: closed, and
+/// opened again by the next fetch, and RabbitMQ redelivers what it held. See [`settled`].
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often a settle under way checks whether its channel has ended.
+const SETTLE_CHECK_EVERY: Duration = Duration::from_millis(50);
+
+/// The longest a batch of publishes waits for RabbitMQ's confirms. A confirm that never comes
+/// would hold the relay's round, and with it its keys, for ever; past this the messages still
+/// unconfirmed fail as unreachable (published again after a backoff, the copies absorbed by the
+/// consumers' inbox) and the connection is opened again.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `step` of the RabbitMQ link that got no answer within `limit`.
+fn no_answer(step: impl Into<String>, limit: Duration) -> Error {
+    Error::broker(RABBITMQ, step, format!("no answer within {limit:?}"))
+}
+
+/// Closes `connection` in the background, within [`OPEN_TIMEOUT`]: one given up as lost may
+/// still be open, holding deliveries that RabbitMQ redelivers only once it is closed.
+fn close_in_background(connection: Connection) {
+    tokio::spawn(async move {
+        let close = connection.close(200, "reconnecting".into());
+        let _ = tokio::time::timeout(OPEN_TIMEOUT, close).await;
+    });
+}
 
 /// For `map_err`: a RabbitMQ error while doing `context`.
 fn failed(context: impl Into<String>) -> impl FnOnce(lapin::Error) -> Error {
@@ -68,11 +107,17 @@ fn publish_failed(id: i64, context: &str, error: lapin::Error) -> PublishError {
     }
 }
 
+/// A connection to `uri` named `name` and a channel on it, within [`OPEN_TIMEOUT`].
 async fn open_channel(uri: &str, name: &str) -> Result<(Connection, Channel)> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    let connection = Connection::connect(uri, properties).await.map_err(failed("connect"))?;
-    let channel = connection.create_channel().await.map_err(failed("open a channel"))?;
-    Ok((connection, channel))
+    let open = async {
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = Connection::connect(uri, properties).await.map_err(failed("connect"))?;
+        let channel = connection.create_channel().await.map_err(failed("open a channel"))?;
+        Ok((connection, channel))
+    };
+    tokio::time::timeout(OPEN_TIMEOUT, open)
+        .await
+        .map_err(|_| no_answer("connect", OPEN_TIMEOUT))?
 }
 
 fn short(text: &str, what: &str) -> Result<ShortString> {
@@ -119,6 +164,8 @@ pub struct RabbitPublisher {
     exchange: ShortString,
     /// The connection and its confirm-mode channel, opened on first use and again after a loss.
     link: Mutex<Option<(Connection, Channel)>>,
+    /// Set when confirms did not come in time: the link is closed and opened again.
+    lost: AtomicBool,
 }
 
 impl std::fmt::Debug for RabbitPublisher {
@@ -134,6 +181,7 @@ impl RabbitPublisher {
             uri: uri.to_owned(),
             exchange: short(exchange, "exchange")?,
             link: Mutex::new(None),
+            lost: AtomicBool::new(false),
         };
         publisher.channel().await?;
         Ok(publisher)
@@ -141,16 +189,22 @@ impl RabbitPublisher {
 
     async fn channel(&self) -> Result<Channel> {
         let mut link = self.link.lock().await;
-        if let Some((connection, channel)) = link.as_ref() {
-            if connection.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
-            }
+        let lost = self.lost.swap(false, Ordering::SeqCst);
+        if let Some((connection, channel)) = link.as_ref()
+            && !lost
+            && connection.status().connected()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
         }
-        *link = None;
+        if let Some((connection, _)) = link.take() {
+            close_in_background(connection);
+        }
         let (connection, channel) = open_channel(&self.uri, "idem-relay").await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
+        let confirms = channel.confirm_select(ConfirmSelectOptions::default());
+        tokio::time::timeout(OPEN_TIMEOUT, confirms)
             .await
+            .map_err(|_| no_answer("turn publisher confirms on", OPEN_TIMEOUT))?
             .map_err(failed("turn publisher confirms on"))?;
         *link = Some((connection, channel.clone()));
         Ok(channel)
@@ -189,20 +243,30 @@ impl Publisher for RabbitPublisher {
             }
         };
         // Send every message first, then wait for the confirms: one key each, so order within
-        // a key is not at stake, and the round trips overlap.
+        // a key is not at stake, and the round trips overlap. All within one deadline.
+        let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        let late = |id: i64, step: &str| {
+            self.lost.store(true, Ordering::SeqCst);
+            PublishError::unreachable(id, no_answer(step, CONFIRM_TIMEOUT))
+        };
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
             let sent = match (Self::properties(message), short(&message.topic, "topic")) {
-                (Ok(properties), Ok(routing_key)) => channel
-                    .basic_publish(
+                (Ok(properties), Ok(routing_key)) => {
+                    let publish = channel.basic_publish(
                         self.exchange.clone(),
                         routing_key,
                         BasicPublishOptions { mandatory: true, immediate: false },
                         &message.payload,
                         properties,
-                    )
-                    .await
-                    .map_err(|error| publish_failed(message.id, "publish", error)),
+                    );
+                    match tokio::time::timeout_at(deadline, publish).await {
+                        Ok(sent) => {
+                            sent.map_err(|error| publish_failed(message.id, "publish", error))
+                        }
+                        Err(_elapsed) => Err(late(message.id, "publish")),
+                    }
+                }
                 (Err(error), _) | (_, Err(error)) => Err(PublishError::new(message.id, error)),
             };
             pending.push(sent);
@@ -213,25 +277,65 @@ impl Publisher for RabbitPublisher {
                 PublishError::new(message.id, Error::broker(RABBITMQ, "publish", reason))
             };
             let confirmed = match sent {
-                Ok(confirm) => match confirm.await {
-                    Ok(Confirmation::Ack(None)) => Ok(()),
-                    Ok(Confirmation::Ack(Some(returned))) => Err(refused(format!(
+                Ok(confirm) => match tokio::time::timeout_at(deadline, confirm).await {
+                    Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+                    Ok(Ok(Confirmation::Ack(Some(returned)))) => Err(refused(format!(
                         "no queue took it (returned: {} {})",
                         returned.reply_code, returned.reply_text
                     ))),
-                    Ok(Confirmation::Nack(_)) => Err(refused("refused (nack)".to_owned())),
-                    Ok(Confirmation::NotRequested) => {
+                    Ok(Ok(Confirmation::Nack(_))) => Err(refused("refused (nack)".to_owned())),
+                    Ok(Ok(Confirmation::NotRequested)) => {
                         Err(refused("publisher confirms are off on this channel".to_owned()))
                     }
                     // The link broke before the broker answered, or the broker closed the
                     // channel (refusing this message or another of the batch).
-                    Err(error) => Err(publish_failed(message.id, "publish confirm", error)),
+                    Ok(Err(error)) => Err(publish_failed(message.id, "publish confirm", error)),
+                    Err(_elapsed) => Err(late(message.id, "publish confirm")),
                 },
                 Err(error) => Err(error),
             };
             results.push(confirmed);
         }
         results
+    }
+}
+
+/// How an ack or nack ended.
+enum Settled {
+    Done(lapin::Result<bool>),
+    /// Its channel ended with it still under way: the message goes back to the queue.
+    ChannelEnded,
+    /// Not handed to the connection within [`SETTLE_TIMEOUT`].
+    TimedOut,
+}
+
+/// Runs `settle`, an ack or nack of `acker`'s message, but gives up on it once the message's
+/// channel has ended, or after [`SETTLE_TIMEOUT`]. lapin 4.12 can leave a settle pending for
+/// ever when the connection breaks just as it is sent: the command is queued behind the
+/// connection's stopped I/O loop, neither run nor failed. The runner settles between fetches,
+/// so that one ack would stop it for good, alive and silent, with no consumer left on the queue.
+async fn settled(
+    acker: &lapin::Acker,
+    settle: impl Future<Output = lapin::Result<bool>>,
+) -> Settled {
+    let watch = async {
+        let started = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(SETTLE_CHECK_EVERY).await;
+            if acker.poisoned() {
+                // lapin fails a settle under way as the channel ends: a moment for that.
+                tokio::time::sleep(SETTLE_CHECK_EVERY).await;
+                return Settled::ChannelEnded;
+            }
+            if started.elapsed() >= SETTLE_TIMEOUT {
+                return Settled::TimedOut;
+            }
+        }
+    };
+    tokio::select! {
+        biased;
+        done = settle => Settled::Done(done),
+        gave_up = watch => gave_up,
     }
 }
 
@@ -242,8 +346,11 @@ pub struct RabbitSubscription {
     queue: ShortString,
     prefetch: u16,
     consumer: Option<(Connection, Channel, lapin::Consumer)>,
+    /// Set when an ack or nack did not go out in time (see [`SETTLE_TIMEOUT`]): the next fetch
+    /// closes the connection and opens another.
+    lost: Arc<AtomicBool>,
     /// Whether the operator was told that this is a classic queue (once).
-    told_classic: std::sync::atomic::AtomicBool,
+    told_classic: AtomicBool,
 }
 
 impl std::fmt::Debug for RabbitSubscription {
@@ -265,32 +372,43 @@ impl RabbitSubscription {
             queue: short(queue, "queue")?,
             prefetch: prefetch.clamp(1, MAX_PREFETCH),
             consumer: None,
-            told_classic: std::sync::atomic::AtomicBool::new(false),
+            lost: Arc::default(),
+            told_classic: AtomicBool::new(false),
         };
         subscription.connect().await?;
         Ok(subscription)
     }
 
     async fn connect(&mut self) -> Result<&mut lapin::Consumer> {
-        let usable = self.consumer.as_ref().is_some_and(|(connection, channel, _)| {
-            connection.status().connected() && channel.status().connected()
-        });
+        let lost = self.lost.swap(false, Ordering::SeqCst);
+        let usable = !lost
+            && self.consumer.as_ref().is_some_and(|(connection, channel, _)| {
+                connection.status().connected() && channel.status().connected()
+            });
         if !usable {
-            self.consumer = None;
+            if let Some((connection, _, _)) = self.consumer.take() {
+                close_in_background(connection);
+            }
             let (connection, channel) = open_channel(&self.uri, "idem-consumer").await?;
-            channel
-                .basic_qos(self.prefetch, BasicQosOptions::default())
-                .await
-                .map_err(failed("set the prefetch"))?;
-            let consumer = channel
-                .basic_consume(
-                    self.queue.clone(),
-                    "".into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await
-                .map_err(failed(format!("consume from queue {}", self.queue)))?;
+            let subscribe = async {
+                channel
+                    .basic_qos(self.prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(failed("set the prefetch"))?;
+                channel
+                    .basic_consume(
+                        self.queue.clone(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(failed(format!("consume from queue {}", self.queue)))
+            };
+            let consumer =
+                tokio::time::timeout(OPEN_TIMEOUT, subscribe).await.map_err(|_| {
+                    no_answer(format!("consume from queue {}", self.queue), OPEN_TIMEOUT)
+                })??;
             self.consumer = Some((connection, channel, consumer));
         }
         Ok(&mut self.consumer.as_mut().expect("connected above").2)
@@ -304,7 +422,8 @@ impl RabbitSubscription {
             queue: "offline".into(),
             prefetch: 1,
             consumer: None,
-            told_classic: std::sync::atomic::AtomicBool::new(false),
+            lost: Arc::default(),
+            told_classic: AtomicBool::new(false),
         };
         subscription.received(delivery)
     }
@@ -336,7 +455,7 @@ impl RabbitSubscription {
         };
         if delivery.redelivered
             && delivery_count.is_none()
-            && !self.told_classic.swap(true, std::sync::atomic::Ordering::Relaxed)
+            && !self.told_classic.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
                 queue = %self.queue,
@@ -420,27 +539,43 @@ impl Subscription for RabbitSubscription {
 
     async fn settle(&self, acker: Self::Token, settle: Settle) -> Result<()> {
         match settle {
-            Settle::Ack => match acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => Ok(()),
+            Settle::Ack => match settled(&acker, acker.ack(BasicAckOptions::default())).await {
+                Settled::Done(Ok(true)) => Ok(()),
                 // The channel it came on is gone: RabbitMQ requeues the message.
-                Ok(false) => Err(Error::broker(
+                Settled::Done(Ok(false)) | Settled::ChannelEnded => Err(Error::broker(
                     RABBITMQ,
                     "ack",
                     "the channel closed before the ack; it will be redelivered",
                 )),
-                Err(error) => Err(failed("ack")(error)),
+                Settled::Done(Err(error)) => Err(failed("ack")(error)),
+                Settled::TimedOut => {
+                    self.lost.store(true, Ordering::SeqCst);
+                    let reason = format!(
+                        "not sent within {SETTLE_TIMEOUT:?}; the connection is opened again and \
+                         the message will be redelivered"
+                    );
+                    Err(Error::broker(RABBITMQ, "ack", reason))
+                }
             },
             // RabbitMQ has no delayed requeue: hold the message (it counts against the
             // prefetch limit) for the delay, then return it to the queue. Should the
             // connection drop meanwhile, the broker requeues it anyway.
             Settle::Retry(delay) => {
+                let lost = Arc::clone(&self.lost);
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     let requeue = BasicNackOptions { multiple: false, requeue: true };
-                    if !matches!(acker.nack(requeue).await, Ok(true)) {
-                        tracing::debug!(
+                    match settled(&acker, acker.nack(requeue)).await {
+                        Settled::Done(Ok(true)) => {}
+                        Settled::Done(_) | Settled::ChannelEnded => tracing::debug!(
                             "could not requeue; RabbitMQ requeues it as its channel closed"
-                        );
+                        ),
+                        Settled::TimedOut => {
+                            lost.store(true, Ordering::SeqCst);
+                            tracing::debug!(
+                                "the requeue was not sent in time; the connection is opened again"
+                            );
+                        }
                     }
                 });
                 Ok(())

@@ -352,3 +352,175 @@ async fn a_copy_arriving_while_the_first_waits_is_settled_with_it() {
     assert_eq!(declared.message_count(), 0, "the copy was acknowledged with the first");
     connection.close(200, "done".into()).await.unwrap();
 }
+
+/// A TCP proxy on a port of its own in front of `broker` (`host:port`) that can cut every
+/// connection through it at once, as a broker crash or a network cut does.
+struct CuttingProxy {
+    port: u16,
+    open: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    _accepting: tokio::task::JoinHandle<()>,
+}
+
+impl CuttingProxy {
+    async fn start(broker: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let connections = Arc::clone(&open);
+        let accepting = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let broker = broker.clone();
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(broker).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                connections.lock().unwrap().push(relay.abort_handle());
+            }
+        });
+        Self { port, open, _accepting: accepting }
+    }
+
+    /// Closes both ends of every connection through the proxy.
+    fn cut(&self) {
+        for connection in std::mem::take(&mut *self.open.lock().unwrap()) {
+            connection.abort();
+        }
+    }
+}
+
+/// The runner keeps consuming through connections that break while it acknowledges: every
+/// message is handled. lapin (4.12) can leave an ack pending for ever when the connection
+/// breaks just as it is sent; the runner settles between fetches, so before the ack was bounded
+/// it stopped there for good, alive and silent, its queue filling with no consumer (what the
+/// chaos rig saw after a RabbitMQ crash: one partition never applied again). Here the link is
+/// cut 150 times, each a few milliseconds after the runner is acknowledging again; without the
+/// bound the runner stopped for good at the first or second cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_survives_connections_cut_while_it_acknowledges() {
+    let Some(url) = service_url("IDEM_TEST_AMQP_URL") else { return };
+    let _serial = SERIAL.lock().await;
+    const TOTAL: i64 = 6_000;
+    const CUTS: usize = 150;
+    let (queue, connection, _channel) = fresh_queue(&url, "cuts").await;
+    connection.close(200, "done".into()).await.unwrap();
+    let publisher = RabbitPublisher::connect(&url, "").await.unwrap();
+    let messages: Vec<_> = (1..=TOTAL)
+        .map(|id| OutboxMessage {
+            id,
+            topic: queue.clone(),
+            key: format!("k{id}"),
+            seq: 1,
+            payload: bytes::Bytes::from(id.to_string()),
+            headers: Vec::new(),
+        })
+        .collect();
+    for layer in messages.chunks(500) {
+        for result in publisher.publish(layer).await {
+            result.unwrap();
+        }
+    }
+
+    // amqp://user:password@host:port/vhost: the proxy stands for host:port.
+    let (scheme_and_user, rest) = url.rsplit_once('@').expect("a URL with credentials");
+    let (broker, vhost) = rest.split_once('/').unwrap_or((rest, ""));
+    let broker = if broker.contains(':') { broker.to_owned() } else { format!("{broker}:5672") };
+    let proxy = CuttingProxy::start(broker).await;
+    let proxied = format!("{scheme_and_user}@127.0.0.1:{}/{vhost}", proxy.port);
+
+    let handled: Arc<Mutex<(HashSet<String>, usize)>> = Arc::default();
+    let seen = Arc::clone(&handled);
+    let handler = move |message: Received| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let mut seen = seen.lock().unwrap();
+            seen.0.insert(message.id);
+            seen.1 += 1;
+            consume::HandlerResult::Ok(())
+        }
+    };
+    let subscription = RabbitSubscription::consume(&proxied, &queue, 32).await.unwrap();
+    let config = RunnerConfig {
+        concurrency: 16,
+        backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        ..RunnerConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let runner =
+        tokio::spawn(consume::run(subscription, handler, Arc::new(NoDeadLetters), config, async {
+            let _ = stopped.await;
+        }));
+
+    let count = || handled.lock().unwrap().0.len();
+    // Waits until `target` messages are handled; fails if none is for 45 s (longer than a
+    // bounded ack and a bounded reconnect together).
+    let handled_up_to = |target: usize, what: String| {
+        let count = &count;
+        async move {
+            let mut progress = (count(), Instant::now());
+            while count() < target {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                if count() != progress.0 {
+                    progress = (count(), Instant::now());
+                }
+                assert!(
+                    progress.1.elapsed() < Duration::from_secs(45),
+                    "the runner stopped {what}: {} of {TOTAL} handled, none for 45 s",
+                    progress.0
+                );
+            }
+        }
+    };
+    let started = Instant::now();
+    for cut in 0..CUTS {
+        // Once the runner is acknowledging again, a few milliseconds into it.
+        let target = (count() + 20).min(TOTAL as usize);
+        handled_up_to(target, format!("after {cut} of {CUTS} cuts")).await;
+        tokio::time::sleep(Duration::from_millis(cut as u64 % 7)).await;
+        proxy.cut();
+    }
+    let cut_at = count();
+    handled_up_to(TOTAL as usize, "after the cuts".to_owned()).await;
+    stop.send(()).unwrap();
+    let report = runner.await.unwrap();
+    let (distinct, runs) = {
+        let handled = handled.lock().unwrap();
+        (handled.0.len(), handled.1)
+    };
+    assert_eq!(distinct, TOTAL as usize, "every message handled");
+    println!(
+        "{CUTS} connection cuts in {:.0} s ({cut_at} handled by the last): all {distinct} handled \
+         ({runs} handler runs), {} failed fetches, {} failed settles",
+        started.elapsed().as_secs_f64(),
+        report.fetch_errors,
+        report.settle_errors
+    );
+}
+
+/// A "broker" that accepts TCP connections and never says a word (one still starting, or a
+/// link that died half-way): connecting fails after a bounded wait, for a consumer as for a
+/// relay, instead of holding them for ever (lapin has no timeout of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_never_answers_fails_the_connect_instead_of_hanging() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("amqp://guest:guest@{}/%2f", listener.local_addr().unwrap());
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = listener.accept().await {
+            held.push(connection);
+        }
+    });
+    let started = Instant::now();
+    let (consumer, publisher) = tokio::join!(
+        RabbitSubscription::consume(&url, "anything", 16),
+        RabbitPublisher::connect(&url, "")
+    );
+    let waited = started.elapsed();
+    let consumer = consumer.expect_err("no consumer on a broker that never answers");
+    let publisher = publisher.expect_err("no publisher on a broker that never answers");
+    for error in [consumer.to_string(), publisher.to_string()] {
+        assert!(error.contains("no answer within"), "{error}");
+    }
+    assert!(waited < Duration::from_secs(40), "gave up after {waited:?}");
+}
