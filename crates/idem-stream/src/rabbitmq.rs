@@ -62,8 +62,10 @@ const SETTLE_CHECK_EVERY: Duration = Duration::from_millis(50);
 /// The longest a batch of publishes waits for RabbitMQ's confirms. A confirm that never comes
 /// would hold the relay's round, and with it its keys, for ever; past this the messages still
 /// unconfirmed fail as unreachable (published again after a backoff, the copies absorbed by the
-/// consumers' inbox) and the connection is opened again.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// consumers' inbox) and the connection is opened again. Well below the relay's default
+/// `--stall-timeout` (30 s), which ends a round's database session idle that long: the round
+/// must outlive the wait to record the backoff.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `step` of the RabbitMQ link that got no answer within `limit`.
 fn no_answer(step: impl Into<String>, limit: Duration) -> Error {
@@ -187,7 +189,9 @@ impl RabbitPublisher {
         Ok(publisher)
     }
 
-    async fn channel(&self) -> Result<Channel> {
+    /// The confirm-mode channel, and its connection's status (to tell a connection RabbitMQ
+    /// blocks, under a memory or disk alarm, from one that is lost).
+    async fn channel(&self) -> Result<(Channel, lapin::ConnectionStatus)> {
         let mut link = self.link.lock().await;
         let lost = self.lost.swap(false, Ordering::SeqCst);
         if let Some((connection, channel)) = link.as_ref()
@@ -195,7 +199,7 @@ impl RabbitPublisher {
             && connection.status().connected()
             && channel.status().connected()
         {
-            return Ok(channel.clone());
+            return Ok((channel.clone(), connection.status().clone()));
         }
         if let Some((connection, _)) = link.take() {
             close_in_background(connection);
@@ -206,8 +210,9 @@ impl RabbitPublisher {
             .await
             .map_err(|_| no_answer("turn publisher confirms on", OPEN_TIMEOUT))?
             .map_err(failed("turn publisher confirms on"))?;
+        let status = connection.status().clone();
         *link = Some((connection, channel.clone()));
-        Ok(channel)
+        Ok((channel, status))
     }
 
     fn properties(message: &OutboxMessage) -> Result<BasicProperties> {
@@ -231,8 +236,8 @@ impl RabbitPublisher {
 #[async_trait]
 impl Publisher for RabbitPublisher {
     async fn publish(&self, messages: &[OutboxMessage]) -> Vec<Result<(), PublishError>> {
-        let channel = match self.channel().await {
-            Ok(channel) => channel,
+        let (channel, status) = match self.channel().await {
+            Ok(link) => link,
             Err(error) => {
                 // Each message gets the same error (already naming RabbitMQ and the step).
                 let reason = error.to_string();
@@ -245,13 +250,34 @@ impl Publisher for RabbitPublisher {
         // Send every message first, then wait for the confirms: one key each, so order within
         // a key is not at stake, and the round trips overlap. All within one deadline.
         let deadline = tokio::time::Instant::now() + CONFIRM_TIMEOUT;
+        // Blocked by RabbitMQ (a memory or disk alarm): back-pressure, not a lost link. The
+        // keys back off without counting toward parking, and the connection is kept (a new
+        // one would be blocked too, and the old one could not even be closed meanwhile).
+        let blocked = |id: i64| PublishError {
+            full: true,
+            ..PublishError::new(
+                id,
+                Error::broker(
+                    RABBITMQ,
+                    "publish",
+                    "RabbitMQ blocks publishing on this connection (a memory or disk alarm); it resumes when the alarm clears",
+                ),
+            )
+        };
         let late = |id: i64, step: &str| {
+            if status.blocked() {
+                return blocked(id);
+            }
             self.lost.store(true, Ordering::SeqCst);
             PublishError::unreachable(id, no_answer(step, CONFIRM_TIMEOUT))
         };
         let mut pending = Vec::with_capacity(messages.len());
         for message in messages {
             let sent = match (Self::properties(message), short(&message.topic, "topic")) {
+                // Nothing more is queued once the deadline passed (or while blocked): it
+                // would only go out later as a copy.
+                _ if status.blocked() => Err(blocked(message.id)),
+                _ if tokio::time::Instant::now() >= deadline => Err(late(message.id, "publish")),
                 (Ok(properties), Ok(routing_key)) => {
                     let publish = channel.basic_publish(
                         self.exchange.clone(),
@@ -538,6 +564,16 @@ impl Subscription for RabbitSubscription {
     }
 
     async fn settle(&self, acker: Self::Token, settle: Settle) -> Result<()> {
+        if self.lost.load(Ordering::SeqCst) {
+            // An earlier settle got stuck on this connection: the next fetch closes it, and
+            // RabbitMQ then redelivers this message too. Waiting out each one in turn would
+            // take SETTLE_TIMEOUT per message.
+            return Err(Error::broker(
+                RABBITMQ,
+                "ack",
+                "the connection is being replaced; the message will be redelivered",
+            ));
+        }
         match settle {
             Settle::Ack => match settled(&acker, acker.ack(BasicAckOptions::default())).await {
                 Settled::Done(Ok(true)) => Ok(()),
