@@ -242,19 +242,10 @@ pub(crate) struct Db {
 
 impl Db {
     pub(crate) async fn open(url: &str) -> Result<Self, String> {
-        let fail = |error: &dyn std::fmt::Display| {
-            format!("--database {}: {}", redact(url), scrub(&error.to_string(), url))
-        };
         if url.starts_with("sqlite://") {
-            return Err(fail(&"dead letters are kept in PostgreSQL only"));
+            return Err(format!("--database {url}: dead letters are kept in PostgreSQL only"));
         }
-        // TLS as the URL's sslmode and sslrootcert say.
-        let database = idem_stream::postgres::Database::from_url(url).map_err(|e| fail(&e))?;
-        let (client, connection) = tokio::time::timeout(CONNECT_TIMEOUT, database.connect())
-            .await
-            .map_err(|_| fail(&"no answer within 10s"))?
-            .map_err(|e| fail(&idem_core::store_kit::with_causes(&e)))?;
-        tokio::spawn(connection);
+        let client = crate::outbox::connect_postgres(url).await?;
         Ok(Self { client, url: url.to_owned() })
     }
 
@@ -310,9 +301,10 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
+/// How long ago `at` was, at least a second (as the outbox's ages read).
 fn age(at: SystemTime) -> String {
     let age = SystemTime::now().duration_since(at).unwrap_or_default();
-    humantime::format_duration(Duration::from_secs(age.as_secs().max(1))).to_string()
+    crate::outbox::human(Some(age.max(Duration::from_secs(1))))
 }
 
 fn unix_seconds(at: SystemTime) -> u64 {

@@ -126,6 +126,21 @@ pub(crate) async fn retry(url: &str, topic: &str, key: &str) -> Result<bool, Str
     Db::open(url).await?.retry(topic, key).await
 }
 
+/// A connection to the PostgreSQL database at `url` (TLS as its sslmode and sslrootcert
+/// say), within 10 s; errors name `--database` with any password removed.
+pub(crate) async fn connect_postgres(url: &str) -> Result<tokio_postgres::Client, String> {
+    let fail = |error: &dyn std::fmt::Display| {
+        format!("--database {}: {}", redact(url), scrub(&error.to_string(), url))
+    };
+    let database = idem_stream::postgres::Database::from_url(url).map_err(|e| fail(&e))?;
+    let (client, connection) = tokio::time::timeout(Duration::from_secs(10), database.connect())
+        .await
+        .map_err(|_| fail(&"no answer within 10s"))?
+        .map_err(|e| fail(&idem_core::store_kit::with_causes(&e)))?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
 /// The application's database: PostgreSQL, or SQLite (`sqlite://PATH`).
 enum Db {
     Postgres { client: tokio_postgres::Client, url: String },
@@ -147,17 +162,7 @@ impl Db {
             connection.busy_timeout(Duration::from_secs(5)).map_err(|e| fail(&e))?;
             return Ok(Self::Sqlite { connection, url: url.to_owned() });
         }
-        let fail = |error: &dyn std::fmt::Display| {
-            format!("--database {}: {}", redact(url), scrub(&error.to_string(), url))
-        };
-        // TLS as the URL's sslmode and sslrootcert say.
-        let database = idem_stream::postgres::Database::from_url(url).map_err(|e| fail(&e))?;
-        let (client, connection) =
-            tokio::time::timeout(Duration::from_secs(10), database.connect())
-                .await
-                .map_err(|_| fail(&"no answer within 10s"))?
-                .map_err(|e| fail(&idem_core::store_kit::with_causes(&e)))?;
-        tokio::spawn(connection);
+        let client = connect_postgres(url).await?;
         Ok(Self::Postgres { client, url: url.to_owned() })
     }
 
@@ -229,7 +234,7 @@ impl Db {
     }
 }
 
-fn human(duration: Option<Duration>) -> String {
+pub(crate) fn human(duration: Option<Duration>) -> String {
     match duration {
         Some(duration) if !duration.is_zero() => {
             humantime::format_duration(Duration::from_secs(duration.as_secs().max(1))).to_string()
